@@ -1,0 +1,91 @@
+"""What the correctness classifier sees.
+
+The paper feeds its misprediction detector the full, unsorted vector of
+per-pixel log-probabilities. That ties the detector to one class set; the
+class-agnostic option (sorted top-k log-probabilities, entropy and margin)
+is smaller, faster and transfers across class sets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["FEATURE_SETS", "correctness", "log_softmax", "make_features", "n_features_for"]
+
+FEATURE_SETS = ("log_softmax", "agnostic")
+
+
+def log_softmax(z: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise log-softmax through logsumexp, without overflow.
+
+    Parameters
+    ----------
+    z : ndarray of shape (n, C)
+        Logits; float16 input is computed in float32.
+    out : ndarray, optional
+        Where to write the result (may be ``z`` itself when it is float32/64).
+
+    Returns
+    -------
+    ndarray of shape (n, C)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal.features import log_softmax
+    >>> np.exp(log_softmax(np.array([[1000.0, 1000.0]]))).tolist()
+    [[0.5, 0.5]]
+    """
+    z = np.asarray(z)
+    if z.dtype not in (np.float32, np.float64):
+        z = z.astype(np.float32)
+    shift = z.max(axis=1, keepdims=True)
+    out = np.subtract(z, shift, out=out)
+    lse = np.log(np.exp(out).sum(axis=1, keepdims=True))
+    out -= lse
+    return out
+
+
+def correctness(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Whether the top-scoring column of each row is the label (bool array)."""
+    return np.argmax(X, axis=1) == y
+
+
+def n_features_for(kind: str, n_classes: int, top_k: int = 5) -> int:
+    if kind == "log_softmax":
+        return n_classes
+    return min(top_k, n_classes) + 2
+
+
+def make_features(log_proba: np.ndarray, kind: str = "log_softmax", *, top_k: int = 5):
+    """Classifier features from log-probabilities of shape (n, C).
+
+    ``"log_softmax"``
+        The log-probabilities themselves (the paper's input).
+    ``"agnostic"``
+        The ``top_k`` largest log-probabilities in decreasing order, the
+        entropy and the margin between the two largest probabilities. The
+        same features mean the same thing whatever the class set.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal.features import log_softmax, make_features
+    >>> lp = log_softmax(np.array([[2.0, 0.0, 1.0]]))
+    >>> make_features(lp, "agnostic", top_k=2).shape
+    (1, 4)
+    """
+    if kind == "log_softmax":
+        return np.asarray(log_proba, dtype=np.float32)
+    if kind != "agnostic":
+        raise ValueError(f"features must be one of {FEATURE_SETS}, got {kind!r}.")
+    lp = np.asarray(log_proba, dtype=np.float32)
+    k = min(top_k, lp.shape[1])
+    # partition then sort only the k kept columns: O(n C) rather than O(n C log C)
+    top = -np.partition(-lp, k - 1, axis=1)[:, :k]
+    top = -np.sort(-top, axis=1)
+    p = np.exp(lp)
+    entropy = -(p * lp).sum(axis=1)
+    p_top = np.exp(top[:, :2]) if k >= 2 else np.c_[np.exp(top[:, 0]), np.zeros(len(lp))]
+    margin = p_top[:, 0] - p_top[:, 1]
+    return np.column_stack([top, entropy, margin]).astype(np.float32, copy=False)

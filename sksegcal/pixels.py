@@ -1,0 +1,373 @@
+"""Between segmentation maps and pixel tables.
+
+Models produce logits of shape (N, C, H, W) and labels (N, H, W); the
+estimators of this package work on a pixel table ``X`` (n_pixels, C) with
+labels ``y`` (n_pixels,) and the image each pixel came from, ``groups``.
+Everything that must respect images (splits, sampling caps) lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from ._validation import (
+    check_finite,
+    check_ignore_index,
+    check_labels,
+    check_random_state_int,
+)
+
+__all__ = [
+    "ImageSplit",
+    "flatten_segmentation",
+    "predict_proba_maps",
+    "sample_pixels",
+    "split_images",
+    "unflatten_segmentation",
+]
+
+
+def _as_image_list(logits, labels):
+    """Normalise array or list input into lists of (C,H,W) and (H,W) arrays."""
+    if (
+        isinstance(logits, np.ndarray)
+        or hasattr(logits, "__array__")
+        and not isinstance(logits, Sequence)
+    ):
+        logits = np.asarray(logits)
+        if logits.ndim != 4:
+            raise ValueError(
+                f"logits must have shape (N, C, H, W), got an array of shape {logits.shape}. "
+                "For a single image add a leading axis: logits[None]."
+            )
+        logit_list = list(logits)
+    else:
+        logit_list = [np.asarray(a) for a in logits]
+    if (
+        isinstance(labels, np.ndarray)
+        or hasattr(labels, "__array__")
+        and not isinstance(labels, Sequence)
+    ):
+        labels = np.asarray(labels)
+        if labels.ndim != 3:
+            raise ValueError(
+                f"labels must have shape (N, H, W), got an array of shape {labels.shape}."
+            )
+        label_list = list(labels)
+    else:
+        label_list = [np.asarray(a) for a in labels]
+    if len(logit_list) != len(label_list):
+        raise ValueError(
+            f"logits hold {len(logit_list)} images but labels hold {len(label_list)}."
+        )
+    if not logit_list:
+        raise ValueError("No images were given.")
+    n_classes = logit_list[0].shape[0] if logit_list[0].ndim == 3 else None
+    for i, (z, t) in enumerate(zip(logit_list, label_list)):
+        if z.ndim != 3:
+            raise ValueError(f"logits of image {i} must have shape (C, H, W), got {z.shape}.")
+        if z.shape[0] != n_classes:
+            raise ValueError(f"image {i} has {z.shape[0]} classes but image 0 has {n_classes}.")
+        if t.shape != z.shape[1:]:
+            raise ValueError(
+                f"labels of image {i} have shape {t.shape} but its logits are "
+                f"{z.shape[1:]} (H, W); resize the labels (nearest) or the logits first."
+            )
+    return logit_list, label_list, n_classes
+
+
+def flatten_segmentation(
+    logits: np.ndarray | Sequence[np.ndarray],
+    labels: np.ndarray | Sequence[np.ndarray],
+    *,
+    ignore_index: int | None = 255,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Turn segmentation maps into a pixel table, dropping ignored pixels.
+
+    Parameters
+    ----------
+    logits : ndarray of shape (N, C, H, W) or list of (C, H_i, W_i) arrays
+        Per-pixel logits (or probabilities) of N images.
+    labels : ndarray of shape (N, H, W) or list of (H_i, W_i) arrays
+        Ground-truth class indices; ``ignore_index`` marks unlabelled pixels.
+    ignore_index : int or None, default=255
+        Label of pixels to drop. None keeps every pixel.
+
+    Returns
+    -------
+    X : ndarray of shape (n_pixels, C)
+        One row per kept pixel, in image then row-major pixel order, with the
+        dtype of ``logits``.
+    y : ndarray of shape (n_pixels,)
+        The pixels' labels (int64).
+    groups : ndarray of shape (n_pixels,)
+        The index of the image each pixel came from (int64); pass it as
+        ``groups`` to image-level splitters such as ``GroupShuffleSplit``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal.pixels import flatten_segmentation
+    >>> logits = np.zeros((2, 3, 4, 4), dtype=np.float32)
+    >>> labels = np.ones((2, 4, 4), dtype=np.uint8)
+    >>> labels[0, 0, 0] = 255
+    >>> X, y, groups = flatten_segmentation(logits, labels)
+    >>> X.shape, y.shape, np.bincount(groups).tolist()
+    ((31, 3), (31,), [15, 16])
+    """
+    ignore_index = check_ignore_index(ignore_index)
+    logit_list, label_list, n_classes = _as_image_list(logits, labels)
+    xs, ys, gs = [], [], []
+    for i, (z, t) in enumerate(zip(logit_list, label_list)):
+        t = check_labels(t, n_classes, ignore_index, where=f"labels of image {i}")
+        keep = np.ones(t.shape, bool) if ignore_index is None else t != ignore_index
+        # boolean indexing of the (H, W, C) view copies only the kept pixels
+        x = np.moveaxis(z, 0, -1)[keep]
+        check_finite(x, where=f"logits of image {i}")
+        xs.append(x)
+        ys.append(t[keep].astype(np.int64, copy=False))
+        gs.append(np.full(x.shape[0], i, dtype=np.int64))
+    X = np.concatenate(xs)
+    if X.shape[0] == 0:
+        raise ValueError(
+            f"Every pixel has the ignore index {ignore_index}; there is nothing to calibrate."
+        )
+    return X, np.concatenate(ys), np.concatenate(gs)
+
+
+def unflatten_segmentation(
+    values: np.ndarray,
+    labels: np.ndarray,
+    *,
+    ignore_index: int | None = 255,
+    fill_value: float = np.nan,
+) -> np.ndarray:
+    """Put pixel-table rows back into maps; the inverse of :func:`flatten_segmentation`.
+
+    Parameters
+    ----------
+    values : ndarray of shape (n_pixels, K) or (n_pixels,)
+        Rows in the order :func:`flatten_segmentation` produced them, e.g.
+        calibrated probabilities.
+    labels : ndarray of shape (N, H, W)
+        The labels given to :func:`flatten_segmentation`; they tell which pixels
+        were kept.
+    ignore_index : int or None, default=255
+        Must be the value used when flattening.
+    fill_value : float, default=nan
+        Value written at ignored pixels.
+
+    Returns
+    -------
+    maps : ndarray of shape (N, K, H, W) or (N, H, W)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal.pixels import flatten_segmentation, unflatten_segmentation
+    >>> logits = np.random.default_rng(0).normal(size=(2, 3, 4, 4))
+    >>> labels = np.zeros((2, 4, 4), dtype=int)
+    >>> X, y, groups = flatten_segmentation(logits, labels)
+    >>> np.array_equal(unflatten_segmentation(X, labels), logits)
+    True
+    """
+    ignore_index = check_ignore_index(ignore_index)
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must have shape (N, H, W), got {labels.shape}.")
+    keep = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+    values = np.asarray(values)
+    if values.shape[0] != keep.sum():
+        raise ValueError(
+            f"values has {values.shape[0]} rows but the labels keep {int(keep.sum())} pixels; "
+            "pass the same labels and ignore_index used by flatten_segmentation."
+        )
+    dtype = np.result_type(values.dtype, np.float32) if np.isnan(fill_value) else values.dtype
+    if values.ndim == 1:
+        out = np.full(labels.shape, fill_value, dtype=dtype)
+        out[keep] = values
+        return out
+    out = np.full(labels.shape + values.shape[1:], fill_value, dtype=dtype)
+    out[keep] = values
+    return np.moveaxis(out, -1, 1)
+
+
+def predict_proba_maps(estimator, logits: np.ndarray) -> np.ndarray:
+    """Calibrated probability maps (N, C, H, W) from logit maps (N, C, H, W).
+
+    Works image by image so that memory stays at one image's worth.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal import TemperatureScaling
+    >>> from sksegcal.pixels import flatten_segmentation, predict_proba_maps
+    >>> rng = np.random.default_rng(0)
+    >>> logits = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    >>> labels = rng.integers(0, 3, size=(2, 8, 8))
+    >>> ts = TemperatureScaling().fit(*flatten_segmentation(logits, labels)[:2])
+    >>> predict_proba_maps(ts, logits).shape
+    (2, 3, 8, 8)
+    """
+    logits = np.asarray(logits)
+    if logits.ndim != 4:
+        raise ValueError(f"logits must have shape (N, C, H, W), got {logits.shape}.")
+    n, c, h, w = logits.shape
+    out = np.empty(logits.shape, dtype=np.float32)
+    for i in range(n):
+        table = np.moveaxis(logits[i], 0, -1).reshape(-1, c)
+        out[i] = np.moveaxis(estimator.predict_proba(table).reshape(h, w, c), -1, 0)
+    return out
+
+
+class ImageSplit(NamedTuple):
+    """Image ids of the calibrator-train, calibrator-validation and test sets."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+    def masks(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boolean pixel masks (train, validation, test) for a ``groups`` array."""
+        groups = np.asarray(groups)
+        return (
+            np.isin(groups, self.train),
+            np.isin(groups, self.validation),
+            np.isin(groups, self.test),
+        )
+
+    def test_fold(self, groups: np.ndarray) -> np.ndarray:
+        """The ``test_fold`` of a :class:`~sklearn.model_selection.PredefinedSplit`.
+
+        Train pixels get -1 (always in training), validation pixels 0 (the one
+        validation fold) and test pixels -2; select the train+validation rows
+        with ``test_fold > -2`` before passing it on.
+        """
+        train, validation, test = self.masks(groups)
+        fold = np.full(len(groups), -2, dtype=np.int64)
+        fold[train] = -1
+        fold[validation] = 0
+        return fold
+
+
+def split_images(
+    images: int | np.ndarray,
+    *,
+    validation_size: float = 0.25,
+    test_size: float = 0.25,
+    random_state=None,
+) -> ImageSplit:
+    """Split images (never pixels) into calibrator-train, validation and test sets.
+
+    Neighbouring pixels are strongly correlated, so a split by pixel would
+    leak; the paper and this package split by image.
+
+    Parameters
+    ----------
+    images : int or array-like
+        The number of images (ids ``0..n-1``) or the image ids, e.g. the
+        ``groups`` array of :func:`flatten_segmentation` (duplicates allowed).
+    validation_size, test_size : float
+        Fractions of the images; the rest is the calibrator-train set. Each
+        non-empty fraction gets at least one image.
+    random_state : int, Generator or None
+        Seed of the shuffle.
+
+    Returns
+    -------
+    ImageSplit
+        Sorted image ids of each set.
+
+    Examples
+    --------
+    >>> from sksegcal.pixels import split_images
+    >>> split = split_images(8, validation_size=0.25, test_size=0.25, random_state=0)
+    >>> [len(part) for part in split]
+    [4, 2, 2]
+    """
+    ids = np.arange(images) if np.isscalar(images) else np.unique(np.asarray(images))
+    for name, size in (("validation_size", validation_size), ("test_size", test_size)):
+        if not 0 <= size < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {size}.")
+    if validation_size + test_size >= 1:
+        raise ValueError("validation_size + test_size must leave images for training (< 1).")
+    n = len(ids)
+    n_val = max(int(round(validation_size * n)), 1 if validation_size > 0 else 0)
+    n_test = max(int(round(test_size * n)), 1 if test_size > 0 else 0)
+    if n - n_val - n_test < 1:
+        raise ValueError(
+            f"{n} images cannot be split into train/validation/test with sizes "
+            f"{validation_size}/{test_size}; give more images or smaller fractions."
+        )
+    perm = check_random_state_int(random_state).permutation(ids)
+    return ImageSplit(
+        train=np.sort(perm[n_val + n_test :]),
+        validation=np.sort(perm[:n_val]),
+        test=np.sort(perm[n_val : n_val + n_test]),
+    )
+
+
+def sample_pixels(
+    n_pixels: int,
+    max_samples: int,
+    *,
+    strata: np.ndarray | None = None,
+    random_state=None,
+) -> np.ndarray:
+    """Indices of a seeded random subset of at most ``max_samples`` pixels.
+
+    Parameters
+    ----------
+    n_pixels : int
+        Number of pixels to choose from.
+    max_samples : int
+        Size of the subset; all pixels are returned when there are fewer.
+    strata : array-like of shape (n_pixels,), optional
+        Labels of strata, e.g. the correctness of each pixel. Each stratum
+        keeps its share of the subset (largest remainder rounding, at least one
+        pixel per non-empty stratum), so rare mispredictions are not lost to
+        chance.
+    random_state : int, Generator or None
+
+    Returns
+    -------
+    indices : ndarray of int64, sorted
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal.pixels import sample_pixels
+    >>> correct = np.r_[np.ones(90, bool), np.zeros(10, bool)]
+    >>> idx = sample_pixels(100, 20, strata=correct, random_state=0)
+    >>> int((~correct[idx]).sum())
+    2
+    """
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be at least 1, got {max_samples}.")
+    if n_pixels <= max_samples:
+        return np.arange(n_pixels, dtype=np.int64)
+    rng = check_random_state_int(random_state)
+    if strata is None:
+        return np.sort(rng.choice(n_pixels, size=max_samples, replace=False)).astype(np.int64)
+    strata = np.asarray(strata)
+    if strata.shape != (n_pixels,):
+        raise ValueError(f"strata must have shape ({n_pixels},), got {strata.shape}.")
+    values, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    exact = counts * (max_samples / n_pixels)
+    take = np.maximum(np.floor(exact).astype(np.int64), 1)
+    # hand out what flooring left, largest remainders first
+    short = max_samples - take.sum()
+    if short > 0:
+        order = np.argsort(-(exact - np.floor(exact)), kind="stable")
+        take[order[:short]] += 1
+    take = np.minimum(take, counts)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    chosen = [
+        order[start + rng.choice(count, size=k, replace=False)]
+        for start, count, k in zip(starts, counts, take)
+    ]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)

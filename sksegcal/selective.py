@@ -1,0 +1,428 @@
+"""Selective scaling: a large temperature only where the model is likely wrong."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.metrics import roc_auc_score
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.validation import check_memory
+
+from ._base import (
+    BaseLogitCalibrator,
+    iter_chunks,
+    minimize_1d,
+    nll_at_inverse_temperature,
+)
+from .features import FEATURE_SETS, log_softmax, make_features
+from .pixels import sample_pixels
+
+__all__ = ["SelectiveScalingCalibrator"]
+
+# the paper's "uniform" temperature; also the top of the 'auto' search range
+UNIFORM_TEMPERATURE = 1e10
+_AUTO_BOUNDS = (1e-2, UNIFORM_TEMPERATURE)
+
+
+def _fit_classifier(classifier, features, correct, sample_weight):
+    """Fit a (cloned) correctness classifier; module level so joblib.Memory can cache it."""
+    if sample_weight is None:
+        return classifier.fit(features, correct)
+    return classifier.fit(features, correct, sample_weight=sample_weight)
+
+
+class _ConstantCorrectness:
+    """Stands in for the classifier when the fit data hold one correctness class."""
+
+    def __init__(self, p_correct: float):
+        self.p_correct = p_correct
+
+    def predict_proba(self, X):
+        p = np.full(X.shape[0], self.p_correct)
+        return np.column_stack([1 - p, p])
+
+    classes_ = np.array([0, 1])
+
+
+class SelectiveScalingCalibrator(BaseLogitCalibrator):
+    """Selective scaling (Wang, Gong & Wang, CVPR 2023) as a scikit-learn classifier.
+
+    A binary classifier learns, from each pixel's log-probabilities, whether
+    the segmentation model got that pixel right. Pixels it calls correct are
+    divided by the temperature ``t1``; pixels it calls mispredicted by ``t2``
+    (large: the paper uses 1e10, a uniform distribution). Dividing by a
+    positive temperature never reorders a pixel's logits, so the predicted
+    class, the accuracy and the mIoU are unchanged.
+
+    Parameters
+    ----------
+    classifier : estimator with predict_proba, default=None
+        The correctness classifier, trained on features of each pixel with
+        target 1 for correct and 0 for mispredicted. Any scikit-learn
+        classifier (a Pipeline included). None uses the paper's MLP,
+        :class:`~sksegcal.TorchMLPClassifier` seeded with ``random_state``.
+    input_type : {"logits", "probabilities"}, default="logits"
+        What ``X`` holds. Probabilities are taken as log-probabilities.
+    features : {"log_softmax", "agnostic"}, default="log_softmax"
+        What the classifier sees: the paper's log-probability vector, or
+        class-agnostic sorted top-5 log-probabilities, entropy and margin.
+    t1 : float or "auto", default=1.0
+        Temperature of pixels called correct. "auto" fits it by NLL on the
+        held-out part of the fit data.
+    t2 : float or "auto", default="auto"
+        Temperature of pixels called mispredicted; 1e10 gives uniform rows.
+        "auto" fits it by NLL on the held-out part of the fit data (in
+        ``[0.01, 1e10]``). Fixed values reproduce the paper (1e10 for an
+        accurate classifier, 2 for a moderate one); on real data they are
+        often worse than temperature scaling, hence the fitted default.
+    threshold : float in (0, 1), default=0.5
+        A pixel is called correct when the classifier's P(correct) is at
+        least this (hard mode).
+    mode : {"hard", "soft"}, default="hard"
+        "hard" splits pixels at ``threshold`` as the paper does; "soft" gives
+        each pixel the inverse temperature ``p / t1 + (1 - p) / t2`` with
+        ``p`` its P(correct).
+    holdout_fraction : float in (0, 1), default=0.25
+        Share of the fit data (of the images when ``groups`` is given to
+        ``fit``) held out from the classifier to fit "auto" temperatures.
+        Unused when no temperature is "auto".
+    max_fit_pixels : int, default=500_000
+        At most this many pixels train the classifier, and at most this many
+        fit the temperatures; sampled with the seed, stratified by
+        correctness so that rare mispredictions keep their share.
+    on_single_class : {"raise", "constant"}, default="raise"
+        What to do when every fit pixel is correct (or every one wrong):
+        raise a ValueError, or use a constant classifier (everything gets
+        ``t1``, resp. ``t2``).
+    ignore_index : int or None, default=255
+        Label of unlabelled pixels, left out of fit and score.
+    memory : str, joblib.Memory or None, default=None
+        Cache of fitted classifiers, as in scikit-learn's Pipeline: a grid
+        over ``t1``/``t2``/``threshold``/``mode`` then fits the classifier once
+        per distinct classifier setting and data.
+    chunk_size : int, default=65536
+        Rows processed at a time at prediction.
+    random_state : int, RandomState or None, default=None
+        Seeds the pixel sampling, the hold-out split and the default MLP.
+
+    Attributes
+    ----------
+    classifier_ : estimator
+        The fitted correctness classifier.
+    t1_, t2_ : float
+        The temperatures in use (fitted ones when "auto").
+    classes_ : ndarray of shape (n_classes,)
+        ``arange(n_classes)``.
+    n_features_in_ : int
+        Number of classes (columns of ``X``).
+    fit_accuracy_ : float
+        Share of correctly predicted pixels in the fit data.
+    detection_auroc_ : float or None
+        AUROC of P(correct) for the correct/mispredicted split on the
+        held-out pixels (None without a hold-out or with one class).
+
+    See Also
+    --------
+    TemperatureScaling : One temperature for every pixel.
+    TorchMLPClassifier : The default correctness classifier.
+
+    Notes
+    -----
+    Fit data are split by image when ``groups`` is passed to ``fit``
+    (recommended: neighbouring pixels are correlated, so a pixel-level hold-out
+    is optimistic). ``score`` returns the negative mean NLL, so a grid search
+    with ``scoring=None`` selects by calibration, not accuracy.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sksegcal import SelectiveScalingCalibrator
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, size=3000)
+    >>> logits = 4.0 * (np.eye(3)[y] + rng.normal(size=(3000, 3)))
+    >>> cal = SelectiveScalingCalibrator(LogisticRegression(), random_state=0)
+    >>> cal = cal.fit(logits, y)
+    >>> bool(cal.t2_ > cal.t1_)
+    True
+    >>> bool((cal.predict(logits) == logits.argmax(axis=1)).all())
+    True
+    """
+
+    _parameter_constraints: dict = {
+        **BaseLogitCalibrator._parameter_constraints,
+        "classifier": [HasMethods(["fit", "predict_proba"]), None],
+        "features": [StrOptions(set(FEATURE_SETS))],
+        "t1": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
+        "t2": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
+        "threshold": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "mode": [StrOptions({"hard", "soft"})],
+        "holdout_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "max_fit_pixels": [Interval(numbers.Integral, 2, None, closed="left")],
+        "on_single_class": [StrOptions({"raise", "constant"})],
+        "memory": [None, str, HasMethods(["cache"])],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        classifier=None,
+        *,
+        input_type: str = "logits",
+        features: str = "log_softmax",
+        t1: float | str = 1.0,
+        t2: float | str = "auto",
+        threshold: float = 0.5,
+        mode: str = "hard",
+        holdout_fraction: float = 0.25,
+        max_fit_pixels: int = 500_000,
+        on_single_class: str = "raise",
+        ignore_index: int | None = 255,
+        memory=None,
+        chunk_size: int = 65536,
+        random_state=None,
+    ):
+        self.classifier = classifier
+        self.input_type = input_type
+        self.features = features
+        self.t1 = t1
+        self.t2 = t2
+        self.threshold = threshold
+        self.mode = mode
+        self.holdout_fraction = holdout_fraction
+        self.max_fit_pixels = max_fit_pixels
+        self.on_single_class = on_single_class
+        self.ignore_index = ignore_index
+        self.memory = memory
+        self.chunk_size = chunk_size
+        self.random_state = random_state
+
+    # ---------------------------------------------------------------- features
+    def _features(self, X: np.ndarray) -> np.ndarray:
+        """Classifier features of validated input rows (float32)."""
+        z = self._to_logits(X).astype(np.float32, copy=True)
+        return make_features(log_softmax(z, out=z), self.features)
+
+    def _p_correct(self, features: np.ndarray) -> np.ndarray:
+        proba = self.classifier_.predict_proba(features)
+        classes = np.asarray(self.classifier_.classes_)
+        if 1 not in classes:
+            return np.zeros(features.shape[0], dtype=np.float32)
+        return proba[:, np.flatnonzero(classes == 1)[0]].astype(np.float32, copy=False)
+
+    def _inverse_temperature(self, p_correct: np.ndarray, t1: float, t2: float) -> np.ndarray:
+        if self.mode == "hard":
+            return np.where(p_correct >= self.threshold, 1.0 / t1, 1.0 / t2).astype(np.float32)
+        return (p_correct / t1 + (1.0 - p_correct) / t2).astype(np.float32)
+
+    def _make_classifier(self, random_state: int):
+        if self.classifier is not None:
+            return clone(self.classifier)
+        from .mlp import TorchMLPClassifier
+
+        return TorchMLPClassifier(random_state=random_state)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X, y, sample_weight=None, groups=None):
+        """Fit the correctness classifier and the temperatures.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_pixels, n_classes)
+            Logits (or probabilities with ``input_type="probabilities"``).
+        y : array-like of shape (n_pixels,)
+            Class indices; pixels equal to ``ignore_index`` are left out.
+        sample_weight : array-like of shape (n_pixels,), default=None
+            Per-pixel weights, used for the temperatures and passed to the
+            classifier when it accepts them.
+        groups : array-like of shape (n_pixels,), default=None
+            Image id of each pixel. With "auto" temperatures, the hold-out is
+            then a set of whole images.
+
+        Returns
+        -------
+        self : object
+            The fitted calibrator.
+        """
+        self._validate_params()
+        X, y, sample_weight, groups = self._validate_fit_data(X, y, sample_weight, groups)
+        self._fit_calibration(X, y, sample_weight, groups)
+        return self
+
+    def _fit_calibration(self, X, y, sample_weight, groups=None):
+        rng = check_random_state(self.random_state)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        correct = np.argmax(X, axis=1) == y
+        self.fit_accuracy_ = float(correct.mean())
+        needs_holdout = "auto" in (self.t1, self.t2)
+        train_idx, holdout_idx = self._split_fit_rows(correct, groups, needs_holdout, rng)
+
+        train_idx = train_idx[
+            sample_pixels(
+                len(train_idx), self.max_fit_pixels, strata=correct[train_idx], random_state=rng
+            )
+        ]
+        self.classifier_ = self._fit_correctness(X, correct, sample_weight, train_idx, seed)
+
+        self.t1_ = 1.0 if self.t1 == "auto" else float(self.t1)
+        self.t2_ = UNIFORM_TEMPERATURE if self.t2 == "auto" else float(self.t2)
+        self.detection_auroc_ = None
+        if needs_holdout:
+            holdout_idx = holdout_idx[
+                sample_pixels(
+                    len(holdout_idx),
+                    self.max_fit_pixels,
+                    strata=correct[holdout_idx],
+                    random_state=rng,
+                )
+            ]
+            self._fit_temperatures(X, y, correct, sample_weight, holdout_idx)
+        return self
+
+    def _split_fit_rows(self, correct, groups, needs_holdout, rng):
+        n = correct.shape[0]
+        if not needs_holdout:
+            return np.arange(n), np.arange(0)
+        if groups is not None:
+            images = np.unique(groups)
+            if images.shape[0] >= 2:
+                n_hold = min(
+                    max(int(round(self.holdout_fraction * len(images))), 1), len(images) - 1
+                )
+                held = rng.permutation(images)[:n_hold]
+                is_held = np.isin(groups, held)
+                return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+            warnings.warn(
+                "groups holds a single image: the hold-out for 'auto' temperatures falls "
+                "back to a random split of its pixels.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if n < 2:
+            raise ValueError(
+                "At least 2 pixels are needed to hold some out for 'auto' temperatures."
+            )
+        n_hold = min(max(int(round(self.holdout_fraction * n)), 1), n - 1)
+        is_held = np.zeros(n, bool)
+        is_held[rng.permutation(n)[:n_hold]] = True
+        return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+    def _fit_correctness(self, X, correct, sample_weight, train_idx, seed):
+        target = correct[train_idx].astype(np.int64)
+        n_correct = int(target.sum())
+        if n_correct in (0, len(target)):
+            what = "correct" if n_correct else "mispredicted"
+            if self.on_single_class == "raise":
+                raise ValueError(
+                    f"Every one of the {len(target)} pixels used to train the correctness "
+                    f"classifier is {what}, so there is nothing to tell apart. Calibrate on "
+                    "more images (with both right and wrong predictions), or pass "
+                    "on_single_class='constant' to give every pixel "
+                    f"{'t1' if n_correct else 't2'}."
+                )
+            return _ConstantCorrectness(1.0 if n_correct else 0.0)
+        features = self._features(X[train_idx])
+        weight = None if sample_weight is None else sample_weight[train_idx]
+        cached_fit = check_memory(self.memory).cache(_fit_classifier)
+        return cached_fit(self._make_classifier(seed), features, target, weight)
+
+    def _fit_temperatures(self, X, y, correct, sample_weight, holdout_idx):
+        Z = self._to_logits(X[holdout_idx]).astype(np.float32)
+        y_hold = y[holdout_idx]
+        w = None if sample_weight is None else sample_weight[holdout_idx]
+        p = (
+            np.concatenate(
+                [
+                    self._p_correct(self._features(X[holdout_idx[part]]))
+                    for part in iter_chunks(len(holdout_idx), self.chunk_size)
+                ]
+            )
+            if len(holdout_idx)
+            else np.zeros(0, np.float32)
+        )
+        hold_correct = correct[holdout_idx]
+        if 0 < hold_correct.sum() < len(hold_correct):
+            self.detection_auroc_ = float(roc_auc_score(hold_correct, p))
+
+        def nll(t1: float, t2: float, rows=slice(None)) -> float:
+            beta = self._inverse_temperature(p[rows], t1, t2)
+            ww = None if w is None else w[rows]
+            return nll_at_inverse_temperature(
+                Z[rows], y_hold[rows], beta, sample_weight=ww, chunk_size=self.chunk_size
+            )
+
+        lo, hi = np.log(_AUTO_BOUNDS[0]), np.log(_AUTO_BOUNDS[1])
+        if self.mode == "hard":
+            # the two groups do not interact: two independent 1-D searches
+            called_correct = p >= self.threshold
+            for name, rows in (("t1", called_correct), ("t2", ~called_correct)):
+                if getattr(self, name) != "auto":
+                    continue
+                if not rows.any():
+                    warnings.warn(
+                        f"No held-out pixel falls in the {name} group; {name} stays at "
+                        f"{getattr(self, name + '_')}.",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+                    continue
+                if name == "t1":
+                    self.t1_ = float(
+                        np.exp(
+                            minimize_1d(
+                                lambda u, r=rows: nll(np.exp(u), self.t2_, r), lower=lo, upper=hi
+                            )
+                        )
+                    )
+                else:
+                    self.t2_ = float(
+                        np.exp(
+                            minimize_1d(
+                                lambda u, r=rows: nll(self.t1_, np.exp(u), r), lower=lo, upper=hi
+                            )
+                        )
+                    )
+            return
+        # soft mode couples t1 and t2: a few rounds of coordinate descent
+        for _ in range(3 if self.t1 == self.t2 == "auto" else 1):
+            if self.t2 == "auto":
+                self.t2_ = float(
+                    np.exp(minimize_1d(lambda u: nll(self.t1_, np.exp(u)), lower=lo, upper=hi))
+                )
+            if self.t1 == "auto":
+                self.t1_ = float(
+                    np.exp(minimize_1d(lambda u: nll(np.exp(u), self.t2_), lower=lo, upper=hi))
+                )
+
+    # --------------------------------------------------------------- prediction
+    def _scale_chunk(self, z):
+        # features come from the unscaled chunk, which is already logits here
+        features = make_features(log_softmax(z), self.features)
+        beta = self._inverse_temperature(self._p_correct(features), self.t1_, self.t2_)
+        return z * beta[:, None]
+
+    def predict_correctness(self, X) -> np.ndarray:
+        """The classifier's P(correct) for each pixel.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_pixels, n_classes)
+
+        Returns
+        -------
+        p_correct : ndarray of shape (n_pixels,), float32
+        """
+        X = self._validate_predict_data(X)
+        out = np.empty(X.shape[0], dtype=np.float32)
+        for part in iter_chunks(X.shape[0], self.chunk_size):
+            out[part] = self._p_correct(self._features(X[part]))
+        return out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = self.classifier is None and self.random_state is None
+        return tags
