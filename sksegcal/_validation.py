@@ -26,11 +26,15 @@ def check_labels(
         if not np.all(np.isfinite(y)):
             raise ValueError(f"{where} contains NaN or infinity; labels must be integers.")
         if np.any(y != np.round(y)):
-            raise ValueError(f"{where} contains non-integer values; labels must be class indices.")
+            raise ValueError(
+                f"Unknown label type: continuous. {where} contains non-integer values; "
+                "labels must be class indices."
+            )
         y = y.astype(np.int64)
     elif y.dtype.kind not in "iub":
         raise ValueError(
-            f"{where} must hold integer class indices in [0, {n_classes}), got dtype "
+            f"Unknown label type: {where} must hold integer class indices in "
+            f"[0, {n_classes}), got dtype "
             f"{y.dtype}. Encode string labels as indices of the logit columns first."
         )
     bad = (y < 0) | (y >= n_classes)

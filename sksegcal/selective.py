@@ -304,7 +304,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             )
         if n < 2:
             raise ValueError(
-                "At least 2 pixels are needed to hold some out for 'auto' temperatures."
+                f"Got {n} sample (pixel): at least 2 are needed to hold some out for "
+                "'auto' temperatures."
             )
         n_hold = min(max(int(round(self.holdout_fraction * n)), 1), n - 1)
         is_held = np.zeros(n, bool)
@@ -319,7 +320,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             if self.on_single_class == "raise":
                 raise ValueError(
                     f"Every one of the {len(target)} pixels used to train the correctness "
-                    f"classifier is {what}, so there is nothing to tell apart. Calibrate on "
+                    f"classifier is {what}: one class only, nothing to tell apart. Calibrate on "
                     "more images (with both right and wrong predictions), or pass "
                     "on_single_class='constant' to give every pixel "
                     f"{'t1' if n_correct else 't2'}."
