@@ -1,0 +1,340 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import joblib
+import numpy as np
+import pytest
+from conftest import make_logits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.special import softmax
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.model_selection import GridSearchCV, GroupShuffleSplit, PredefinedSplit
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from sklearn.svm import LinearSVC
+
+from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
+from sksegcal.features import log_softmax
+from sksegcal.pixels import flatten_segmentation, split_images
+
+
+def _cal(**kwargs):
+    kwargs.setdefault("random_state", 0)
+    return SelectiveScalingCalibrator(LogisticRegression(), **kwargs)
+
+
+SETTINGS = [
+    {},
+    {"t2": 1e10},
+    {"t2": 2.0},
+    {"t1": "auto"},
+    {"mode": "soft"},
+    {"mode": "soft", "t1": "auto"},
+    {"features": "agnostic"},
+    {"threshold": 0.8, "t2": 1e10},
+]
+
+
+@pytest.mark.parametrize("params", SETTINGS)
+def test_predict_is_the_logit_argmax_and_rows_sum_to_one(params, logits_data):
+    X, y = logits_data
+    cal = _cal(**params).fit(X, y)
+    np.testing.assert_array_equal(cal.predict(X), X.argmax(axis=1))
+    proba = cal.predict_proba(X)
+    assert np.isfinite(proba).all()
+    np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.exp(cal.predict_log_proba(X)), proba, rtol=1e-5, atol=1e-8)
+    # whatever the temperatures, the calibrated argmax is the input argmax unless a row
+    # became uniform (a tie)
+    not_tied = proba.max(axis=1) - np.sort(proba, axis=1)[:, -2] > 1e-6
+    np.testing.assert_array_equal(proba[not_tied].argmax(1), X[not_tied].argmax(1))
+
+
+def test_fixed_temperatures_match_direct_formula(logits_data):
+    X, y = logits_data
+    cal = _cal(t1=1.5, t2=3.0).fit(X, y)
+    p = cal.predict_correctness(X)
+    T = np.where(p >= 0.5, 1.5, 3.0)
+    np.testing.assert_allclose(
+        cal.predict_proba(X), softmax(X / T[:, None], axis=1), rtol=1e-5, atol=1e-7
+    )
+    soft = _cal(t1=1.5, t2=3.0, mode="soft").fit(X, y)
+    beta = p / 1.5 + (1 - p) / 3.0
+    np.testing.assert_allclose(
+        soft.predict_proba(X), softmax(X * beta[:, None], axis=1), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_unit_temperatures_are_the_identity(logits_data):
+    X, y = logits_data
+    cal = _cal(t1=1.0, t2=1.0).fit(X, y)
+    np.testing.assert_allclose(cal.predict_proba(X), softmax(X, axis=1), rtol=1e-5, atol=1e-7)
+
+
+def test_huge_t2_gives_uniform_rows_without_overflow():
+    X, y = make_logits(n=3000, scale=3000.0, seed=1)  # logits in the thousands
+    cal = _cal(t2=1e10, threshold=0.6).fit(X, y)
+    flagged = cal.predict_correctness(X) < 0.6
+    assert flagged.any()
+    proba = cal.predict_proba(X)
+    assert np.isfinite(proba).all()
+    np.testing.assert_allclose(proba[flagged], 1 / X.shape[1], atol=1e-6)
+    np.testing.assert_array_equal(cal.predict(X), X.argmax(axis=1))
+
+
+def test_score_is_negative_log_loss(logits_data):
+    X, y = logits_data
+    cal = _cal().fit(X, y)
+    expected = -log_loss(y, cal.predict_proba(X).astype(np.float64), labels=range(4))
+    assert cal.score(X, y) == pytest.approx(expected, rel=1e-5)
+    y_ign = y.copy()
+    y_ign[:100] = 255
+    assert cal.score(X, y_ign) == pytest.approx(cal.score(X[100:], y[100:]), rel=1e-6)
+
+
+def test_fitted_t2_beats_paper_recipe_on_overconfident_logits():
+    X, y = make_logits(n=20_000, seed=2)
+    Xt, yt = make_logits(n=20_000, seed=3)
+    auto = _cal().fit(X, y)
+    assert 1.0 < auto.t2_ < 1e10
+    assert auto.detection_auroc_ > 0.6
+    paper = _cal(t2=1e10).fit(X, y)
+    assert auto.score(Xt, yt) > paper.score(Xt, yt)
+    assert auto.score(Xt, yt) > -log_loss(yt, softmax(Xt.astype(float), axis=1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    X=arrays(np.float64, st.tuples(st.integers(20, 60), st.integers(2, 5)),
+             elements=st.floats(-30, 30)),
+    chunk=st.integers(1, 25),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+)
+def test_properties_on_random_logits(X, chunk, dtype):
+    X = X.astype(dtype)
+    y = np.argmax(X, axis=1)
+    y[::3] = (y[::3] + 1) % X.shape[1]  # some wrong predictions, some right
+    cal = _cal(t2=1e10, chunk_size=chunk).fit(X, y)
+    proba = cal.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
+    np.testing.assert_array_equal(cal.predict(X), np.argmax(X, axis=1))
+    big = clone(cal).set_params(chunk_size=10_000).fit(X, y)
+    np.testing.assert_allclose(big.predict_proba(X), proba, rtol=1e-6, atol=1e-7)
+
+
+def test_probability_input_matches_logit_input(logits_data):
+    X, y = logits_data
+    a = _cal().fit(X, y)
+    b = _cal(input_type="probabilities").fit(softmax(X.astype(np.float64), axis=1), y)
+    assert b.t2_ == pytest.approx(a.t2_, rel=1e-3)
+    np.testing.assert_allclose(
+        b.predict_proba(softmax(X.astype(np.float64), axis=1)), a.predict_proba(X), atol=1e-4
+    )
+
+
+def test_holdout_is_whole_images(segmentation_data):
+    logits, labels = segmentation_data
+    X, y, groups = flatten_segmentation(logits, labels)
+    seen = {}
+
+    class Recording(LogisticRegression):
+        def fit(self, X, y, sample_weight=None):
+            seen["X"] = X.copy()
+            return super().fit(X, y)
+
+    SelectiveScalingCalibrator(Recording(), random_state=0).fit(X, y, groups=groups)
+    features = log_softmax(X.astype(np.float32))
+    rows = np.flatnonzero((features[:, None, :] == seen["X"][None, :, :]).all(-1).any(1))
+    used = np.unique(groups[rows])
+    assert 0 < len(used) < len(np.unique(groups))
+    # every pixel of a used image trained the classifier; no pixel of a held-out one did
+    assert set(rows.tolist()) == set(np.flatnonzero(np.isin(groups, used)).tolist())
+
+
+def test_max_fit_pixels_caps_classifier_training(logits_data):
+    X, y = logits_data
+    seen = {}
+
+    class Recording(LogisticRegression):
+        def fit(self, X, y, sample_weight=None):
+            seen["n"] = len(X)
+            seen["wrong"] = int((y == 0).sum())
+            return super().fit(X, y)
+
+    SelectiveScalingCalibrator(Recording(), max_fit_pixels=500, t2=2.0,
+                               random_state=0).fit(X, y)
+    assert seen["n"] == 500
+    wrong_share = 1 - (X.argmax(1) == y).mean()
+    assert abs(seen["wrong"] - 500 * wrong_share) <= 1
+
+
+def test_seed_gives_identical_results(logits_data):
+    X, y = logits_data
+    a = _cal(random_state=3).fit(X, y)
+    b = _cal(random_state=3).fit(X, y)
+    assert a.t2_ == b.t2_
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+
+
+# ------------------------------------------------------------- composition
+def test_grid_search_by_image_chooses_by_nll(segmentation_data):
+    logits, labels = segmentation_data
+    X, y, groups = flatten_segmentation(logits, labels)
+    grid = {"t2": [1.5, 2.0, 4.0, 1e10]}
+    cv = GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=0)
+    search = GridSearchCV(_cal(), grid, cv=cv, n_jobs=2).fit(X, y, groups=groups)
+    train, test = next(cv.split(X, y, groups))
+    nll = {
+        t2: log_loss(y[test], _cal(t2=t2).fit(X[train], y[train]).predict_proba(X[test])
+                     .astype(np.float64), labels=range(4))
+        for t2 in grid["t2"]
+    }
+    assert search.best_params_["t2"] == min(nll, key=nll.get)
+    np.testing.assert_allclose(-search.cv_results_["mean_test_score"],
+                               [nll[t] for t in grid["t2"]], rtol=1e-5)
+
+
+def test_predefined_split_by_image(segmentation_data):
+    logits, labels = segmentation_data
+    X, y, groups = flatten_segmentation(logits, labels)
+    split = split_images(groups, random_state=0)
+    fold = split.test_fold(groups)
+    fit_rows = fold > -2
+    search = GridSearchCV(_cal(), {"t2": [2.0, "auto"]}, cv=PredefinedSplit(fold[fit_rows]))
+    search.fit(X[fit_rows], y[fit_rows])
+    assert search.best_params_["t2"] in (2.0, "auto")
+    assert search.best_estimator_.predict_proba(X[fold == -2]).shape == ((fold == -2).sum(), 4)
+
+
+def test_pipeline_composition(logits_data):
+    X, y = logits_data
+    # a Pipeline as the correctness classifier, and the calibrator inside a Pipeline that
+    # takes probabilities and feeds log-probabilities
+    inner = make_pipeline(StandardScaler(), LogisticRegression())
+    pipe = Pipeline([
+        ("to_logits", FunctionTransformer(lambda P: np.log(np.clip(P, 1e-12, 1)))),
+        ("calibrate", SelectiveScalingCalibrator(inner, random_state=0)),
+    ])
+    P = softmax(X.astype(np.float64), axis=1)
+    pipe.fit(P, y)
+    np.testing.assert_array_equal(pipe.predict(P), X.argmax(1))
+    assert pipe.predict_proba(P).shape == X.shape
+    pipe.set_params(calibrate__t2=3.0).fit(P, y)
+    assert pipe.named_steps["calibrate"].t2_ == 3.0
+
+
+def test_clone_get_set_params():
+    cal = _cal(t2=4.0)
+    params = cal.get_params()
+    assert params["t2"] == 4.0 and "classifier__C" in params
+    other = clone(cal).set_params(t2=2.0, classifier__C=0.1)
+    assert other.t2 == 2.0 and other.classifier.C == 0.1 and cal.classifier.C == 1.0
+
+
+def test_joblib_round_trip_in_a_fresh_process(tmp_path, logits_data):
+    X, y = logits_data
+    cal = _cal().fit(X, y)
+    path = tmp_path / "calibrator.joblib"
+    joblib.dump(cal, path)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "expected.npy", cal.predict_proba(X))
+    code = textwrap.dedent(f"""
+        import joblib, numpy as np
+        cal = joblib.load({str(path)!r})
+        X = np.load({str(tmp_path / 'X.npy')!r})
+        assert np.array_equal(cal.predict_proba(X), np.load({str(tmp_path / 'expected.npy')!r}))
+        print("same")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr
+    assert "same" in out.stdout
+
+
+# ------------------------------------------------------------------ caching
+_FITS = []
+
+
+class CountingLogisticRegression(LogisticRegression):
+    def fit(self, X, y, sample_weight=None):
+        _FITS.append(len(X))
+        return super().fit(X, y)
+
+
+def test_memory_fits_the_classifier_once_per_setting(tmp_path, segmentation_data):
+    logits, labels = segmentation_data
+    X, y, groups = flatten_segmentation(logits, labels)
+    cv = GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=0)
+    grid = {"t2": [1.5, 2.0, 4.0, 1e10], "threshold": [0.3, 0.5]}
+    base = SelectiveScalingCalibrator(CountingLogisticRegression(), random_state=0)
+
+    _FITS.clear()
+    GridSearchCV(base, grid, cv=cv).fit(X, y, groups=groups)
+    uncached = len(_FITS)
+    assert uncached == 8 + 1  # one per candidate, plus the refit
+
+    _FITS.clear()
+    cached = clone(base).set_params(memory=str(tmp_path / "cache"))
+    search = GridSearchCV(cached, grid, cv=cv).fit(X, y, groups=groups)
+    assert len(_FITS) == 2  # once on the split's train part, once for the refit
+    # and the cached search chooses and predicts exactly as the uncached one
+    reference = GridSearchCV(base, grid, cv=cv).fit(X, y, groups=groups)
+    assert search.best_params_ == reference.best_params_
+    np.testing.assert_array_equal(search.predict_proba(X), reference.predict_proba(X))
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "X, y, match",
+    [
+        (np.array([[np.nan, 1.0], [0.0, 1.0]]), [0, 1], "NaN"),
+        (np.array([[np.inf, 1.0], [0.0, 1.0]]), [0, 1], "infinity"),
+        (np.zeros(5), np.zeros(5, int), "2D array"),
+        (np.zeros((5, 3, 2)), np.zeros(5, int), "dim 3"),
+        (np.zeros((5, 3)), np.zeros(4, int), "inconsistent numbers of samples"),
+        (np.zeros((5, 3)), [0, 1, 2, 3, 0], r"outside \[0, 3\).*\[3\]"),
+        (np.zeros((5, 3)), [255] * 5, "Every pixel has the ignore index"),
+    ],
+)
+@pytest.mark.parametrize("estimator", [TemperatureScaling(), _cal()])
+def test_bad_input_is_named(estimator, X, y, match):
+    with pytest.raises(ValueError, match=match):
+        clone(estimator).fit(X, y)
+
+
+@pytest.mark.parametrize("estimator", [TemperatureScaling(), _cal()])
+def test_class_count_at_predict_must_match_fit(estimator, logits_data):
+    X, y = logits_data
+    fitted = clone(estimator).fit(X, y)
+    with pytest.raises(ValueError, match="expecting 4 features"):
+        fitted.predict_proba(X[:, :3])
+
+
+def test_classifier_without_predict_proba():
+    X, y = make_logits(n=200)
+    with pytest.raises(ValueError, match="predict_proba"):
+        SelectiveScalingCalibrator(LinearSVC()).fit(X, y)
+
+
+@pytest.mark.parametrize("all_correct", [True, False])
+def test_single_correctness_class(all_correct):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 3))
+    y = X.argmax(1) if all_correct else (X.argmax(1) + 1) % 3
+    with pytest.raises(ValueError, match="correct" if all_correct else "mispredicted"):
+        _cal().fit(X, y)
+    cal = _cal(on_single_class="constant", t1=1.0, t2=7.0).fit(X, y)
+    expected_T = 1.0 if all_correct else 7.0
+    np.testing.assert_allclose(cal.predict_proba(X), softmax(X / expected_T, axis=1), rtol=1e-5)
+
+
+def test_groups_length_must_match():
+    X, y = make_logits(n=100)
+    with pytest.raises(ValueError, match="groups has 99 entries"):
+        _cal().fit(X, y, groups=np.zeros(99))
