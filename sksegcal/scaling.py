@@ -5,11 +5,20 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-from sklearn.utils._param_validation import Interval
+from scipy.optimize import minimize
+from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._base import BaseLogitCalibrator, fit_temperature
+from ._base import BaseLogitCalibrator, fit_temperature, iter_chunks, minimize_1d
+from ._base import nll_at_inverse_temperature as _nll_scalar
+from .features import log_softmax
 
-__all__ = ["TemperatureScaling"]
+__all__ = [
+    "DirichletScaling",
+    "EnsembleTemperatureScaling",
+    "MetaCalScaling",
+    "TemperatureScaling",
+    "VectorScaling",
+]
 
 
 class TemperatureScaling(BaseLogitCalibrator):
@@ -101,5 +110,409 @@ def _check_bounds(bounds, name: str) -> tuple[float, float]:
     return float(bounds[0]), float(bounds[1])
 
 
-# keep Interval importable for subclasses declaring numeric constraints
-_ = Interval
+# --------------------------------------------------------------------------
+# Affine maps of the logits (vector and Dirichlet scaling), fitted by L-BFGS
+# --------------------------------------------------------------------------
+def _softmax_ce_grad(z: np.ndarray, y: np.ndarray, w: np.ndarray | None):
+    """Summed cross-entropy of logits ``z`` and its gradient with respect to ``z``."""
+    lp = log_softmax(z.astype(np.float64))
+    loss = -lp[np.arange(len(y)), y]
+    g = np.exp(lp)
+    g[np.arange(len(y)), y] -= 1.0
+    if w is not None:
+        loss = loss * w
+        g *= w[:, None]
+    return loss.sum(), g
+
+
+class _AffineLogitCalibrator(BaseLogitCalibrator):
+    """An affine map of per-pixel inputs, fitted by (regularised) NLL with L-BFGS."""
+
+    def _inputs(self, z: np.ndarray) -> np.ndarray:
+        return z
+
+    def _fit_calibration(self, X, y, sample_weight, groups=None):
+        n_classes = X.shape[1]
+        theta0 = self._initial_parameters(n_classes)
+        total_weight = float(len(y) if sample_weight is None else sample_weight.sum())
+
+        def objective(theta):
+            return self._loss_and_grad(theta, X, y, sample_weight, total_weight)
+
+        result = minimize(
+            objective,
+            theta0,
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": self.max_iter, "gtol": 1e-8, "ftol": 1e-13},
+        )
+        self.n_iter_ = int(result.nit)
+        self._store_parameters(result.x, n_classes)
+
+    def _loss_and_grad(self, theta, X, y, sample_weight, total_weight):
+        """Mean (weighted) NLL plus penalty, and its gradient, streamed in chunks."""
+        loss, grad = 0.0, np.zeros_like(theta)
+        for part in iter_chunks(len(y), self.chunk_size):
+            x = self._inputs(self._to_logits(X[part]).astype(np.float64))
+            w = None if sample_weight is None else sample_weight[part]
+            chunk_loss, g = _softmax_ce_grad(self._apply(theta, x), y[part], w)
+            loss += chunk_loss
+            grad += self._parameter_gradient(theta, x, g)
+        reg_loss, reg_grad = self._penalty(theta, X.shape[1])
+        return loss / total_weight + reg_loss, grad / total_weight + reg_grad
+
+    def _penalty(self, theta, n_classes):
+        return 0.0, np.zeros_like(theta)
+
+    def _scale_chunk(self, z):
+        return self._apply(self._parameters(), self._inputs(z)).astype(np.float32)
+
+    def predict(self, X):
+        """The calibrated argmax. Unlike temperature scaling, an affine map can move it."""
+        return np.argmax(self.predict_log_proba(X), axis=1)
+
+
+class VectorScaling(_AffineLogitCalibrator):
+    """Vector scaling: ``softmax(w * logits + b)`` with a weight and a bias per class.
+
+    Called "logistic scaling" in the selective-scaling paper. It may change the
+    predicted class (its ``predict`` is the calibrated argmax).
+
+    Parameters
+    ----------
+    input_type : {"logits", "probabilities"}, default="logits"
+    ignore_index : int or None, default=255
+    max_iter : int, default=200
+        L-BFGS iterations.
+    chunk_size : int, default=65536
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (n_classes,)
+    intercept_ : ndarray of shape (n_classes,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal import VectorScaling
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, size=2000)
+    >>> logits = 5.0 * (np.eye(3)[y] + rng.normal(size=(2000, 3)))
+    >>> VectorScaling().fit(logits, y).coef_.round(1).tolist()
+    [0.2, 0.2, 0.2]
+    """
+
+    _parameter_constraints: dict = {
+        **BaseLogitCalibrator._parameter_constraints,
+        "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+    }
+
+    def __init__(self, *, input_type="logits", ignore_index=255, max_iter=200, chunk_size=65536):
+        self.input_type = input_type
+        self.ignore_index = ignore_index
+        self.max_iter = max_iter
+        self.chunk_size = chunk_size
+
+    def _initial_parameters(self, n_classes):
+        return np.r_[np.ones(n_classes), np.zeros(n_classes)]
+
+    @staticmethod
+    def _apply(theta, x):
+        c = x.shape[1]
+        return x * theta[:c] + theta[c:]
+
+    @staticmethod
+    def _parameter_gradient(theta, x, g):
+        return np.r_[(g * x).sum(axis=0), g.sum(axis=0)]
+
+    def _store_parameters(self, theta, n_classes):
+        self.coef_, self.intercept_ = theta[:n_classes], theta[n_classes:]
+
+    def _parameters(self):
+        return np.r_[self.coef_, self.intercept_]
+
+
+class DirichletScaling(_AffineLogitCalibrator):
+    """Dirichlet (matrix) scaling with ODIR regularisation (Kull et al., NeurIPS 2019).
+
+    Calibrated logits are ``W @ log_softmax(logits) + b``. ODIR penalises the
+    off-diagonal entries of ``W`` and the biases, which keeps the C x C matrix
+    from over-fitting:
+    ``NLL + l2_offdiag * sum_{i != j} W_ij^2 / (C (C - 1)) + l2_intercept * sum b^2 / C``.
+    It may change the predicted class.
+
+    Parameters
+    ----------
+    l2_offdiag : float, default=1e-3
+    l2_intercept : float, default=1e-3
+    input_type, ignore_index, max_iter, chunk_size
+        As in :class:`VectorScaling`.
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (n_classes, n_classes)
+    intercept_ : ndarray of shape (n_classes,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal import DirichletScaling
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, size=2000)
+    >>> logits = 5.0 * (np.eye(3)[y] + rng.normal(size=(2000, 3)))
+    >>> DirichletScaling().fit(logits, y).coef_.shape
+    (3, 3)
+    """
+
+    _parameter_constraints: dict = {
+        **VectorScaling._parameter_constraints,
+        "l2_offdiag": [Interval(numbers.Real, 0, None, closed="left")],
+        "l2_intercept": [Interval(numbers.Real, 0, None, closed="left")],
+    }
+
+    def __init__(
+        self,
+        *,
+        l2_offdiag=1e-3,
+        l2_intercept=1e-3,
+        input_type="logits",
+        ignore_index=255,
+        max_iter=200,
+        chunk_size=65536,
+    ):
+        self.l2_offdiag = l2_offdiag
+        self.l2_intercept = l2_intercept
+        self.input_type = input_type
+        self.ignore_index = ignore_index
+        self.max_iter = max_iter
+        self.chunk_size = chunk_size
+
+    def _inputs(self, z):
+        return log_softmax(z)
+
+    def _initial_parameters(self, n_classes):
+        return np.r_[np.eye(n_classes).ravel(), np.zeros(n_classes)]
+
+    @staticmethod
+    def _apply(theta, x):
+        c = x.shape[1]
+        return x @ theta[: c * c].reshape(c, c).T + theta[c * c :]
+
+    @staticmethod
+    def _parameter_gradient(theta, x, g):
+        return np.r_[(g.T @ x).ravel(), g.sum(axis=0)]
+
+    def _penalty(self, theta, n_classes):
+        c = n_classes
+        W = theta[: c * c].reshape(c, c)
+        off = W - np.diag(np.diag(W))
+        b = theta[c * c :]
+        scale_w = self.l2_offdiag / max(c * (c - 1), 1)
+        scale_b = self.l2_intercept / c
+        loss = scale_w * (off**2).sum() + scale_b * (b**2).sum()
+        return loss, np.r_[(2 * scale_w * off).ravel(), 2 * scale_b * b]
+
+    def _store_parameters(self, theta, n_classes):
+        c = n_classes
+        self.coef_, self.intercept_ = theta[: c * c].reshape(c, c), theta[c * c :]
+
+    def _parameters(self):
+        return np.r_[self.coef_.ravel(), self.intercept_]
+
+
+# --------------------------------------------------------------------------
+# Temperature-based baselines that keep the predicted class
+# --------------------------------------------------------------------------
+class EnsembleTemperatureScaling(BaseLogitCalibrator):
+    """Ensemble temperature scaling (Zhang, Kailkhura & Han, ICML 2020).
+
+    ``p = w1 softmax(z / T) + w2 softmax(z) + w3 / C`` with ``T`` from temperature
+    scaling and the weights (on the simplex) fitted by NLL. Every term keeps the
+    order of the logits, so the predicted class is unchanged.
+
+    Attributes
+    ----------
+    temperature_ : float
+    weights_ : ndarray of shape (3,)
+        Weights of the tempered, the original and the uniform distribution.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal import EnsembleTemperatureScaling
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, size=2000)
+    >>> logits = 5.0 * (np.eye(3)[y] + rng.normal(size=(2000, 3)))
+    >>> round(float(EnsembleTemperatureScaling().fit(logits, y).weights_.sum()), 6)
+    1.0
+    """
+
+    def __init__(self, *, input_type="logits", ignore_index=255, chunk_size=65536):
+        self.input_type = input_type
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+
+    def _mixture_log_proba(self, z, T, weights):
+        tempered = np.exp(log_softmax(z / T))
+        original = np.exp(log_softmax(z))
+        mix = weights[0] * tempered + weights[1] * original + weights[2] / z.shape[1]
+        return np.log(np.maximum(mix, np.finfo(np.float32).tiny))
+
+    def _fit_calibration(self, X, y, sample_weight, groups=None):
+        Z = self._to_logits(X)
+        self.temperature_ = fit_temperature(
+            Z, y, sample_weight=sample_weight, bounds=(0.01, 100.0), chunk_size=self.chunk_size
+        )
+
+        def objective(a):
+            weights = np.exp(a - a.max())
+            weights /= weights.sum()
+            total, norm = 0.0, 0.0
+            for part in iter_chunks(len(y), self.chunk_size):
+                lp = self._mixture_log_proba(
+                    Z[part].astype(np.float64), self.temperature_, weights
+                )
+                picked = -lp[np.arange(lp.shape[0]), y[part]]
+                w = 1.0 if sample_weight is None else sample_weight[part]
+                total += float(np.sum(picked * w))
+                norm += float(np.sum(np.broadcast_to(w, picked.shape)))
+            return total / norm
+
+        start = np.log(np.array([0.98, 0.01, 0.01]))
+        result = minimize(
+            objective,
+            start,
+            method="Nelder-Mead",
+            options={"xatol": 1e-6, "fatol": 1e-10, "maxiter": 400},
+        )
+        weights = np.exp(result.x - result.x.max())
+        self.weights_ = weights / weights.sum()
+
+    def _scale_chunk(self, z):
+        return self._mixture_log_proba(
+            z.astype(np.float64), self.temperature_, self.weights_
+        ).astype(np.float32)
+
+
+def _weighted_quantile(values, q, weights=None) -> float:
+    """The inverted-CDF quantile; weights count as repeated values."""
+    order = np.argsort(values, kind="stable")
+    w = np.ones(len(values)) if weights is None else np.asarray(weights)[order]
+    cumulative = np.cumsum(w)
+    position = np.searchsorted(cumulative, q * cumulative[-1], side="left")
+    return float(values[order][min(position, len(values) - 1)])
+
+
+class MetaCalScaling(BaseLogitCalibrator):
+    """A Meta-Cal style rejector (Ma & Blaschko, ICML 2021) as used in the paper.
+
+    Pixels whose predictive entropy is above a threshold are treated as
+    likely errors and get the temperature ``t_reject`` (by default 1e10, a
+    uniform distribution, as the selective-scaling paper's Meta-Cal column);
+    the others are temperature-scaled by NLL. The threshold is the entropy
+    quantile that rejects ``rejection_rate`` of the fit pixels.
+
+    Parameters
+    ----------
+    rejection_rate : float in (0, 1), default=0.05
+    t_reject : float or "auto", default=1e10
+        "auto" fits it by NLL on the rejected fit pixels.
+    input_type, ignore_index, chunk_size
+        As in :class:`TemperatureScaling`.
+
+    Attributes
+    ----------
+    entropy_threshold_ : float
+    temperature_ : float
+        Temperature of the accepted pixels.
+    t_reject_ : float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal import MetaCalScaling
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, size=2000)
+    >>> logits = 5.0 * (np.eye(3)[y] + rng.normal(size=(2000, 3)))
+    >>> cal = MetaCalScaling(rejection_rate=0.1).fit(logits, y)
+    >>> float(np.mean(cal.rejected(logits))).__round__(2)
+    0.1
+    """
+
+    _parameter_constraints: dict = {
+        **BaseLogitCalibrator._parameter_constraints,
+        "rejection_rate": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "t_reject": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
+    }
+
+    def __init__(
+        self,
+        *,
+        rejection_rate=0.05,
+        t_reject=1e10,
+        input_type="logits",
+        ignore_index=255,
+        chunk_size=65536,
+    ):
+        self.rejection_rate = rejection_rate
+        self.t_reject = t_reject
+        self.input_type = input_type
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+
+    @staticmethod
+    def _entropy(z):
+        lp = log_softmax(z)
+        return -(np.exp(lp) * lp).sum(axis=1)
+
+    def _fit_calibration(self, X, y, sample_weight, groups=None):
+        Z = self._to_logits(X).astype(np.float32)
+        entropy = np.concatenate(
+            [self._entropy(Z[p]) for p in iter_chunks(len(y), self.chunk_size)]
+        )
+        self.entropy_threshold_ = _weighted_quantile(
+            entropy, 1 - self.rejection_rate, sample_weight
+        )
+        reject = entropy > self.entropy_threshold_
+        w = sample_weight
+        keep = ~reject
+        self.temperature_ = fit_temperature(
+            Z[keep],
+            y[keep],
+            sample_weight=None if w is None else w[keep],
+            bounds=(0.01, 100.0),
+            chunk_size=self.chunk_size,
+        )
+        if self.t_reject != "auto":
+            self.t_reject_ = float(self.t_reject)
+        elif reject.any():
+            Zr, yr, wr = Z[reject], y[reject], None if w is None else w[reject]
+            self.t_reject_ = float(
+                np.exp(
+                    minimize_1d(
+                        lambda u: _nll_scalar(Zr, yr, np.exp(-u), sample_weight=wr),
+                        lower=np.log(0.01),
+                        upper=np.log(1e10),
+                    )
+                )
+            )
+        else:
+            self.t_reject_ = self.temperature_
+
+    def rejected(self, X) -> np.ndarray:
+        """Whether each pixel falls above the entropy threshold."""
+        X = self._validate_predict_data(X)
+        return np.concatenate(
+            [
+                self._entropy(self._to_logits(X[p]).astype(np.float32)) > self.entropy_threshold_
+                for p in iter_chunks(X.shape[0], self.chunk_size)
+            ]
+        )
+
+    def _scale_chunk(self, z):
+        beta = np.where(
+            self._entropy(z) > self.entropy_threshold_,
+            1.0 / self.t_reject_,
+            1.0 / self.temperature_,
+        ).astype(np.float32)
+        return z * beta[:, None]

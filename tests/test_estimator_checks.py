@@ -3,7 +3,14 @@
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
+from sksegcal import (
+    DirichletScaling,
+    EnsembleTemperatureScaling,
+    MetaCalScaling,
+    SelectiveScalingCalibrator,
+    TemperatureScaling,
+    VectorScaling,
+)
 
 # Our estimators take logits: one column per class, and y holds column indices
 # (classes_ == arange(n_columns)). The generic checks below fit on blobs with
@@ -34,8 +41,26 @@ _SELECTIVE = {
 }
 
 
+# an affine map moves the argmax, so these predict the one label they saw
+_AFFINE = {k: v for k, v in _COMMON.items() if k != "check_classifiers_one_label"}
+_DIRICHLET = {
+    **_AFFINE,
+    "check_sample_weight_equivalence_on_dense_data": (
+        "the check's blobs are separable: the optimum of the lightly penalised C x C map lies "
+        "far out and L-BFGS stops at max_iter at points that differ by rounding"
+    ),
+}
+
+
 def _expected_failures(estimator):
-    failures = _SELECTIVE if isinstance(estimator, SelectiveScalingCalibrator) else _COMMON
+    if isinstance(estimator, SelectiveScalingCalibrator):
+        failures = _SELECTIVE
+    elif isinstance(estimator, DirichletScaling):
+        failures = _DIRICHLET
+    elif isinstance(estimator, VectorScaling):
+        failures = _AFFINE
+    else:
+        failures = _COMMON
     # the memmap/float32 variants of check_classifiers_train fail for the same reason
     variants = {
         f"check_classifiers_train(readonly_memmap=True{suffix})": _LOGITS
@@ -48,6 +73,10 @@ def _expected_failures(estimator):
     [
         TemperatureScaling(),
         SelectiveScalingCalibrator(LogisticRegression(), random_state=0),
+        VectorScaling(),
+        DirichletScaling(),
+        EnsembleTemperatureScaling(),
+        MetaCalScaling(),
     ],
     expected_failed_checks=_expected_failures,
 )

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
-from conftest import make_logits
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import log_loss
 
+from conftest import make_logits
 from sksegcal import TemperatureScaling
 
 

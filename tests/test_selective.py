@@ -6,7 +6,6 @@ import textwrap
 import joblib
 import numpy as np
 import pytest
-from conftest import make_logits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -19,6 +18,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import LinearSVC
 
+from conftest import make_logits
 from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
 from sksegcal.features import log_softmax
 from sksegcal.pixels import flatten_segmentation, split_images
