@@ -10,6 +10,8 @@ only say how to rescale one chunk of logits.
 from __future__ import annotations
 
 import numbers
+import sys
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 
@@ -226,6 +228,30 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
                 weight += w[part][k].sum()
         return float(total / weight)
 
+    # -------------------------------------------------------------- persistence
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_sksegcal_versions"] = _library_versions()
+        return state
+
+    def __setstate__(self, state):
+        saved = state.pop("_sksegcal_versions", None)
+        if saved is not None:
+            current = _library_versions()
+            changed = {
+                k: (v, current[k]) for k, v in saved.items() if k in current and current[k] != v
+            }
+            if changed:
+                details = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+                warnings.warn(
+                    f"This {type(self).__name__} was saved with other library versions "
+                    f"({details}). It will usually work, but check its predictions; refit it "
+                    "with the current versions to be sure.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        super().__setstate__(state)
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         # predict is the argmax of the input logits: a calibrator cannot learn
@@ -233,6 +259,19 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         tags.classifier_tags.poor_score = True
         tags.input_tags.allow_nan = False
         return tags
+
+
+def _library_versions() -> dict[str, str]:
+    """Versions that decide whether a saved calibrator behaves the same when loaded."""
+    import sklearn
+
+    from . import __version__
+
+    versions = {"sksegcal": __version__, "scikit-learn": sklearn.__version__}
+    # torch is recorded only when loaded (by the MLP); a saved baseline never needs it
+    if "torch" in sys.modules:
+        versions["torch"] = sys.modules["torch"].__version__.split("+")[0]
+    return versions
 
 
 # ------------------------------------------------------------- temperature fits

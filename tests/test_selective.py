@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import joblib
 import numpy as np
@@ -338,3 +339,20 @@ def test_groups_length_must_match():
     X, y = make_logits(n=100)
     with pytest.raises(ValueError, match="groups has 99 entries"):
         _cal().fit(X, y, groups=np.zeros(99))
+
+
+def test_loading_under_other_versions_warns(logits_data):
+    import pickle
+
+    X, y = logits_data
+    ts = TemperatureScaling().fit(X, y)
+    state = ts.__getstate__()
+    assert state["_sksegcal_versions"]["sksegcal"]
+    state["_sksegcal_versions"] = {**state["_sksegcal_versions"], "sksegcal": "0.0.1"}
+    fresh = TemperatureScaling.__new__(TemperatureScaling)
+    with pytest.warns(UserWarning, match=r"sksegcal 0.0.1 -> "):
+        fresh.__setstate__(state)
+    np.testing.assert_array_equal(fresh.predict_proba(X), ts.predict_proba(X))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pickle.loads(pickle.dumps(ts))  # same versions: silent
