@@ -1,0 +1,592 @@
+"""Tests of sksegcal.metrics against independent references."""
+
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.metrics import accuracy_score, brier_score_loss, log_loss, roc_auc_score
+from sklearn.model_selection import GridSearchCV, KFold
+
+from sksegcal import metrics as M
+from sksegcal.metrics import CalibrationAccumulator
+
+IGNORE = 255
+
+
+# ---------------------------------------------------------------------------
+# data and direct NumPy references (written from the formulas in docs/metrics.md)
+# ---------------------------------------------------------------------------
+
+
+def make_data(n=5000, c=5, seed=0, ignore_frac=0.1, temp=1.0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=3.0, size=(n, c)) / temp
+    y = np.where(
+        rng.random(n) < 0.7, logits.argmax(1), rng.integers(0, c, size=n)
+    ).astype(np.int64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    if ignore_frac:
+        y[rng.random(n) < ignore_frac] = IGNORE
+    return y, p.astype(dtype)
+
+
+def ref_bins(conf, n_bins):
+    return np.minimum(np.floor(conf.astype(np.float64) * n_bins).astype(int), n_bins - 1)
+
+
+def ref_ce(y, p, n_bins=15, norm="l1", w=None):
+    """Top-label calibration error straight from the definition."""
+    keep = y != IGNORE
+    y, p = y[keep], p[keep].astype(np.float32)
+    w = np.ones(len(y)) if w is None else w[keep]
+    conf = p.max(1).astype(np.float64)
+    correct = (p.argmax(1) == y).astype(float)
+    b = ref_bins(p.max(1), n_bins)
+    out, tot = [], w.sum()
+    for k in range(n_bins):
+        m = b == k
+        if w[m].sum() == 0:
+            continue
+        acc = np.average(correct[m], weights=w[m])
+        cf = np.average(conf[m], weights=w[m])
+        out.append((w[m].sum() / tot, abs(acc - cf)))
+    fr, gap = np.array(out).T
+    if norm == "l1":
+        return float((fr * gap).sum())
+    if norm == "l2":
+        return float(np.sqrt((fr * gap**2).sum()))
+    return float(gap.max())
+
+
+def ref_classwise(y, p, n_bins=15):
+    keep = y != IGNORE
+    y, p = y[keep], p[keep].astype(np.float32)
+    n, c = p.shape
+    total = 0.0
+    for k in range(c):
+        pk = p[:, k].astype(np.float64)
+        b = ref_bins(p[:, k], n_bins)
+        lab = (y == k).astype(float)
+        for j in range(n_bins):
+            m = b == j
+            if m.any():
+                total += m.sum() / n * abs(lab[m].mean() - pk[m].mean())
+    return total / c
+
+
+def ref_quantile_ece(y, p, n_bins):
+    keep = y != IGNORE
+    y, p = y[keep], p[keep].astype(np.float32)
+    conf = p.max(1).astype(np.float64)
+    correct = p.argmax(1) == y
+    order = np.argsort(conf, kind="stable")
+    return sum(
+        len(ix) / len(y) * abs(correct[ix].mean() - conf[ix].mean())
+        for ix in np.array_split(order, n_bins)
+        if len(ix)
+    )
+
+
+def all_metrics(acc, n_bins=15):
+    out = acc.summary(n_bins)
+    out["rms_q"] = acc.calibration_error(n_bins, norm="l2", strategy="quantile")
+    out["ece_7"] = acc.expected_calibration_error(7)
+    if acc.classwise:
+        out["cw_q_max"] = acc.classwise_calibration_error(n_bins, norm="max", strategy="quantile")
+    return out
+
+
+def assert_same(a, b, rtol=1e-10, atol=1e-12):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+# ---------------------------------------------------------------------------
+# agreement with independent references
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_bins", [10, 15, 7, 100])
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+def test_top_label_matches_numpy_formula(n_bins, norm):
+    y, p = make_data(n=4000, c=6, seed=n_bins)
+    ours = M.calibration_error(y, p, n_bins=n_bins, norm=norm)
+    assert ours == pytest.approx(ref_ce(y, p, n_bins, norm), abs=1e-9)
+
+
+def test_sample_weight_matches_numpy_formula():
+    y, p = make_data(n=3000, c=4, seed=3)
+    w = np.random.default_rng(3).random(len(y))
+    for norm in ("l1", "l2", "max"):
+        ours = M.calibration_error(y, p, norm=norm, sample_weight=w)
+        assert ours == pytest.approx(ref_ce(y, p, 15, norm, w), abs=1e-9)
+    keep = y != IGNORE
+    assert M.negative_log_likelihood(y, p, sample_weight=w) == pytest.approx(
+        log_loss(y[keep], p[keep], labels=np.arange(4), sample_weight=w[keep]), abs=1e-6
+    )
+
+
+def test_nll_and_brier_match_sklearn():
+    y, p = make_data(n=6000, c=7, seed=1)
+    keep = y != IGNORE
+    labels = np.arange(7)
+    assert M.negative_log_likelihood(y, p) == pytest.approx(
+        log_loss(y[keep], p[keep], labels=labels), abs=1e-6
+    )
+    assert M.brier_score(y, p) == pytest.approx(
+        brier_score_loss(y[keep], p[keep], labels=labels, scale_by_half=False), abs=1e-6
+    )
+    onehot = np.eye(7)[y[keep]]
+    direct = ((p[keep].astype(np.float64) - onehot) ** 2).sum(1).mean()
+    assert M.brier_score(y, p) == pytest.approx(direct, abs=1e-6)
+    assert M.pixel_accuracy(y, p) == pytest.approx(accuracy_score(y[keep], p[keep].argmax(1)))
+
+
+def test_miou_matches_confusion_matrix():
+    from sklearn.metrics import confusion_matrix, jaccard_score
+
+    y, p = make_data(n=3000, c=5, seed=2)
+    keep = y != IGNORE
+    pred = p[keep].argmax(1)
+    acc = CalibrationAccumulator(5).update(y, p)
+    np.testing.assert_array_equal(
+        acc.confusion_matrix_, confusion_matrix(y[keep], pred, labels=np.arange(5))
+    )
+    assert acc.mean_iou() == pytest.approx(
+        jaccard_score(y[keep], pred, average="macro", labels=np.arange(5))
+    )
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+def test_matches_torchmetrics_without_confidence_one(norm):
+    tm = pytest.importorskip("torchmetrics.classification")
+    import torch
+
+    y, p = make_data(n=20000, c=19, seed=4)
+    assert p.max() < 1.0
+    metric = tm.MulticlassCalibrationError(
+        num_classes=19, n_bins=15, norm=norm, ignore_index=IGNORE
+    )
+    metric.update(torch.from_numpy(p), torch.from_numpy(y))
+    ours = M.calibration_error(y, p, n_bins=15, norm=norm)
+    assert ours == pytest.approx(float(metric.compute()), abs=1e-6)
+
+
+def test_torchmetrics_confidence_one_edge_case():
+    """torchmetrics puts a confidence of exactly 1.0 in an extra bin of its own.
+
+    We keep 15 bins, the last one closed: [14/15, 1]. The two agree once the
+    1.0 pixels are their own bin, i.e. with torchmetrics' phantom bin.
+    """
+    tm = pytest.importorskip("torchmetrics.classification")
+    import torch
+
+    p = np.array([[1.0, 0, 0]] * 4 + [[0.95, 0.05, 0]] * 4, dtype=np.float32)
+    y = np.array([0, 0, 0, 1] + [0, 0, 0, 0])  # 1.0-pixels: 75% right; 0.95-pixels: 100%
+    metric = tm.MulticlassCalibrationError(num_classes=3, n_bins=15, norm="l1")
+    metric.update(torch.from_numpy(p), torch.from_numpy(y))
+    theirs = float(metric.compute())
+    ours = M.expected_calibration_error(y, p, n_bins=15)
+    # ours: one bin, conf 0.975, acc 0.875 -> 0.1
+    assert ours == pytest.approx(0.1, abs=1e-6)
+    assert ours == pytest.approx(ref_ce(y, p, 15), abs=1e-9)
+    # torchmetrics: bin [14/15, 1) gap 0.05, phantom bin {1.0} gap 0.25 -> 0.15
+    assert theirs == pytest.approx(0.5 * 0.05 + 0.5 * 0.25, abs=1e-6)
+
+
+def test_classwise_matches_numpy_formula():
+    y, p = make_data(n=3000, c=4, seed=5)
+    assert M.classwise_calibration_error(y, p, n_bins=15) == pytest.approx(
+        ref_classwise(y, p, 15), abs=1e-9
+    )
+    assert M.static_calibration_error(y, p, n_bins=10) == pytest.approx(
+        ref_classwise(y, p, 10), abs=1e-9
+    )
+    per = M.classwise_calibration_error(y, p, average=False)
+    assert per.shape == (4,)
+    assert per.mean() == pytest.approx(ref_classwise(y, p, 15), abs=1e-9)
+
+
+def test_equal_mass_close_to_exact_quantiles():
+    y, p = make_data(n=50000, c=5, seed=6, temp=2.0)
+    ours = M.expected_calibration_error(y, p, n_bins=15, strategy="quantile")
+    exact = ref_quantile_ece(y, p, 15)
+    assert ours == pytest.approx(exact, abs=5e-3)
+    curve = M.reliability_curve(y, p, n_bins=15, strategy="quantile")
+    # equal mass within what the 1/3600 grid allows
+    assert curve.fraction.max() - curve.fraction.min() < 0.02
+    assert np.all(np.diff(curve.bin_edges) >= 0)
+
+
+def test_per_image_ece_matches_direct_mean():
+    y, p = make_data(n=3000, c=4, seed=7)
+    img = np.repeat(np.arange(6), 500)
+    acc = CalibrationAccumulator(4)
+    perm = np.random.default_rng(0).permutation(3000)  # pixels in any order
+    for ch in np.array_split(perm, 7):
+        acc.update(y[ch], p[ch], image_id=img[ch])
+    direct = [ref_ce(y[img == i], p[img == i], 15) for i in range(6)]
+    assert acc.mean_per_image_ece() == pytest.approx(np.mean(direct), abs=1e-9)
+    assert set(acc.per_image_ece()) == set(range(6))
+    assert acc.summary()["mean_per_image_ece"] == pytest.approx(np.mean(direct), abs=1e-9)
+
+
+def test_four_d_input_equals_flattened():
+    import torch
+
+    y, p = make_data(n=2 * 3 * 8 * 8, c=3, seed=8)
+    p4 = p.reshape(6, 8, 8, 3).transpose(0, 3, 1, 2)  # (N, C, H, W)
+    y3 = y.reshape(6, 8, 8)
+    a = CalibrationAccumulator(3).update(y3, p4)
+    b = CalibrationAccumulator(3).update(y, p, image_id=np.repeat(np.arange(6), 64))
+    assert_same(a.summary(), b.summary())
+    assert M.expected_calibration_error(y3, p4) == pytest.approx(
+        M.expected_calibration_error(y, p), abs=1e-12
+    )
+    # one id per image of the chunk
+    c = CalibrationAccumulator(3).update(y3, torch.from_numpy(p4), image_id=list("abcdef"))
+    assert sorted(c.per_image_ece()) == list("abcdef")
+
+
+# ---------------------------------------------------------------------------
+# streaming == one-shot, any chunking, any order, merged
+# ---------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 600),
+    c=st.integers(2, 6),
+    n_splits=st.integers(1, 6),
+    n_workers=st.integers(1, 3),
+    weighted=st.booleans(),
+)
+def test_streaming_equals_one_shot(seed, n, c, n_splits, n_workers, weighted):
+    y, p = make_data(n=n, c=c, seed=seed, ignore_frac=0.2)
+    if (y == IGNORE).all():
+        y[0] = 0
+    rng = np.random.default_rng(seed)
+    w = rng.random(n) if weighted else None
+    img = rng.integers(0, 4, size=n)
+    one = CalibrationAccumulator(c, classwise=True).update(y, p, image_id=img, sample_weight=w)
+
+    perm = rng.permutation(n)
+    cuts = np.sort(rng.integers(0, n + 1, size=n_splits - 1))
+    chunks = np.split(perm, cuts)
+    accs = [CalibrationAccumulator(c, classwise=True) for _ in range(n_workers)]
+    for i, ch in enumerate(chunks):
+        accs[i % n_workers].update(
+            y[ch], p[ch], image_id=img[ch], sample_weight=None if w is None else w[ch]
+        )
+    merged = accs[0]
+    for other in accs[1:]:
+        merged = merged.merge(pickle.loads(pickle.dumps(other)))
+    assert merged.n_pixels_ == one.n_pixels_
+    assert_same(all_metrics(merged), all_metrics(one))
+
+
+def test_merge_returns_self_and_copy_keeps_original():
+    y, p = make_data(n=1000, c=3, seed=9)
+    a = CalibrationAccumulator(3).update(y[:500], p[:500])
+    b = CalibrationAccumulator(3).update(y[500:], p[500:])
+    before = a.summary()
+    m = a.copy().merge(b)
+    assert_same(a.summary(), before)
+    assert a.merge(b) is a
+    assert_same(a.summary(), m.summary())
+    with pytest.raises(ValueError, match="n_classes: 3 vs 4"):
+        a.merge(CalibrationAccumulator(4))
+
+
+def test_state_size_is_fixed_and_joblib_merge():
+    from joblib import Parallel, delayed
+
+    def fill(seed, n):
+        y, p = make_data(n=n, c=5, seed=seed)
+        return CalibrationAccumulator(5).update(y, p)
+
+    small = len(pickle.dumps(fill(0, 100)))
+    large = len(pickle.dumps(fill(0, 100_000)))
+    assert abs(large - small) < 64  # only the integer pixel count grows (a few bytes)
+    # bound methods travel to the loky workers with the accumulator itself
+    data = [make_data(n=2000, c=5, seed=s) for s in range(4)]
+    parts = Parallel(n_jobs=2)(
+        delayed(CalibrationAccumulator(5).update)(y, p) for y, p in data
+    )
+    merged = parts[0]
+    for other in parts[1:]:
+        merged.merge(other)
+    ys, ps = zip(*data)
+    one = CalibrationAccumulator(5).update(np.concatenate(ys), np.concatenate(ps))
+    assert_same(merged.summary(), one.summary())
+
+
+# ---------------------------------------------------------------------------
+# edge cases
+# ---------------------------------------------------------------------------
+
+
+def test_confidences_exactly_zero_and_one():
+    p = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]], dtype=np.float32)
+    y = np.array([0, 1, 1, 0])
+    acc = CalibrationAccumulator(2).update(y, p)
+    curve = acc.reliability_curve(10)
+    assert curve.count[-1] == 3  # 1.0 lands in the last bin, not a phantom one
+    assert curve.count[5] == 1
+    assert acc.expected_calibration_error(10) == pytest.approx((1 / 3 * 3 + 0.5) / 4)
+    # log(0) is clipped at NLL_EPS
+    assert acc.negative_log_likelihood() == pytest.approx(
+        (-np.log(M.NLL_EPS) - np.log(0.5)) / 4
+    )
+    assert np.isfinite(acc.summary()["nll"])
+
+
+def test_empty_bins_and_all_in_one_bin():
+    p = np.tile(np.array([[0.62, 0.38]], dtype=np.float32), (50, 1))
+    y = np.r_[np.zeros(40, int), np.ones(10, int)]
+    acc = CalibrationAccumulator(2).update(y, p)
+    curve = acc.reliability_curve(15)
+    assert (curve.count > 0).sum() == 1
+    assert np.isnan(curve.accuracy[curve.count == 0]).all()
+    assert acc.expected_calibration_error() == pytest.approx(abs(0.8 - 0.62), abs=1e-6)
+    assert acc.maximum_calibration_error() == pytest.approx(abs(0.8 - 0.62), abs=1e-6)
+    assert acc.rms_calibration_error() == pytest.approx(abs(0.8 - 0.62), abs=1e-6)
+    # equal-mass bins collapse onto the single occupied value
+    assert acc.expected_calibration_error(strategy="quantile") == pytest.approx(0.18, abs=1e-6)
+
+
+def test_chunk_of_only_ignored_pixels_and_missing_class():
+    y, p = make_data(n=500, c=4, seed=10)
+    y[y == 3] = 0  # class 3 never present
+    acc = CalibrationAccumulator(4, classwise=True).update(y, p)
+    ref = acc.summary()
+    acc.update(np.full(100, IGNORE), np.full((100, 4), np.nan, dtype=np.float32))
+    assert_same(acc.summary(), ref)
+    iou = acc.iou_per_class()
+    assert iou.shape == (4,)
+    assert np.isfinite(ref["miou"]) and np.isfinite(ref["classwise_ece"])
+
+
+def test_float16_and_torch_input():
+    import torch
+
+    y, p = make_data(n=3000, c=5, seed=11)
+    p16 = p.astype(np.float16)
+    ref = ref_ce(y, p16.astype(np.float32), 15)
+    assert M.expected_calibration_error(y, p16) == pytest.approx(ref, abs=1e-9)
+    acc = CalibrationAccumulator(5).update(torch.from_numpy(y), torch.from_numpy(p16))
+    assert acc.expected_calibration_error() == pytest.approx(ref, abs=1e-9)
+    assert M.negative_log_likelihood(y, p.astype(np.float64)) == pytest.approx(
+        M.negative_log_likelihood(y, p), abs=1e-7
+    )
+
+
+def test_binary_one_dimensional_probabilities():
+    rng = np.random.default_rng(12)
+    p1 = rng.random(400)
+    y = (rng.random(400) < p1).astype(int)
+    two = np.c_[1 - p1, p1]
+    assert M.expected_calibration_error(y, p1) == pytest.approx(
+        M.expected_calibration_error(y, two), abs=1e-12
+    )
+    assert M.negative_log_likelihood(y, p1) == pytest.approx(log_loss(y, p1), abs=1e-6)
+
+
+def test_ignore_index_none_and_negative():
+    y, p = make_data(n=500, c=3, seed=13, ignore_frac=0)
+    assert M.expected_calibration_error(y, p, ignore_index=None) == pytest.approx(
+        ref_ce(y, p)
+    )
+    y2 = y.copy()
+    y2[:50] = -1
+    assert M.expected_calibration_error(y2, p, ignore_index=-1) == pytest.approx(
+        M.expected_calibration_error(y[50:], p[50:])
+    )
+
+
+def test_bin_counts_not_dividing_grid_and_too_many():
+    y, p = make_data(n=4000, c=4, seed=14)
+    acc = CalibrationAccumulator(4)  # 3600 base bins: 7 does not divide it
+    acc.update(y, p)
+    assert acc.expected_calibration_error(7) == pytest.approx(ref_ce(y, p, 7), abs=2e-3)
+    assert M.expected_calibration_error(y, p, n_bins=7) == pytest.approx(
+        ref_ce(y, p, 7), abs=1e-9
+    )  # one-shot builds a grid that 7 divides
+    with pytest.raises(ValueError, match="between 1 and the base grid"):
+        acc.expected_calibration_error(5000)
+
+
+# ---------------------------------------------------------------------------
+# errors that name the problem
+# ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    y, p = make_data(n=100, c=3, seed=15)
+    acc = CalibrationAccumulator(3)
+    bad = p.copy()
+    bad[y != IGNORE][:1] = np.nan
+    bad[np.flatnonzero(y != IGNORE)[0], 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        acc.update(y, bad)
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        acc.update(y[:-1], p)
+    y_bad = y.copy()
+    y_bad[0] = 7
+    with pytest.raises(ValueError, match=r"labels \[7\] outside \[0, 2\]"):
+        acc.update(y_bad, p)
+    with pytest.raises(ValueError, match="n_classes=3"):
+        acc.update(y, np.c_[p, np.zeros(100)])
+    with pytest.raises(ValueError, match="not logits|softmax"):
+        acc.update(y, p * 5 - 1)
+    with pytest.raises(ValueError, match="sum to 1"):
+        acc.update(y, p * 0.5)
+    with pytest.raises(ValueError, match="ignored"):
+        CalibrationAccumulator(3).update(np.full(100, IGNORE), p).summary()
+    with pytest.raises(ValueError, match="every pixel"):
+        M.expected_calibration_error(np.full(100, IGNORE), p)
+    with pytest.raises(TypeError, match="floating-point"):
+        acc.update(y, y)
+    with pytest.raises(ValueError, match="classwise=True"):
+        CalibrationAccumulator(3).update(y, p).static_calibration_error()
+    with pytest.raises(ValueError, match="strategy"):
+        CalibrationAccumulator(3).update(y, p).calibration_error(strategy="bogus")
+    with pytest.raises(ValueError, match="norm"):
+        CalibrationAccumulator(3).update(y, p).calibration_error(norm="l3")
+    with pytest.raises(ValueError, match="sample_weight"):
+        acc.update(y, p, sample_weight=-np.ones(100))
+    # nothing was counted by the failed updates
+    assert acc.n_pixels_ == 0
+
+
+# ---------------------------------------------------------------------------
+# scorers and misprediction detection
+# ---------------------------------------------------------------------------
+
+
+class SoftmaxTemperature(ClassifierMixin, BaseEstimator):
+    """Minimal stand-in for the project's calibrators: X are logits."""
+
+    def __init__(self, temperature=1.0):
+        self.temperature = temperature
+
+    def fit(self, X, y):
+        self.classes_ = np.arange(X.shape[1])
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict_proba(self, X):
+        z = X / self.temperature
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def predict(self, X):
+        return X.argmax(1)
+
+
+def _logits(n=3000, c=4, seed=16):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(scale=4.0, size=(n, c)).astype(np.float32)
+    # over-confident logits: labels follow softmax(X / 3)
+    pt = np.exp(X / 3)
+    pt /= pt.sum(1, keepdims=True)
+    y = np.array([rng.choice(c, p=row) for row in pt])
+    y[rng.random(n) < 0.1] = IGNORE
+    return X, y
+
+
+def test_scorers_ignore_255_and_grid_search_by_object():
+    X, y = _logits()
+    est = SoftmaxTemperature().fit(X, y)
+    keep = y != IGNORE
+    probs = est.predict_proba(X)
+    assert M.ece_scorer(est, X, y) == pytest.approx(
+        -M.expected_calibration_error(y, probs), abs=1e-12
+    )
+    assert M.nll_scorer(est, X, y) == pytest.approx(
+        -log_loss(y[keep], probs[keep], labels=np.arange(4)), abs=1e-6
+    )
+    assert M.get_scorer("neg_brier_score")(est, X, y) == pytest.approx(
+        -M.brier_score(y, probs)
+    )
+    gs = GridSearchCV(
+        SoftmaxTemperature(),
+        {"temperature": [0.5, 1.0, 3.0, 10.0]},
+        scoring={"ece": M.get_scorer("ece"), "nll": M.get_scorer("nll")},
+        refit="nll",
+        cv=KFold(3),
+        n_jobs=2,
+    )
+    gs.fit(X, y)
+    assert gs.best_params_["temperature"] == 3.0
+    assert np.argmax(gs.cv_results_["mean_test_ece"]) in (1, 2)
+
+
+def test_get_scorer_names_and_pickle():
+    for name in ("ece", "neg_expected_calibration_error", "nll", "neg_negative_log_likelihood",
+                 "brier", "mce", "rmsce", "sce", "miou", "accuracy"):
+        assert callable(M.get_scorer(name))
+    assert M.get_scorer("ece") is M.ece_scorer
+    assert M.get_scorer("neg_log_loss") is not None  # scikit-learn's own names still work
+    with pytest.raises(ValueError, match="sksegcal names"):
+        M.get_scorer("ecee")
+    for s in (M.ece_scorer, M.nll_scorer, M.brier_scorer):
+        assert pickle.loads(pickle.dumps(s)) is not None
+
+
+def test_binary_estimator_scorer():
+    X, y = _logits(c=2, seed=17)
+    est = SoftmaxTemperature().fit(X, y)
+    # scikit-learn hands the scorer P(class 1) only; we rebuild both columns
+    assert M.ece_scorer(est, X, y) == pytest.approx(
+        -M.expected_calibration_error(y, est.predict_proba(X)), abs=1e-9
+    )
+
+
+def test_misprediction_detection_scores():
+    rng = np.random.default_rng(18)
+    correct = rng.random(5000) < 0.8
+    score = np.clip(0.6 * correct + rng.normal(scale=0.3, size=5000), 0, 1)
+    s = M.misprediction_detection_scores(correct, score)
+    assert s["auroc"] == pytest.approx(roc_auc_score(correct, score))
+    assert 0 < s["aupr_error"] < 1 and 0 < s["fpr_at_95_tpr"] < 1
+    assert s["error_rate"] == pytest.approx(1 - correct.mean())
+    # FPR at 95% TPR straight from the definition
+    thr = np.sort(score[correct])[::-1][int(np.ceil(0.95 * correct.sum())) - 1]
+    assert s["fpr_at_95_tpr"] == pytest.approx((score[~correct] >= thr).mean())
+    with pytest.raises(ValueError, match="both correct and mispredicted"):
+        M.misprediction_detection_scores(np.ones(5), np.ones(5))
+
+
+def test_large_chunks_are_cut_into_pieces_all_or_nothing(monkeypatch):
+    monkeypatch.setattr(M, "_CHUNK_ROWS", 1000)
+    y, p = make_data(n=4 * 3 * 20 * 20, c=4, seed=19)  # 4800 pixels: 5 pieces
+    rng = np.random.default_rng(19)
+    w = rng.random(y.size)
+    ids = rng.integers(0, 5, size=y.size)
+    ref = CalibrationAccumulator(4, classwise=True)
+    for s in range(0, y.size, 300):  # small chunks: never cut
+        ref.update(y[s:s + 300], p[s:s + 300], image_id=ids[s:s + 300],
+                   sample_weight=w[s:s + 300])
+    big = CalibrationAccumulator(4, classwise=True)
+    big.update(y, p, image_id=ids, sample_weight=w)
+    assert_same(all_metrics(big), all_metrics(ref))
+    # (N, C, H, W): cut by whole images; flat per-pixel weights and ids follow
+    p4 = p.reshape(12, 20, 20, 4).transpose(0, 3, 1, 2)
+    big4 = CalibrationAccumulator(4, classwise=True)
+    big4.update(y.reshape(12, 20, 20), p4, image_id=ids, sample_weight=w)
+    assert_same(all_metrics(big4), all_metrics(ref))
+    # a bad value in the last piece: nothing of the chunk is counted
+    bad = p.copy()
+    bad[np.flatnonzero(y != IGNORE)[-1], 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        big.update(y, bad)
+    assert_same(all_metrics(big), all_metrics(ref))
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        big.update(y[:-1], p)
