@@ -356,3 +356,22 @@ def test_loading_under_other_versions_warns(logits_data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pickle.loads(pickle.dumps(ts))  # same versions: silent
+
+
+def test_grid_search_with_calibration_scorers(segmentation_data):
+    from sksegcal.metrics import ece_scorer, expected_calibration_error, get_scorer
+
+    logits, labels = segmentation_data
+    X, y, groups = flatten_segmentation(logits, labels)
+    cv = GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=0)
+    grid = {"t2": [1.5, 4.0, 1e10]}
+    search = GridSearchCV(_cal(), grid, cv=cv, scoring={"ece": ece_scorer,
+                                                        "nll": get_scorer("nll")},
+                          refit="ece").fit(X, y, groups=groups)
+    train, test = next(cv.split(X, y, groups))
+    ece = {t2: expected_calibration_error(y[test], _cal(t2=t2).fit(X[train], y[train])
+                                          .predict_proba(X[test]))
+           for t2 in grid["t2"]}
+    assert search.best_params_["t2"] == min(ece, key=ece.get)
+    np.testing.assert_allclose(-search.cv_results_["mean_test_ece"],
+                               [ece[t] for t in grid["t2"]], rtol=1e-6)
