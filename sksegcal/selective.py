@@ -360,16 +360,12 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         if self.mode == "hard":
             # the two groups do not interact: two independent 1-D searches
             called_correct = p >= self.threshold
+            empty = []
             for name, rows in (("t1", called_correct), ("t2", ~called_correct)):
                 if getattr(self, name) != "auto":
                     continue
                 if not rows.any():
-                    warnings.warn(
-                        f"No held-out pixel falls in the {name} group; {name} stays at "
-                        f"{getattr(self, name + '_')}.",
-                        UserWarning,
-                        stacklevel=4,
-                    )
+                    empty.append(name)
                     continue
                 if name == "t1":
                     self.t1_ = float(
@@ -387,6 +383,20 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                             )
                         )
                     )
+            for name in empty:
+                # the other group's temperature is the best guess for a group the
+                # held-out pixels never reach
+                other = "t2" if name == "t1" else "t1"
+                setattr(self, name + "_", getattr(self, other + "_"))
+                warnings.warn(
+                    f"No held-out pixel falls in the {name} group (threshold "
+                    f"{self.threshold}); {name} takes the value of {other}, "
+                    f"{getattr(self, other + '_'):.4g}. With a very accurate model, lower "
+                    "the threshold, weight the mispredicted class in the classifier, or use "
+                    "mode='soft'.",
+                    UserWarning,
+                    stacklevel=4,
+                )
             return
         # soft mode couples t1 and t2: a few rounds of coordinate descent
         for _ in range(3 if self.t1 == self.t2 == "auto" else 1):

@@ -375,3 +375,15 @@ def test_grid_search_with_calibration_scorers(segmentation_data):
     assert search.best_params_["t2"] == min(ece, key=ece.get)
     np.testing.assert_allclose(-search.cv_results_["mean_test_ece"],
                                [ece[t] for t in grid["t2"]], rtol=1e-6)
+
+
+def test_empty_t2_group_falls_back_to_t1():
+    from sklearn.dummy import DummyClassifier
+
+    X, y = make_logits(n=2000, scale=4.0, noise=0.3, seed=0)  # mostly correct
+    cal = SelectiveScalingCalibrator(DummyClassifier(strategy="prior"), t1="auto",
+                                     random_state=0)
+    with pytest.warns(UserWarning, match="t2 takes the value of t1"):
+        cal.fit(X, y)
+    assert cal.t2_ == cal.t1_
+    np.testing.assert_allclose(cal.predict_proba(X), softmax(X / cal.t1_, axis=1), rtol=1e-5)
