@@ -48,6 +48,15 @@ class _ConstantCorrectness:
     classes_ = np.array([0, 1])
 
 
+def _candidate_thresholds(p: np.ndarray) -> list[float]:
+    """Thresholds flagging 0.5% to 50% of the held-out pixels, plus the paper's 0.5."""
+    levels = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+    quantiles = np.quantile(p, levels) if len(p) else np.zeros(0)
+    # a threshold just above a quantile flags that quantile's share of pixels
+    candidates = {0.5, *np.nextafter(quantiles.astype(np.float32), np.float32(2)).tolist()}
+    return sorted(c for c in candidates if 0.0 < c <= 1.0)
+
+
 class SelectiveScalingCalibrator(BaseLogitCalibrator):
     """Selective scaling (Wang, Gong & Wang, CVPR 2023) as a scikit-learn classifier.
 
@@ -79,9 +88,13 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         ``[0.01, 1e10]``). Fixed values reproduce the paper (1e10 for an
         accurate classifier, 2 for a moderate one); on real data they are
         often worse than temperature scaling, hence the fitted default.
-    threshold : float in (0, 1), default=0.5
+    threshold : float in (0, 1) or "auto", default=0.5
         A pixel is called correct when the classifier's P(correct) is at
-        least this (hard mode).
+        least this (hard mode). "auto" chooses, on the held-out pixels, the
+        threshold (among those flagging 0.5% to 50% of them, and 0.5) whose
+        fitted temperatures give the lowest NLL: with a very accurate
+        segmentation model a detector rarely says P(correct) < 0.5, and a
+        fixed 0.5 then flags nothing.
     mode : {"hard", "soft"}, default="hard"
         "hard" splits pixels at ``threshold`` as the paper does; "soft" gives
         each pixel the inverse temperature ``p / t1 + (1 - p) / t2`` with
@@ -119,6 +132,10 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         ``arange(n_classes)``.
     n_features_in_ : int
         Number of classes (columns of ``X``).
+    threshold_ : float
+        The threshold in use (the chosen one when "auto").
+    held_out_flagged_fraction_ : float or None
+        Share of held-out pixels called mispredicted at ``threshold_``.
     fit_accuracy_ : float
         Share of correctly predicted pixels in the fit data.
     detection_auroc_ : float or None
@@ -159,7 +176,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         "features": [StrOptions(set(FEATURE_SETS))],
         "t1": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "t2": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
-        "threshold": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "threshold": [Interval(numbers.Real, 0, 1, closed="neither"), StrOptions({"auto"})],
         "mode": [StrOptions({"hard", "soft"})],
         "holdout_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "max_fit_pixels": [Interval(numbers.Integral, 2, None, closed="left")],
@@ -214,9 +231,12 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             return np.zeros(features.shape[0], dtype=np.float32)
         return proba[:, np.flatnonzero(classes == 1)[0]].astype(np.float32, copy=False)
 
-    def _inverse_temperature(self, p_correct: np.ndarray, t1: float, t2: float) -> np.ndarray:
+    def _inverse_temperature(
+        self, p_correct: np.ndarray, t1: float, t2: float, threshold: float | None = None
+    ) -> np.ndarray:
         if self.mode == "hard":
-            return np.where(p_correct >= self.threshold, 1.0 / t1, 1.0 / t2).astype(np.float32)
+            threshold = self.threshold_ if threshold is None else threshold
+            return np.where(p_correct >= threshold, 1.0 / t1, 1.0 / t2).astype(np.float32)
         return (p_correct / t1 + (1.0 - p_correct) / t2).astype(np.float32)
 
     def _make_classifier(self, random_state: int):
@@ -258,7 +278,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         seed = int(rng.randint(np.iinfo(np.int32).max))
         correct = np.argmax(X, axis=1) == y
         self.fit_accuracy_ = float(correct.mean())
-        needs_holdout = "auto" in (self.t1, self.t2)
+        needs_holdout = "auto" in (self.t1, self.t2) or (
+            self.mode == "hard" and self.threshold == "auto"
+        )
         train_idx, holdout_idx = self._split_fit_rows(correct, groups, needs_holdout, rng)
 
         train_idx = train_idx[
@@ -268,6 +290,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         ]
         self.classifier_ = self._fit_correctness(X, correct, sample_weight, train_idx, seed)
 
+        self.threshold_ = 0.5 if self.threshold == "auto" else float(self.threshold)
+        self.held_out_flagged_fraction_ = None
         self.t1_ = 1.0 if self.t1 == "auto" else float(self.t1)
         self.t2_ = UNIFORM_TEMPERATURE if self.t2 == "auto" else float(self.t2)
         self.detection_auroc_ = None
@@ -349,65 +373,64 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         if 0 < hold_correct.sum() < len(hold_correct):
             self.detection_auroc_ = float(roc_auc_score(hold_correct, p))
 
-        def nll(t1: float, t2: float, rows=slice(None)) -> float:
-            beta = self._inverse_temperature(p[rows], t1, t2)
+        def nll(t1: float, t2: float, rows=slice(None), threshold=None) -> float:
+            beta = self._inverse_temperature(p[rows], t1, t2, threshold)
             ww = None if w is None else w[rows]
             return nll_at_inverse_temperature(
                 Z[rows], y_hold[rows], beta, sample_weight=ww, chunk_size=self.chunk_size
             )
 
         lo, hi = np.log(_AUTO_BOUNDS[0]), np.log(_AUTO_BOUNDS[1])
-        if self.mode == "hard":
-            # the two groups do not interact: two independent 1-D searches
-            called_correct = p >= self.threshold
-            empty = []
-            for name, rows in (("t1", called_correct), ("t2", ~called_correct)):
-                if getattr(self, name) != "auto":
-                    continue
-                if not rows.any():
-                    empty.append(name)
-                    continue
-                if name == "t1":
-                    self.t1_ = float(
-                        np.exp(
-                            minimize_1d(
-                                lambda u, r=rows: nll(np.exp(u), self.t2_, r), lower=lo, upper=hi
-                            )
-                        )
-                    )
-                else:
-                    self.t2_ = float(
-                        np.exp(
-                            minimize_1d(
-                                lambda u, r=rows: nll(self.t1_, np.exp(u), r), lower=lo, upper=hi
-                            )
-                        )
-                    )
-            for name in empty:
-                # the other group's temperature is the best guess for a group the
-                # held-out pixels never reach
-                other = "t2" if name == "t1" else "t1"
-                setattr(self, name + "_", getattr(self, other + "_"))
-                warnings.warn(
-                    f"No held-out pixel falls in the {name} group (threshold "
-                    f"{self.threshold}); {name} takes the value of {other}, "
-                    f"{getattr(self, other + '_'):.4g}. With a very accurate model, lower "
-                    "the threshold, weight the mispredicted class in the classifier, or use "
-                    "mode='soft'.",
-                    UserWarning,
-                    stacklevel=4,
-                )
+
+        def fit_one(objective) -> float:
+            return float(np.exp(minimize_1d(objective, lower=lo, upper=hi)))
+
+        if self.mode == "soft":
+            # soft mode couples t1 and t2: a few rounds of coordinate descent
+            for _ in range(3 if self.t1 == self.t2 == "auto" else 1):
+                if self.t2 == "auto":
+                    self.t2_ = fit_one(lambda u: nll(self.t1_, np.exp(u)))
+                if self.t1 == "auto":
+                    self.t1_ = fit_one(lambda u: nll(np.exp(u), self.t2_))
             return
-        # soft mode couples t1 and t2: a few rounds of coordinate descent
-        for _ in range(3 if self.t1 == self.t2 == "auto" else 1):
-            if self.t2 == "auto":
-                self.t2_ = float(
-                    np.exp(minimize_1d(lambda u: nll(self.t1_, np.exp(u)), lower=lo, upper=hi))
-                )
-            if self.t1 == "auto":
-                self.t1_ = float(
-                    np.exp(minimize_1d(lambda u: nll(np.exp(u), self.t2_), lower=lo, upper=hi))
-                )
+
+        weights = np.ones(len(p)) if w is None else w
+
+        def fit_split(threshold: float):
+            """Temperatures of the two groups at one threshold, and the total NLL."""
+            called_correct = p >= threshold
+            t1, t2 = self.t1_, self.t2_
+            # the two groups do not interact: two independent 1-D searches
+            if self.t1 == "auto" and called_correct.any():
+                t1 = fit_one(lambda u: nll(np.exp(u), t2, called_correct, threshold))
+            if self.t2 == "auto" and not called_correct.all():
+                t2 = fit_one(lambda u: nll(t1, np.exp(u), ~called_correct, threshold))
+            # a group no held-out pixel reaches takes the other group's temperature
+            if self.t1 == "auto" and not called_correct.any():
+                t1 = t2
+            if self.t2 == "auto" and called_correct.all():
+                t2 = t1
+            total = nll(t1, t2, slice(None), threshold) * weights.sum()
+            return total, t1, t2
+
+        if self.threshold == "auto":
+            candidates = _candidate_thresholds(p)
+        else:
+            candidates = [float(self.threshold)]
+        fits = [(*fit_split(thr), thr) for thr in candidates]
+        _, self.t1_, self.t2_, self.threshold_ = min(fits, key=lambda f: f[0])
+        n_flagged = int((p < self.threshold_).sum())
+        if n_flagged in (0, len(p)) and "auto" in (self.t1, self.t2):
+            warnings.warn(
+                f"No held-out pixel falls in the {'t2' if n_flagged == 0 else 't1'} group "
+                f"(threshold {self.threshold_:.4g}); its temperature takes the other group's "
+                f"value (t1={self.t1_:.4g}, t2={self.t2_:.4g}). With a very accurate model use "
+                "threshold='auto', weight the mispredicted class in the classifier, or use "
+                "mode='soft'.",
+                UserWarning,
+                stacklevel=4,
+            )
+        self.held_out_flagged_fraction_ = n_flagged / max(len(p), 1)
 
     # --------------------------------------------------------------- prediction
     def _scale_chunk(self, z):

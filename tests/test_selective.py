@@ -383,7 +383,7 @@ def test_empty_t2_group_falls_back_to_t1():
     X, y = make_logits(n=2000, scale=4.0, noise=0.3, seed=0)  # mostly correct
     cal = SelectiveScalingCalibrator(DummyClassifier(strategy="prior"), t1="auto",
                                      random_state=0)
-    with pytest.warns(UserWarning, match="t2 takes the value of t1"):
+    with pytest.warns(UserWarning, match="No held-out pixel falls in the t2 group"):
         cal.fit(X, y)
     assert cal.t2_ == cal.t1_
     np.testing.assert_allclose(cal.predict_proba(X), softmax(X / cal.t1_, axis=1), rtol=1e-5)
