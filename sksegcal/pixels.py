@@ -357,12 +357,19 @@ def sample_pixels(
         raise ValueError(f"strata must have shape ({n_pixels},), got {strata.shape}.")
     values, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
     exact = counts * (max_samples / n_pixels)
-    take = np.maximum(np.floor(exact).astype(np.int64), 1)
-    # hand out what flooring left, largest remainders first
-    short = max_samples - take.sum()
+    take = np.floor(exact).astype(np.int64)
+    if len(counts) <= max_samples:
+        take = np.maximum(take, 1)  # every stratum keeps a pixel when the budget allows
+    # hand out what flooring left, largest remainders first; or take back what the
+    # minimum of one pixel per stratum overspent, from the largest strata
+    short = max_samples - int(take.sum())
     if short > 0:
         order = np.argsort(-(exact - np.floor(exact)), kind="stable")
         take[order[:short]] += 1
+    while short < 0:
+        largest = int(np.argmax(take))
+        take[largest] -= 1
+        short += 1
     take = np.minimum(take, counts)
     order = np.argsort(inverse, kind="stable")
     starts = np.r_[0, np.cumsum(counts)[:-1]]

@@ -148,3 +148,10 @@ def test_sample_pixels_returns_everything_when_small():
     np.testing.assert_array_equal(sample_pixels(5, 10), np.arange(5))
     with pytest.raises(ValueError, match="at least 1"):
         sample_pixels(5, 0)
+
+
+def test_sample_pixels_never_exceeds_the_budget():
+    assert len(sample_pixels(3, 1, strata=np.array([0, 1, 1]), random_state=0)) == 1
+    strata = np.repeat(np.arange(50), 3)
+    assert len(sample_pixels(150, 20, strata=strata, random_state=0)) == 20
+    assert len(sample_pixels(150, 70, strata=strata, random_state=0)) == 70

@@ -1,0 +1,489 @@
+"""Tests of sksegcal.store: the on-disk LogitStore and out-of-core evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sksegcal.metrics import CalibrationAccumulator
+from sksegcal.pixels import flatten_segmentation, predict_proba_maps
+from sksegcal.scaling import TemperatureScaling
+from sksegcal.store import LogitStore, evaluate_store, fit_store, predict_store
+
+N_CLASSES = 4
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_images(n=6, seed=0, n_classes=N_CLASSES, sizes=((12, 9), (7, 15), (10, 10))):
+    """Overconfident logits with partly right labels and some ignored pixels."""
+    rng = np.random.default_rng(seed)
+    logits, labels = [], []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        z = rng.normal(scale=3.0, size=(n_classes, h, w)).astype(np.float32)
+        t = np.where(rng.random((h, w)) < 0.6, z.argmax(0), rng.integers(0, n_classes, (h, w)))
+        t[rng.random((h, w)) < 0.1] = 255
+        logits.append(z)
+        labels.append(t.astype(np.int64))
+    return logits, labels
+
+
+def build_store(path, logits, labels, **kwargs):
+    store = LogitStore.create(path, n_classes=logits[0].shape[0], **kwargs)
+    for i, (z, t) in enumerate(zip(logits, labels)):
+        store.add_image(i, z, t)
+    return store
+
+
+def table(store, **kwargs):
+    parts = list(zip(*store.iter_chunks(**kwargs)))
+    return tuple(np.concatenate(p) for p in parts)
+
+
+@pytest.fixture
+def images():
+    return make_images()
+
+
+@pytest.fixture
+def store(tmp_path, images):
+    return build_store(tmp_path / "store", *images, source={"model": "toy"})
+
+
+# ----------------------------------------------------------------------------- round trip
+@pytest.mark.parametrize("chunk_pixels", [1, 37, 10_000])
+def test_round_trip_equals_flatten_segmentation(store, images, chunk_pixels):
+    logits, labels = images
+    # the store keeps float16: compare with the same rounding applied in memory
+    X_ref, y_ref, g_ref = flatten_segmentation([z.astype(np.float16) for z in logits], labels)
+    chunks = list(store.iter_chunks(chunk_pixels))
+    assert all(len(c[1]) == chunk_pixels for c in chunks[:-1])
+    X, y, groups = (np.concatenate(p) for p in zip(*chunks))
+    assert X.dtype == np.float32 and y.dtype == np.int64 and groups.dtype == np.int64
+    np.testing.assert_array_equal(X, X_ref.astype(np.float32))
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(groups, g_ref)
+    # float16 rounding is within half an ulp of the original logits
+    X32, _, _ = flatten_segmentation(logits, labels)
+    np.testing.assert_allclose(X, X32, rtol=2**-11, atol=2**-24)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
+    n_classes=st.integers(2, 5),
+    ignore_index=st.sampled_from([255, None, 0]),
+    chunk_pixels=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip_property(shapes, n_classes, ignore_index, chunk_pixels, seed):
+    rng = np.random.default_rng(seed)
+    logits = [rng.normal(scale=5, size=(n_classes, h, w)).astype(np.float16) for h, w in shapes]
+    labels = [rng.integers(0, n_classes, size=(h, w)) for h, w in shapes]
+    if ignore_index == 255:
+        for t in labels:
+            t[rng.random(t.shape) < 0.3] = 255
+    with tempfile.TemporaryDirectory() as tmp:
+        store = build_store(Path(tmp) / "s", logits, labels, ignore_index=ignore_index)
+        kept = sum(int((t != ignore_index).sum()) for t in labels)
+        assert store.n_pixels == kept
+        if kept == 0:
+            assert list(store.iter_chunks(chunk_pixels)) == []
+            return
+        X_ref, y_ref, g_ref = flatten_segmentation(logits, labels, ignore_index=ignore_index)
+        X, y, groups = table(store, chunk_pixels=chunk_pixels)
+        np.testing.assert_array_equal(X, X_ref)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(groups, g_ref)
+        Xs, ys, gs = store.sample(max(1, kept // 2), random_state=seed)
+        assert len(ys) == max(1, kept // 2)
+        assert np.all(np.diff(gs) >= 0)
+
+
+def test_reopen_and_memory_maps(store, images, tmp_path):
+    logits, labels = images
+    reopened = LogitStore.open(tmp_path / "store", n_classes=N_CLASSES)
+    assert reopened.image_names == list(range(6))
+    assert reopened.source == {"model": "toy"}
+    assert reopened.n_pixels == sum(int((t != 255).sum()) for t in labels)
+    assert reopened.labels_dtype == np.uint8
+    for img in reopened.iter_images([1, 4]):
+        assert isinstance(img.logits, np.memmap) and img.logits.dtype == np.float16
+        np.testing.assert_array_equal(img.logits, logits[img.id].astype(np.float16))
+        np.testing.assert_array_equal(img.labels, labels[img.id])
+    clone = pickle.loads(pickle.dumps(reopened))
+    assert len(pickle.dumps(reopened)) < 10_000
+    np.testing.assert_array_equal(table(clone)[0], table(reopened)[0])
+
+
+def test_names_sort_and_escape(tmp_path):
+    store = LogitStore.create(tmp_path / "s", n_classes=2, ignore_index=None)
+    # all-tied logits: the recorded correctness count must use argmax's first-max rule
+    z, t = np.zeros((2, 2, 3)), np.array([[0, 1, 0], [1, 1, 0]])
+    for name in [10, 2, "b/c d", "a", "10", "s-10"]:
+        store.add_image(name, z, t)
+    # integers numerically, then strings; "10" and 10 are different images
+    assert store.image_names == [2, 10, "10", "a", "b/c d", "s-10"]
+    assert LogitStore.open(tmp_path / "s").image_names == store.image_names
+    assert store.image_id("b/c d") == 4
+    assert store.missing([2, 3, "a", "z"]) == [3, "z"]
+    assert len(list((tmp_path / "s" / "images").glob("*.json"))) == 6
+    assert store.record(0)["n_correct"] == 3
+    X, y, _ = store.sample(7, random_state=0)  # recounts correctness while reading
+    assert len(y) == 7 and (y == 0).sum() in (3, 4)
+    assert store.n_pixels == 36  # ignore_index=None keeps every pixel
+    # another handle on the same store sees the images written through the first
+    other = LogitStore.open(tmp_path / "s")
+    store.add_image("late", z, t)
+    with pytest.raises(ValueError, match="already in"):
+        other.add_image("late", z, t)
+
+
+def test_large_label_space_and_negative_ignore(tmp_path):
+    rng = np.random.default_rng(0)
+    store = LogitStore.create(tmp_path / "s", n_classes=300, ignore_index=-1)
+    t = rng.integers(0, 300, (4, 5))
+    t[0, 0] = -1
+    store.add_image("x", rng.normal(size=(300, 4, 5)), t)
+    assert store.labels_dtype == np.int16
+    X, y, _ = table(store)
+    assert X.shape == (19, 300) and y.min() >= 0
+
+
+# ----------------------------------------------------------------------------- errors
+def test_errors_are_clear(store, tmp_path, images):
+    logits, labels = images
+    with pytest.raises(ValueError, match="manifest.json is missing"):
+        LogitStore.open(tmp_path)
+    with pytest.raises(ValueError, match="holds 4 classes, not 5"):
+        LogitStore.open(store.path, n_classes=5)
+    with pytest.raises(FileExistsError, match="exist_ok"):
+        LogitStore.create(store.path, n_classes=N_CLASSES)
+    with pytest.raises(ValueError, match="n_classes=4"):
+        LogitStore.create(store.path, n_classes=5, exist_ok=True)
+    with pytest.raises(ValueError, match=r"shape \(4, H, W\)"):
+        store.add_image(9, logits[0][:3], labels[0])
+    with pytest.raises(ValueError, match="already in"):
+        store.add_image(0, logits[0], labels[0])
+    bad = labels[0].copy()
+    bad[0, 0] = 7
+    with pytest.raises(ValueError, match="outside"):
+        store.add_image(9, logits[0], bad)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        store.add_image(9, logits[0] * 1e5, labels[0])  # overflows float16
+    with pytest.raises(ValueError, match="no recorded split"):
+        store.sample(10, images="train")
+    assert 9 not in LogitStore.open(store.path)  # failed adds leave nothing
+
+
+def test_truncated_and_corrupted_files_are_detected(store):
+    rec = store.record(2)
+    logits_file = store.path / "images" / rec["files"]["logits"]["file"]
+    data = logits_file.read_bytes()
+    # a flipped byte keeps sizes and headers: only the checksum sees it
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF
+    logits_file.write_bytes(bytes(flipped))
+    LogitStore.open(store.path)
+    assert store.verify(checksums=False)["n_images"] == 6
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        store.verify()
+    logits_file.write_bytes(data[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        LogitStore.open(store.path)
+    with pytest.raises(ValueError, match="truncated"):
+        list(store.iter_chunks())
+    # the way out: open without the damaged image, then write it again
+    damaged = LogitStore.open(store.path, on_damaged="missing")
+    assert damaged.damaged == [2] and damaged.missing(range(6)) == [2]
+    logits, labels = make_images()
+    damaged.add_image(2, logits[2], labels[2])
+    LogitStore.open(store.path).verify()
+    assert store.verify()["stray_files"] == []
+    (store.path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.*corrupt"):
+        LogitStore.open(store.path)
+
+
+def test_overwrite_replaces_image(store, images):
+    logits, labels = images
+    store.add_image(0, logits[1], labels[1], overwrite=True)
+    reopened = LogitStore.open(store.path)
+    reopened.verify()
+    np.testing.assert_array_equal(reopened.load_image(0).logits, logits[1].astype(np.float16))
+
+
+# ----------------------------------------------------------------------------- crash safety
+WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    sys.path.insert(0, {repo!r})
+    from sksegcal import store as store_module
+    from sksegcal.store import LogitStore
+
+    path, kill_after = sys.argv[1], int(sys.argv[2])
+    written = [0]
+    write = store_module._HashingWriter.write
+
+    def dying_write(self, data):
+        # SIGKILL (no cleanup, no atexit) once kill_after bytes have gone out:
+        # the kill lands in the middle of an image's logits file
+        if written[0] + len(data) > kill_after:
+            self._f.write(bytes(data)[: kill_after - written[0]])
+            self._f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        written[0] += len(data)
+        return write(self, data)
+
+    store_module._HashingWriter.write = dying_write
+    store = LogitStore.create(path, n_classes=4, exist_ok=True)
+    for name in store.missing(range(8)):
+        rng = np.random.default_rng(name)  # an image's arrays depend on its name only
+        z = rng.normal(size=(4, 64, 64)).astype(np.float32)
+        store.add_image(name, z, rng.integers(0, 4, size=(64, 64)))
+    """
+)
+
+
+def test_writer_killed_mid_image_resumes(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(repo=str(REPO)))
+    path = tmp_path / "store"
+    image_bytes = 4 * 64 * 64 * 2
+    # the manifest is ~500 bytes; die halfway through the 4th image's logits
+    kill_after = 3 * image_bytes + 3 * 64 * 64 + 1000 + image_bytes // 2
+    proc = subprocess.run([sys.executable, str(script), str(path), str(kill_after)])
+    assert proc.returncode == -signal.SIGKILL
+
+    store = LogitStore.open(path)
+    assert store.missing(range(8)) == [3, 4, 5, 6, 7]
+    report = store.verify()
+    assert report["n_images"] == 3
+    assert any(f.startswith(".tmp-") for f in report["stray_files"])
+    # resume without the kill; the same names get the same arrays as an unbroken run
+    subprocess.run([sys.executable, str(script), str(path), str(10**12)], check=True)
+    store = LogitStore.open(path)
+    assert store.missing(range(8)) == []
+    store.verify()
+    fresh = tmp_path / "fresh"
+    subprocess.run([sys.executable, str(script), str(fresh), str(10**12)], check=True)
+    np.testing.assert_array_equal(table(store)[0], table(LogitStore.open(fresh))[0])
+
+
+def test_writer_killed_from_outside_resumes(tmp_path):
+    # the realistic case: SIGKILL from another process at an arbitrary moment
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(repo=str(REPO)))
+    path = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, str(script), str(path), str(10**12)])
+    images = path / "images"
+    deadline = time.monotonic() + 60
+    while len(list(images.glob("*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = LogitStore.open(path)
+    store.verify()
+    done = len(store)
+    assert done >= 2 and store.missing(range(8)) == list(range(done, 8))
+    subprocess.run([sys.executable, str(script), str(path), str(10**12)], check=True)
+    assert LogitStore.open(path).verify()["n_images"] == 8
+
+
+# ----------------------------------------------------------------------------- split, sample
+def test_split_is_recorded(store, tmp_path):
+    split = store.make_split(validation_size=0.34, test_size=0.34, random_state=3)
+    reopened = LogitStore.open(store.path)
+    for a, b in zip(split, reopened.split):
+        np.testing.assert_array_equal(a, b)
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    assert sorted(sum((manifest["split"][p] for p in ("train", "validation", "test")), [])) == (
+        list(range(6))
+    )
+    _, _, groups = table(reopened, images="test")
+    assert set(np.unique(groups)) == set(split.test)
+    # recorded by name: adding an image that sorts first shifts ids, not the split
+    z, t = make_images(1)
+    reopened.add_image(-1, z[0], t[0])
+    assert set(reopened.split.test) == {i + 1 for i in split.test}
+
+
+def test_sample_seeded_stratified_capped(store, images):
+    X_all, y_all, g_all = table(store)
+    correct_all = X_all.argmax(1) == y_all
+    X, y, groups = store.sample(100, random_state=0)
+    X2, y2, g2 = store.sample(100, random_state=0)
+    np.testing.assert_array_equal(X, X2)
+    np.testing.assert_array_equal(groups, g2)
+    assert len(y) == 100
+    # exact share of mispredicted pixels (largest remainder rounding)
+    share = (~correct_all).mean() * 100
+    assert abs((X.argmax(1) != y).sum() - share) <= 1
+    # every row is a real pixel of the image it claims
+    rows = {(g, tuple(x), yy) for x, yy, g in zip(X_all, y_all, g_all)}
+    assert all((g, tuple(x), yy) in rows for x, yy, g in zip(X, y, groups))
+    assert not np.array_equal(store.sample(100, random_state=1)[0], X)
+    # a cap per image
+    _, _, groups = store.sample(10_000, max_per_image=30, random_state=0)
+    assert np.bincount(groups).max() <= 30
+    # everything when asked for more than there is, in table order
+    X, y, groups = store.sample(10**6, stratify_by_correctness=False)
+    np.testing.assert_array_equal(X, X_all)
+    np.testing.assert_array_equal(groups, g_all)
+    X, _, groups = store.sample(50, images=[1, 3], random_state=0)
+    assert set(np.unique(groups)) <= {1, 3} and len(X) == 50
+
+
+def test_sample_does_not_depend_on_write_order(tmp_path, images):
+    logits, labels = images
+    a = build_store(tmp_path / "a", logits, labels)
+    b = LogitStore.create(tmp_path / "b", n_classes=N_CLASSES)
+    for i in reversed(range(len(logits))):
+        b.add_image(i, logits[i], labels[i])
+    for sa, sb in zip(a.sample(80, random_state=5), b.sample(80, random_state=5)):
+        np.testing.assert_array_equal(sa, sb)
+
+
+def test_fit_store_uses_the_train_split(store):
+    store.make_split(random_state=0)
+    ts = fit_store(TemperatureScaling(), store, max_pixels=200, random_state=0)
+    X, y, _ = store.sample(200, images="train", random_state=0)
+    ref = TemperatureScaling().fit(X, y)
+    assert ts.temperature_ == pytest.approx(ref.temperature_)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def reference_accumulator(store, proba_fn, images=None):
+    acc = CalibrationAccumulator(store.n_classes)
+    for img in store.iter_images(images):
+        X, y, _ = flatten_segmentation(np.asarray(img.logits)[None], np.asarray(img.labels)[None])
+        acc.update(y, proba_fn(X.astype(np.float32)), image_id=img.id)
+    return acc.summary()
+
+
+@pytest.fixture
+def fitted_ts(store):
+    X, y, _ = table(store)
+    return TemperatureScaling().fit(X, y)
+
+
+def test_evaluate_store_matches_in_memory(store, fitted_ts):
+    accs, timings = evaluate_store(
+        store, {"uncalibrated": None, "ts": fitted_ts}, chunk_pixels=50, return_timings=True
+    )
+    assert set(timings) == {
+        "read",
+        "predict:uncalibrated",
+        "predict:ts",
+        "metrics:ts",
+        "metrics:uncalibrated",
+    }
+    assert all(v >= 0 for v in timings.values())
+    for name, fn in (
+        ("uncalibrated", lambda x: np.exp(x) / np.exp(x).sum(1, keepdims=True)),
+        ("ts", fitted_ts.predict_proba),
+    ):
+        got = accs[name].summary()
+        ref = reference_accumulator(store, fn)
+        assert got.keys() == ref.keys()
+        for key in ref:
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)
+    assert accs["ts"].summary()["nll"] < accs["uncalibrated"].summary()["nll"]
+
+
+def summaries(accs):
+    return {name: acc.summary() for name, acc in accs.items()}
+
+
+PARALLEL_KWARGS = dict(chunk_pixels=40, task_pixels=150)  # several tasks of 1-2 images
+
+
+def test_evaluate_store_same_with_threads(store, fitted_ts):
+    calibrators = {"uncalibrated": None, "ts": fitted_ts}
+    serial = summaries(evaluate_store(store, calibrators, n_jobs=1, **PARALLEL_KWARGS))
+    threads = summaries(
+        evaluate_store(store, calibrators, n_jobs=2, backend="threading", **PARALLEL_KWARGS)
+    )
+    assert serial == threads  # bit-identical: same blocks, same merge order
+
+
+@pytest.mark.slow
+def test_evaluate_store_same_with_processes(store, fitted_ts):
+    # slow only because each loky worker imports torch and scikit-learn (~5 s)
+    calibrators = {"uncalibrated": None, "ts": fitted_ts}
+    serial = summaries(evaluate_store(store, calibrators, n_jobs=1, **PARALLEL_KWARGS))
+    processes = summaries(
+        evaluate_store(store, calibrators, n_jobs=2, backend="loky", **PARALLEL_KWARGS)
+    )
+    assert serial == processes
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_evaluate_store_on_dask_cluster(store, fitted_ts):
+    distributed = pytest.importorskip("dask.distributed")
+    import joblib
+
+    calibrators = {"uncalibrated": None, "ts": fitted_ts}
+    serial = summaries(evaluate_store(store, calibrators, **PARALLEL_KWARGS))
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster),
+        joblib.parallel_backend("dask"),
+    ):
+        on_dask = summaries(evaluate_store(store, calibrators, n_jobs=-1, **PARALLEL_KWARGS))
+    assert on_dask == serial
+
+
+def test_predict_store_writes_calibrated_maps(store, fitted_ts, tmp_path):
+    store.make_split(random_state=0)
+    out = predict_store(
+        fitted_ts, store, tmp_path / "proba", n_jobs=2, backend="threading", task_pixels=100
+    )
+    assert out.values == "probabilities" and out.image_names == store.image_names
+    out.verify()
+    np.testing.assert_array_equal(out.split.test, store.split.test)
+    for img, ref in zip(out.iter_images(), store.iter_images()):
+        expected = predict_proba_maps(fitted_ts, np.asarray(ref.logits, np.float32)[None])[0]
+        np.testing.assert_allclose(img.logits, expected, atol=1e-3)  # float16 storage
+        np.testing.assert_array_equal(img.labels, ref.labels)
+    # metrics on the written probabilities agree with metrics computed on the fly
+    on_disk = evaluate_store(out, {"stored": None})["stored"].summary()
+    on_fly = evaluate_store(store, {"ts": fitted_ts})["ts"].summary()
+    assert on_disk["accuracy"] == on_fly["accuracy"]
+    assert on_disk["ece"] == pytest.approx(on_fly["ece"], abs=2e-3)
+    assert on_disk["nll"] == pytest.approx(on_fly["nll"], rel=1e-2)
+    # resuming skips what is there
+    (out.path / "images" / "3.json").unlink()
+    again = predict_store(fitted_ts, store, tmp_path / "proba")
+    assert again.missing(range(6)) == []
+    with pytest.raises(ValueError, match="new directory"):
+        predict_store(None, store, tmp_path / "proba")
+    assert os.path.getmtime(again.path / "images" / "0.logits.npy") <= os.path.getmtime(
+        again.path / "images" / "3.json"
+    )
+
+
+def test_evaluate_store_rejects_wrong_class_count(store):
+    X = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    ts = TemperatureScaling().fit(X, X.argmax(1))
+    with pytest.raises(ValueError, match="fitted on 3 classes"):
+        evaluate_store(store, {"ts": ts})
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_store(store, {})
