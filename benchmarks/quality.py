@@ -40,13 +40,14 @@ METRICS = ("ece", "nll", "brier", "mce", "accuracy", "miou")
 
 
 def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
-    def mlp():
-        return TorchMLPClassifier(max_epochs=epochs, random_state=seed)
+    def mlp(**kw):
+        return TorchMLPClassifier(max_epochs=epochs, n_threads=1, random_state=seed, **kw)
 
     def selective(**kw):
         kw.setdefault("classifier", mlp())
         return SelectiveScalingCalibrator(max_fit_pixels=max_fit_pixels, random_state=seed, **kw)
 
+    auto = {"t1": "auto", "t2": "auto", "threshold": "auto"}
     return {
         "Uncalibrated": None,
         "TS": TemperatureScaling(),
@@ -54,18 +55,19 @@ def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
         "Dirichlet (ODIR)": DirichletScaling(),
         "Meta-Cal (T=1e10)": MetaCalScaling(),
         "Ensemble TS": EnsembleTemperatureScaling(),
-        "Selective, paper (t1=1, t2=1e10)": selective(t2=1e10),
-        "Selective, t2=2": selective(t2=2.0),
-        "Selective, t2 fitted (default)": selective(),
-        "Selective, t1+t2 fitted": selective(t1="auto"),
-        "Selective, soft, t1+t2 fitted": selective(t1="auto", mode="soft"),
-        "Selective, agnostic, t1+t2 fitted": selective(t1="auto", features="agnostic"),
-        "Selective, LogReg, t1+t2 fitted": selective(
-            t1="auto", classifier=make_pipeline(StandardScaler(), LogisticRegression())
-        ),
-        "Selective, HGB, t1+t2 fitted": selective(
-            t1="auto", classifier=HistGradientBoostingClassifier(random_state=seed)
-        ),
+        "Selective, paper (t2=1e10, thr 0.5, MLP weight 2)": selective(
+            t2=1e10, classifier=mlp(class_weight="paper")),
+        "Selective, t2=2 (thr 0.5, MLP weight 2)": selective(
+            t2=2.0, classifier=mlp(class_weight="paper")),
+        "Selective, t2 fitted (thr 0.5)": selective(t2="auto"),
+        "Selective, t1+t2+threshold fitted": selective(**auto),
+        "Selective, soft, t1+t2 fitted": selective(t1="auto", t2="auto", mode="soft"),
+        "Selective, agnostic features, t1+t2+threshold fitted": selective(
+            features="agnostic", **auto),
+        "Selective, LogReg, t1+t2+threshold fitted": selective(
+            classifier=make_pipeline(StandardScaler(), LogisticRegression()), **auto),
+        "Selective, HGB, t1+t2+threshold fitted": selective(
+            classifier=HistGradientBoostingClassifier(random_state=seed), **auto),
     }
 
 

@@ -323,7 +323,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         Sorted class labels seen in ``fit``.
     n_features_in_ : int
         Number of features seen in ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Names of features seen in ``fit``, when ``X`` has string column names.
     hidden_layer_sizes_ : tuple of int
         The resolved hidden widths.

@@ -32,8 +32,8 @@ def _cal(**kwargs):
 
 SETTINGS = [
     {},
-    {"t2": 1e10},
-    {"t2": 2.0},
+    {"t1": 1.0, "t2": 1e10, "threshold": 0.5, "mode": "hard"},  # the paper's recipe
+    {"t2": 2.0, "mode": "hard"},
     {"t1": "auto"},
     {"mode": "soft"},
     {"mode": "soft", "t1": "auto"},
@@ -59,7 +59,7 @@ def test_predict_is_the_logit_argmax_and_rows_sum_to_one(params, logits_data):
 
 def test_fixed_temperatures_match_direct_formula(logits_data):
     X, y = logits_data
-    cal = _cal(t1=1.5, t2=3.0).fit(X, y)
+    cal = _cal(t1=1.5, t2=3.0, threshold=0.5, mode="hard").fit(X, y)
     p = cal.predict_correctness(X)
     T = np.where(p >= 0.5, 1.5, 3.0)
     np.testing.assert_allclose(
@@ -80,7 +80,7 @@ def test_unit_temperatures_are_the_identity(logits_data):
 
 def test_huge_t2_gives_uniform_rows_without_overflow():
     X, y = make_logits(n=3000, scale=3000.0, seed=1)  # logits in the thousands
-    cal = _cal(t2=1e10, threshold=0.6).fit(X, y)
+    cal = _cal(t1=1.0, t2=1e10, threshold=0.6, mode="hard").fit(X, y)
     flagged = cal.predict_correctness(X) < 0.6
     assert flagged.any()
     proba = cal.predict_proba(X)
@@ -103,9 +103,9 @@ def test_fitted_t2_beats_paper_recipe_on_overconfident_logits():
     X, y = make_logits(n=20_000, seed=2)
     Xt, yt = make_logits(n=20_000, seed=3)
     auto = _cal().fit(X, y)
-    assert 1.0 < auto.t2_ < 1e10
+    assert auto.t1_ < auto.t2_ < 1e10
     assert auto.detection_auroc_ > 0.6
-    paper = _cal(t2=1e10).fit(X, y)
+    paper = _cal(t1=1.0, t2=1e10, threshold=0.5, mode="hard").fit(X, y)
     assert auto.score(Xt, yt) > paper.score(Xt, yt)
     assert auto.score(Xt, yt) > -log_loss(yt, softmax(Xt.astype(float), axis=1))
 
@@ -121,7 +121,8 @@ def test_properties_on_random_logits(X, chunk, dtype):
     X = X.astype(dtype)
     y = np.argmax(X, axis=1)
     y[::3] = (y[::3] + 1) % X.shape[1]  # some wrong predictions, some right
-    cal = _cal(t2=1e10, chunk_size=chunk).fit(X, y)
+    # fixed temperatures: the chunked prediction must not depend on the chunk size at all
+    cal = _cal(t1=1.0, t2=1e10, threshold=0.5, mode="hard", chunk_size=chunk).fit(X, y)
     proba = cal.predict_proba(X)
     np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
     np.testing.assert_array_equal(cal.predict(X), np.argmax(X, axis=1))
@@ -168,8 +169,9 @@ def test_max_fit_pixels_caps_classifier_training(logits_data):
             seen["wrong"] = int((y == 0).sum())
             return super().fit(X, y)
 
-    SelectiveScalingCalibrator(Recording(), max_fit_pixels=500, t2=2.0,
-                               random_state=0).fit(X, y)
+    # fixed temperatures and threshold: no hold-out, every pixel may train the classifier
+    SelectiveScalingCalibrator(Recording(), max_fit_pixels=500, t1=1.0, t2=2.0,
+                               threshold=0.5, mode="hard", random_state=0).fit(X, y)
     assert seen["n"] == 500
     wrong_share = 1 - (X.argmax(1) == y).mean()
     assert abs(seen["wrong"] - 500 * wrong_share) <= 1
@@ -382,7 +384,7 @@ def test_empty_t2_group_falls_back_to_t1():
 
     X, y = make_logits(n=2000, scale=4.0, noise=0.3, seed=0)  # mostly correct
     cal = SelectiveScalingCalibrator(DummyClassifier(strategy="prior"), t1="auto",
-                                     random_state=0)
+                                     threshold=0.5, mode="hard", random_state=0)
     with pytest.warns(UserWarning, match="No held-out pixel falls in the t2 group"):
         cal.fit(X, y)
     assert cal.t2_ == cal.t1_

@@ -736,13 +736,17 @@ def _add_image(store, name, logits, label, size, ignore_index, rzl) -> None:
 # --------------------------------------------------------------------------- calibration
 def _load_calibrator(calibrator):
     if isinstance(calibrator, (str, os.PathLike)):
-        import joblib
+        from ..persistence import detect_format, load
 
-        calibrator = joblib.load(calibrator)
+        # a skops file loads through the safe path (our types only); a joblib file is a
+        # pickle the user named in their own config, so it is trusted as joblib.load would
+        trusted = None if detect_format(calibrator) == "skops" else True
+        calibrator = load(calibrator, trusted=trusted)
     if not hasattr(calibrator, "predict_proba"):
         raise TypeError(
             f"The calibrator must be a fitted estimator with predict_proba (or the path of "
-            f"one saved with joblib.dump); got {type(calibrator).__name__}."
+            "one saved with sksegcal.persistence.save or joblib.dump); got "
+            f"{type(calibrator).__name__}."
         )
     return calibrator
 

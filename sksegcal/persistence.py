@@ -1,0 +1,329 @@
+"""Save fitted calibrators and load them back, safely when the file is untrusted.
+
+Two formats:
+
+- ``"joblib"`` (the default of :func:`save`): a pickle written by
+  :func:`joblib.dump`. It holds any estimator and reads back with a plain
+  ``joblib.load`` too, but **loading a pickle runs whatever code it
+  contains**, so :func:`load` opens one only with ``trusted=True``.
+- ``"skops"``: a :mod:`skops.io` archive (JSON schema + ``.npy`` arrays, no
+  pickle). :func:`load` opens it without executing code: it refuses any type
+  that is neither in :data:`TRUSTED_TYPES`, nor trusted by skops itself
+  (numpy, scipy and scikit-learn types), nor named in ``trusted``. This is
+  the format to exchange calibrators with others. It needs the optional
+  ``skops`` package (``pip install skops``).
+
+Every calibrator records the sksegcal, scikit-learn (and, when loaded,
+torch) versions it was saved with, in either format; loading it under other
+versions warns (``UserWarning``). A fitted :class:`~sksegcal.TorchMLPClassifier`
+holds numpy arrays only, so a calibrator trained on a GPU loads and predicts
+in a CPU-only process. See ``docs/persistence.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TRUSTED_TYPES", "detect_format", "load", "save"]
+
+#: The sksegcal types a skops file may hold without ``trusted``: the
+#: calibrators, the correctness MLP and the constant stand-in classifier that
+#: :class:`~sksegcal.SelectiveScalingCalibrator` uses when every fit pixel is
+#: correct (or every one wrong). Their state is numpy arrays and Python
+#: scalars, lists, tuples and dicts only: loading them runs none of our code
+#: but ``__setstate__``, which compares the recorded library versions.
+TRUSTED_TYPES: tuple[str, ...] = (
+    "sksegcal.selective.SelectiveScalingCalibrator",
+    "sksegcal.selective._ConstantCorrectness",
+    "sksegcal.scaling.TemperatureScaling",
+    "sksegcal.scaling.VectorScaling",
+    "sksegcal.scaling.DirichletScaling",
+    "sksegcal.scaling.EnsembleTemperatureScaling",
+    "sksegcal.scaling.MetaCalScaling",
+    "sksegcal.mlp.TorchMLPClassifier",
+)
+
+_FORMATS = ("joblib", "skops")
+
+# first bytes of a pickle (protocol >= 2) and of joblib's compressed containers
+_PICKLE_MAGIC = b"\x80"
+_COMPRESSED_MAGIC = (
+    b"\x1f\x8b",  # gzip
+    b"BZh",  # bz2
+    b"\xfd7zXZ",  # xz
+    b"]\x00\x00",  # lzma
+    b"\x04\x22\x4d\x18",  # lz4
+    b"ZF",  # joblib's zlib container
+)
+
+
+def _sksegcal_estimator_types() -> tuple[type, ...]:
+    from ._base import BaseLogitCalibrator
+    from .mlp import TorchMLPClassifier
+
+    return (BaseLogitCalibrator, TorchMLPClassifier)
+
+
+def _calibrator_inside(obj: Any) -> Any | None:
+    """The sksegcal estimator ``obj`` is or wraps (Pipeline, search), else None."""
+    own = _sksegcal_estimator_types()
+    if isinstance(obj, own):
+        return obj
+    from sklearn.model_selection._search import BaseSearchCV
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(obj, Pipeline) and len(obj.steps):
+        return _calibrator_inside(obj.steps[-1][1])
+    if isinstance(obj, BaseSearchCV):
+        return _calibrator_inside(getattr(obj, "best_estimator_", obj.estimator))
+    return None
+
+
+def _describe(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_calibrator(obj: Any, where: str) -> None:
+    if _calibrator_inside(obj) is None:
+        raise TypeError(
+            f"{where} holds a {_describe(obj)}, not a sksegcal calibrator. Expected one of "
+            "SelectiveScalingCalibrator, TemperatureScaling, VectorScaling, DirichletScaling, "
+            "EnsembleTemperatureScaling, MetaCalScaling, TorchMLPClassifier, or a "
+            "Pipeline / GridSearchCV ending in one."
+        )
+
+
+def _import_skops():
+    try:
+        import skops.io as sio
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "format='skops' needs the optional skops package: pip install skops "
+            "(or pip install 'sksegcal[docs]')."
+        ) from exc
+    return sio
+
+
+def save(estimator: Any, path: str | os.PathLike, *, format: str = "joblib") -> Path:
+    """Write a (fitted) calibrator to a file.
+
+    Parameters
+    ----------
+    estimator : estimator
+        A sksegcal calibrator or :class:`~sksegcal.TorchMLPClassifier`, or a
+        scikit-learn ``Pipeline`` / ``GridSearchCV`` ending in one.
+    path : str or path-like
+        File to write (overwritten). Conventional suffixes: ``.joblib``,
+        ``.skops``.
+    format : {"joblib", "skops"}, default="joblib"
+        ``"joblib"``: a pickle, for your own files (loading runs code).
+        ``"skops"``: a pickle-free :mod:`skops.io` archive, safe to load from
+        untrusted sources with :func:`load`.
+
+    Returns
+    -------
+    path : pathlib.Path
+        The file written.
+
+    Raises
+    ------
+    TypeError
+        If ``estimator`` is not a sksegcal calibrator.
+    ValueError
+        If ``format`` is unknown.
+
+    See Also
+    --------
+    load : Read the file back.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import numpy as np
+    >>> from sksegcal import TemperatureScaling
+    >>> from sksegcal.persistence import load, save
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, size=500)
+    >>> X = 4.0 * (np.eye(3)[y] + rng.normal(size=(500, 3)))
+    >>> cal = TemperatureScaling().fit(X, y)
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> path = save(cal, folder / "ts.joblib")
+    >>> same = load(path, trusted=True)  # a pickle: only files you trust
+    >>> bool(np.array_equal(same.predict_proba(X), cal.predict_proba(X)))
+    True
+    """
+    if format not in _FORMATS:
+        raise ValueError(f"format={format!r} is not one of {_FORMATS}.")
+    _check_calibrator(estimator, "estimator")
+    path = Path(path)
+    if format == "joblib":
+        import joblib
+
+        joblib.dump(estimator, path)
+    else:
+        sio = _import_skops()
+        sio.dump(estimator, path)
+    return path
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Which format a file is in, from its first bytes (nothing is loaded).
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    format : {"joblib", "skops"}
+
+    Raises
+    ------
+    ValueError
+        If the file is neither a skops archive nor a (possibly compressed)
+        pickle.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if "schema.json" in archive.namelist():
+                return "skops"
+        raise ValueError(
+            f"{path} is a zip archive without a skops schema.json: not a file written by "
+            "sksegcal.persistence.save."
+        )
+    if head.startswith(_PICKLE_MAGIC) or head.startswith(_COMPRESSED_MAGIC):
+        return "joblib"
+    raise ValueError(
+        f"{path} is neither a skops archive nor a joblib/pickle file (it starts with "
+        f"{head!r}); it was not written by sksegcal.persistence.save or joblib.dump."
+    )
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    trusted: bool | Iterable[str] | None = None,
+) -> Any:
+    """Read a calibrator written by :func:`save` (or by ``joblib.dump``).
+
+    The format is detected from the file's content, not its name.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file.
+    trusted : None, True or iterable of str, default=None
+        What you vouch for.
+
+        - ``None``: safe loading only. A skops file loads when every type in
+          it is in :data:`TRUSTED_TYPES` or trusted by skops (numpy, scipy,
+          scikit-learn); a joblib/pickle file is refused, since unpickling
+          runs arbitrary code.
+        - iterable of str: as ``None``, and these extra type names (as
+          ``"module.Class"``) may appear in a skops file too, e.g. a
+          third-party correctness classifier.
+        - ``True``: you trust the file entirely: a joblib/pickle file is
+          unpickled, a skops file loads whatever types it holds.
+
+    Returns
+    -------
+    estimator : estimator
+        The calibrator (or the Pipeline / search object ending in one).
+
+    Raises
+    ------
+    ValueError
+        If the file is neither format, is corrupt, or is a pickle and
+        ``trusted`` is not ``True``.
+    TypeError
+        If it holds something other than a sksegcal calibrator, or (skops) a
+        type that is not trusted; the message names what was found.
+
+    Warns
+    -----
+    UserWarning
+        If the calibrator was saved under other sksegcal / scikit-learn /
+        torch versions.
+
+    See Also
+    --------
+    save : Write a calibrator.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import numpy as np
+    >>> from sksegcal import TemperatureScaling
+    >>> from sksegcal.persistence import load, save
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, size=500)
+    >>> X = 4.0 * (np.eye(3)[y] + rng.normal(size=(500, 3)))
+    >>> cal = TemperatureScaling().fit(X, y)
+    >>> path = save(cal, pathlib.Path(tempfile.mkdtemp()) / "ts.skops", format="skops")
+    >>> same = load(path)  # no code runs: safe for files from others
+    >>> round(same.temperature_, 6) == round(cal.temperature_, 6)
+    True
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No file at {path}.")
+    fmt = detect_format(path)
+    if fmt == "joblib":
+        if trusted is not True:
+            raise ValueError(
+                f"{path} is a joblib/pickle file: loading it runs any code it contains. Load it "
+                "with trusted=True only if you made it or trust its source; to exchange "
+                "calibrators with others, save them with format='skops' and load those "
+                "without trusted."
+            )
+        import joblib
+
+        try:
+            obj = joblib.load(path)
+        except Exception as exc:
+            raise ValueError(
+                f"{path} looks like a joblib/pickle file but could not be loaded "
+                f"({type(exc).__name__}: {exc})."
+            ) from exc
+    else:
+        obj = _load_skops(path, trusted)
+    _check_calibrator(obj, str(path))
+    return obj
+
+
+def _load_skops(path: Path, trusted: bool | Iterable[str] | None) -> Any:
+    sio = _import_skops()
+    try:
+        found = sio.get_untrusted_types(file=path)
+    except Exception as exc:
+        raise ValueError(
+            f"{path} is not a readable skops file ({type(exc).__name__}: {exc})."
+        ) from exc
+    if trusted is True:
+        allowed = list(found)
+    else:
+        extra = set() if trusted is None else {str(t) for t in trusted}
+        allowed_names = set(TRUSTED_TYPES) | extra
+        refused = [t for t in found if t not in allowed_names]
+        if refused:
+            raise TypeError(
+                f"{path} holds types that are not trusted: {refused}. sksegcal trusts "
+                "its own calibrators (sksegcal.persistence.TRUSTED_TYPES) and skops trusts "
+                "numpy, scipy and scikit-learn types. If you trust these too, pass "
+                f"trusted={refused!r}."
+            )
+        allowed = list(found)
+    try:
+        return sio.load(path, trusted=allowed)
+    except Exception as exc:
+        raise ValueError(
+            f"{path} could not be loaded as a skops file ({type(exc).__name__}: {exc})."
+        ) from exc
