@@ -1,0 +1,279 @@
+"""A compact U-Net trained on CPU, the segmentation model of the demo.
+
+The demo needs a real segmentation network whose probabilities are
+miscalibrated the way trained networks' are: over-confident, worst on the
+pixels it gets wrong. A small U-Net trained with plain cross-entropy on a fixed
+set of slices, for long enough that it overfits a little, is exactly that.
+Training is seeded and runs single-process on CPU in deterministic mode; the
+weights are cached on disk under a key that hashes the training settings, the
+data and the package version, so later runs skip training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["SegNetConfig", "UNet", "cache_dir", "load_or_train", "predict_logits", "train_unet"]
+
+
+@dataclass(frozen=True)
+class SegNetConfig:
+    """Settings of the U-Net and its training (all part of the cache key).
+
+    Attributes
+    ----------
+    width : int
+        Channels of the first level; level k has ``width * 2**k``.
+    depth : int
+        Number of levels (image sides must be divisible by ``2**(depth - 1)``).
+    epochs : int
+        Passes over the training images. Long on purpose: a little overfitting
+        makes the network over-confident, as real segmentation networks are.
+    batch_size : int
+    lr : float
+        Adam's learning rate (constant: no schedule, no label smoothing, no
+        weight decay, nothing that would calibrate the network by accident).
+    seed : int
+        Seed of the initialisation and of the batch order.
+    num_threads : int
+        Torch CPU threads while training. Floating-point sums depend on the
+        thread count, so it is fixed (and part of the cache key) to make the
+        weights reproducible; one thread is also the fastest on a shared
+        2-core machine.
+    """
+
+    width: int = 8
+    depth: int = 3
+    epochs: int = 40
+    batch_size: int = 8
+    lr: float = 3e-3
+    seed: int = 0
+    num_threads: int = 1
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """U-Net: (N, in_channels, H, W) -> logits (N, n_classes, H, W).
+
+    ``depth`` levels of two 3x3 conv + BatchNorm + ReLU blocks with widths
+    ``width * 2**level``, max-pooling down, transposed convolutions up, skip
+    connections. H and W must be divisible by ``2 ** (depth - 1)``. Deeper
+    networks see more of the slice, which atlas labels (defined by position
+    more than by intensity) need.
+    """
+
+    def __init__(self, n_classes: int, *, in_channels: int = 1, width: int = 16,
+                 depth: int = 3):
+        super().__init__()
+        widths = [width * 2**level for level in range(depth)]
+        self.down = nn.ModuleList()
+        c = in_channels
+        for w in widths:
+            self.down.append(_block(c, w))
+            c = w
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for w in reversed(widths[:-1]):
+            self.up.append(nn.ConvTranspose2d(c, w, 2, stride=2))
+            self.dec.append(_block(2 * w, w))
+            c = w
+        self.head = nn.Conv2d(c, n_classes, 1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, block in enumerate(self.down):
+            x = block(self.pool(x) if level else x)
+            skips.append(x)
+        skips.pop()  # the bottom level has no skip connection
+        for up, dec in zip(self.up, self.dec):
+            x = dec(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+@contextlib.contextmanager
+def _deterministic_torch(seed: int, num_threads: int):
+    """Seed torch, force deterministic kernels and fix the thread count; restore after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(previous)
+        torch.random.set_rng_state(state)
+
+
+def train_unet(
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    config: SegNetConfig = SegNetConfig(),
+    *,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[UNet, list[float]]:
+    """Train a :class:`UNet` with cross-entropy; seeded and deterministic on CPU.
+
+    Parameters
+    ----------
+    images : ndarray of shape (N, 1, H, W), float32
+    labels : ndarray of shape (N, H, W), integer in [0, n_classes)
+    n_classes : int
+    config : SegNetConfig
+    progress : callable, optional
+        Called as ``progress(epoch, mean_loss)`` after every epoch.
+
+    Returns
+    -------
+    model : UNet, in eval mode
+    losses : list of float, the mean training loss of every epoch
+    """
+    x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    losses = []
+    with _deterministic_torch(config.seed, config.num_threads):
+        model = UNet(n_classes, in_channels=x_all.shape[1], width=config.width,
+                     depth=config.depth)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        loss_fn = nn.CrossEntropyLoss()
+        order_rng = np.random.default_rng(config.seed)
+        model.train()
+        for epoch in range(config.epochs):
+            order = order_rng.permutation(len(x_all))
+            total, count = 0.0, 0
+            for start in range(0, len(order), config.batch_size):
+                idx = torch.from_numpy(order[start : start + config.batch_size])
+                if len(idx) < 2:  # BatchNorm needs two samples per batch
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x_all[idx]), y_all[idx])
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
+            losses.append(total / max(count, 1))
+            if progress is not None:
+                progress(epoch, losses[-1])
+    model.eval()
+    return model, losses
+
+
+def predict_logits(model: nn.Module, images: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+    """Logits (N, C, H, W) float32 of a model for images (N, 1, H, W)."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size],
+                                                      dtype=np.float32))
+            out.append(model(x).numpy().astype(np.float32, copy=False))
+    return np.concatenate(out)
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The model cache: ``path``, else ``$SKSEGCAL_CACHE``, else ``~/.cache/sksegcal``."""
+    if path is not None:
+        return Path(path)
+    if os.environ.get("SKSEGCAL_CACHE"):
+        return Path(os.environ["SKSEGCAL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sksegcal"
+
+
+def _cache_key(name: str, config: SegNetConfig, images: np.ndarray, labels: np.ndarray,
+               n_classes: int) -> str:
+    from . import __version__
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps(
+        {"name": name, "config": asdict(config), "n_classes": n_classes,
+         "version": __version__, "torch": torch.__version__.split("+")[0],
+         "shape": list(images.shape)},
+        sort_keys=True).encode())
+    # the data themselves, so a change in how the dataset is built invalidates the cache
+    digest.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_or_train(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    config: SegNetConfig = SegNetConfig(),
+    *,
+    cache: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[UNet, dict]:
+    """The trained U-Net for these training data and settings, from the cache if there.
+
+    Parameters
+    ----------
+    name : str
+        Dataset name, part of the cache file name.
+    images, labels, n_classes, config, progress
+        As in :func:`train_unet`.
+    cache : path, optional
+        Cache folder; see :func:`cache_dir`.
+    use_cache : bool, default=True
+        False trains afresh and writes nothing.
+
+    Returns
+    -------
+    model : UNet in eval mode
+    info : dict
+        ``cached`` (bool), ``path`` (cache file or None), ``train_seconds``,
+        ``losses`` (per epoch), ``config``.
+    """
+    key = _cache_key(name, config, images, labels, n_classes)
+    path = cache_dir(cache) / f"unet-{name}-{key}.pt"
+    if use_cache and path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            model = UNet(n_classes, in_channels=images.shape[1], width=config.width,
+                         depth=config.depth)
+            model.load_state_dict(saved["state_dict"])
+            model.eval()
+            return model, {"cached": True, "path": str(path), "config": asdict(config),
+                           "train_seconds": float(saved.get("train_seconds", 0.0)),
+                           "losses": list(saved.get("losses", []))}
+        except Exception:  # a corrupt or stale cache file: retrain and overwrite it
+            pass
+    start = time.perf_counter()
+    model, losses = train_unet(images, labels, n_classes, config, progress=progress)
+    seconds = time.perf_counter() - start
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"state_dict": model.state_dict(), "losses": losses,
+                    "train_seconds": seconds, "config": asdict(config)}, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+    return model, {"cached": False, "path": str(path) if use_cache else None,
+                   "config": asdict(config), "train_seconds": seconds, "losses": losses}

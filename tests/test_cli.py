@@ -1,0 +1,269 @@
+"""The ``sksegcal`` command: subcommands on small arrays, error paths, and the quick demo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sksegcal.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ["demo", "extract", "fit", "evaluate", "report"]
+
+
+@pytest.fixture
+def arrays(tmp_path):
+    """Over-confident (N, C, H, W) logits and labels of 12 small images as .npy files."""
+    rng = np.random.default_rng(0)
+    n, c, h, w = 12, 3, 16, 16
+    labels = rng.integers(0, c, size=(n, h, w))
+    logits = 5.0 * (np.moveaxis(np.eye(c)[labels], -1, 1) + 0.8 * rng.normal(size=(n, c, h, w)))
+    np.save(tmp_path / "logits.npy", logits.astype(np.float32))
+    np.save(tmp_path / "labels.npy", labels.astype(np.uint8))
+    return tmp_path
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "error:" in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"usage: sksegcal {command}" in out
+
+
+def test_top_level_help_and_version(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in SUBCOMMANDS:
+        assert command in out
+    assert main(["--version"]) == 0
+    assert "sksegcal" in capsys.readouterr().out
+    assert main([]) == 2  # a subcommand is required: usage error
+
+
+def test_extract_fit_evaluate_report(arrays, capsys):
+    store = arrays / "store"
+    assert main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+                 str(arrays / "labels.npy"), "--store", str(store), "-q"]) == 0
+    assert "12 images, 3 classes" in capsys.readouterr().out
+    # resumable: a second run writes nothing new
+    assert main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+                 str(arrays / "labels.npy"), "--store", str(store), "-q"]) == 0
+    assert "0 written now" in capsys.readouterr().out
+
+    ts = arrays / "ts.joblib"
+    assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
+    assert "temperature = " in capsys.readouterr().out
+    sel = arrays / "selective.joblib"
+    assert main(["fit", str(store), "--method", "selective", "--classifier", "logistic",
+                 "--t2", "auto", "2", "-o", str(sel), "-q"]) == 0
+    assert "chosen = t1=1 t2=" in capsys.readouterr().out
+
+    results = arrays / "results"
+    assert main(["evaluate", str(store), "-c", str(ts), "-c", str(sel), "-o", str(results),
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    for name in ("uncalibrated", "ts", "selective", "ECE", "mIoU"):
+        assert name in out
+    metrics = json.loads((results / "metrics.json").read_text())
+    test = metrics["results"]["test"]
+    assert set(test) == {"uncalibrated", "ts", "selective"}
+    # temperatures never change the argmax
+    assert test["ts"]["accuracy"] == pytest.approx(test["uncalibrated"]["accuracy"])
+    assert test["ts"]["nll"] < test["uncalibrated"]["nll"]
+    assert "ece" in (results / "metrics.csv").read_text().splitlines()[0]
+
+    pytest.importorskip("matplotlib")
+    assert main(["report", str(results), "-q"]) == 0
+    assert (results / "reliability_test.png").stat().st_size > 10_000
+    assert "![reliability diagrams](reliability_test.png)" in (results / "report.md").read_text()
+
+
+# ----------------------------------------------------------------- error paths
+def test_missing_store(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nowhere")]) == 1
+    assert "does not exist" in _error_line(capsys)
+    assert main(["fit", str(tmp_path / "nowhere")]) == 1
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_missing_input_files(tmp_path, capsys):
+    assert main(["extract", "--logits", str(tmp_path / "x.npy"), "--labels",
+                 str(tmp_path / "y.npy"), "--store", str(tmp_path / "s")]) == 1
+    assert "x.npy does not exist" in _error_line(capsys)
+    assert main(["report", str(tmp_path / "results")]) == 1
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_missing_calibrator(arrays, capsys):
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    capsys.readouterr()
+    assert main(["evaluate", str(store), "--images", "all", "-c",
+                 str(arrays / "nope.joblib")]) == 1
+    assert "nope.joblib does not exist" in _error_line(capsys)
+
+
+def test_corrupt_store(arrays, capsys):
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    capsys.readouterr()
+    (store / "manifest.json").write_text("{not json")
+    assert main(["fit", str(store), "-q"]) == 1
+    assert "corrupt" in _error_line(capsys)
+    assert main(["evaluate", str(store)]) == 1
+    assert "corrupt" in _error_line(capsys)
+
+
+def test_corrupt_calibrator(arrays, capsys):
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    capsys.readouterr()
+    bad = arrays / "bad.joblib"
+    bad.write_bytes(b"this is not a pickle")
+    assert main(["evaluate", str(store), "--images", "all", "-c", str(bad)]) == 1
+    assert "cannot load the calibrator" in _error_line(capsys)
+
+
+def test_wrong_class_count(arrays, capsys):
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    ts = arrays / "ts.joblib"
+    assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
+    # a store of 5 classes, evaluated with a 3-class calibrator
+    rng = np.random.default_rng(1)
+    np.save(arrays / "logits5.npy", rng.normal(size=(4, 5, 8, 8)).astype(np.float32))
+    np.save(arrays / "labels5.npy", rng.integers(0, 5, size=(4, 8, 8)).astype(np.uint8))
+    store5 = arrays / "store5"
+    assert main(["extract", "--logits", str(arrays / "logits5.npy"), "--labels",
+                 str(arrays / "labels5.npy"), "--store", str(store5), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(store5), "--images", "all", "-c", str(ts)]) == 1
+    assert "3 classes" in _error_line(capsys)
+    # fit --n-classes checks the store
+    assert main(["fit", str(store5), "--n-classes", "3", "-q"]) == 1
+    assert "5 classes, not 3" in _error_line(capsys)
+    # writing 5-class logits into the 3-class store
+    assert main(["extract", "--logits", str(arrays / "logits5.npy"), "--labels",
+                 str(arrays / "labels5.npy"), "--store", str(store), "-q"]) == 1
+    assert "n_classes" in _error_line(capsys)
+
+
+def test_bad_arguments(arrays, capsys):
+    assert main(["extract", "--logits", str(arrays / "logits.npy"), "--store",
+                 str(arrays / "s")]) == 1
+    assert "--labels" in _error_line(capsys)
+    np.save(arrays / "flat.npy", np.zeros((3, 4), np.float32))
+    assert main(["extract", "--logits", str(arrays / "flat.npy"), "--labels",
+                 str(arrays / "labels.npy"), "--store", str(arrays / "s")]) == 1
+    assert "(N, C, H, W)" in _error_line(capsys)
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    capsys.readouterr()
+    assert main(["fit", str(store), "--t2", "hot", "-q"]) == 1
+    assert "--t2" in _error_line(capsys)
+    assert main(["evaluate", str(store)]) == 1  # no split recorded yet: no test part
+    assert "no recorded split" in _error_line(capsys)
+    assert main(["demo", "--dataset", "imagenet"]) == 2  # argparse usage error
+
+
+def test_aal_missing_is_a_clean_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SKSEGCAL_MRICRON_DIR", str(tmp_path))
+    assert main(["demo", "--dataset", "aal", "--quick", "-o", str(tmp_path / "r"),
+                 "--cache-dir", str(tmp_path / "cache"), "-q"]) == 1
+    assert "apt-get install mricron-data" in _error_line(capsys)
+
+
+def test_no_traceback_in_a_real_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("SKSEGCAL_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sksegcal.cli", "evaluate", str(tmp_path / "nowhere")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("sksegcal evaluate: error:")
+
+
+def test_console_script_installed():
+    exe = shutil.which("sksegcal", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("sksegcal is not installed (pip install -e .)")
+    proc = subprocess.run([exe, "demo", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+# ----------------------------------------------------------------- the demo
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_quick(tmp_path, capsys):
+    pytest.importorskip("nilearn")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    args = ["demo", "--quick", "-o", str(out), "--cache-dir", str(tmp_path / "cache"), "-q",
+            "--classifier", "hgb"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for text in ("uncalibrated", "temperature scaling", "selective scaling", "ECE", "MCE",
+                 "NLL", "Brier", "accuracy", "mIoU", "shifted test"):
+        assert text in printed
+    for name in ("metrics.json", "metrics.csv", "calibrator.joblib", "report.md",
+                 "reliability_test.png", "reliability_shifted-test.png", "examples.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"test", "shifted-test"}
+    t2 = float(metrics["calibrators"]["selective scaling"]["t2"])
+    for split in metrics["results"].values():
+        acc = {m: s["accuracy"] for m, s in split.items()}
+        assert acc["temperature scaling"] == pytest.approx(acc["uncalibrated"])
+        if t2 < 1e6:
+            assert acc["selective scaling"] == pytest.approx(acc["uncalibrated"])
+        else:
+            # t2 = 1e10 makes rows uniform: float32 ties, and the accumulator's accuracy is the
+            # argmax of the calibrated probabilities, which a tie sends to class 0
+            assert acc["selective scaling"] <= acc["uncalibrated"] + 1e-9
+    assert not metrics["network"]["cached"]
+
+    import joblib
+
+    cal = joblib.load(out / "calibrator.joblib")
+    assert cal.n_features_in_ == 3
+
+    # second run: the network comes from the cache, and the numbers are the same
+    assert main(args + ["--keep-stores"]) == 0
+    capsys.readouterr()
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["network"]["cached"]
+    assert again["results"] == metrics["results"]
+
+    # the kept store (split recorded) works with the other subcommands and the saved calibrator
+    results = tmp_path / "results"
+    assert main(["evaluate", str(out / "stores" / "calibration"), "-c",
+                 str(out / "calibrator.joblib"), "-o", str(results), "-q"]) == 0
+    evaluated = json.loads((results / "metrics.json").read_text())["results"]["test"]
+    assert evaluated["calibrator"]["ece"] == pytest.approx(
+        metrics["results"]["test"]["selective scaling"]["ece"], rel=1e-6)
+
+    # extract from the embedded dataset with the cached network
+    store = tmp_path / "extracted"
+    assert main(["extract", "--dataset", "mni152-tissue", "--quick", "--subset", "shifted",
+                 "--store", str(store), "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+    assert "3 classes" in capsys.readouterr().out
