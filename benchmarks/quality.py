@@ -6,8 +6,9 @@ paper's Table, plus the misprediction-detection quality of each correctness clas
     python benchmarks/quality.py --datasets mni152-tissue --seeds 0 1 2 --out docs/quality.md
 
 Cases: each dataset's in-domain test slices and the shifted acquisitions of the same
-slices. The segmentation network is trained once per dataset (cached); the seeds vary the
-image-level split of the calibration slices and every random choice of the calibrators.
+slices, with the data and network of `sksegcal demo` (trained once per dataset, cached in
+$SKSEGCAL_CACHE or ~/.cache/sksegcal); the seeds vary the image-level split of the
+calibration slices and every random choice of the calibrators.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from sksegcal import (
     TorchMLPClassifier,
     VectorScaling,
 )
-from sksegcal._segnet import load_or_train, predict_logits
+from sksegcal._segnet import SegNetConfig, cache_dir, load_or_train, predict_logits
+from sksegcal.cli import _DEMO_SETTINGS
 from sksegcal.datasets import load_dataset
 from sksegcal.metrics import CalibrationAccumulator, misprediction_detection_scores
 from sksegcal.pixels import flatten_segmentation, split_images
@@ -87,15 +89,15 @@ def evaluate(estimator, X, y, n_classes):
 
 def run_dataset(name, seeds, max_fit_pixels, epochs, results, detection, timings,
                 fit_pixels=1_000_000):
-    data = load_dataset(name)
+    # the same data and network as `sksegcal demo --dataset NAME` (and the same cache)
+    settings = _DEMO_SETTINGS[(name, False)]
+    data = load_dataset(name, random_state=0, cache_dir=cache_dir(), **settings["data"])
     train = data.select("model")
     t0 = time.perf_counter()
-    model, info = load_or_train(name, train.images, train.labels, data.n_classes)
-    print(
-        f"[{name}] model {'cached' if info['cached'] else 'trained'} "
-        f"({time.perf_counter() - t0:.0f}s)",
-        flush=True,
-    )
+    model, info = load_or_train(name, train.images, train.labels, data.n_classes,
+                                SegNetConfig(**settings["net"]))
+    print(f"[{name}] model {'cached' if info['cached'] else 'trained'} "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
     cal, shifted = data.select("calibration"), data.select("shifted")
     X_cal, y_cal, g_cal = flatten_segmentation(predict_logits(model, cal.images), cal.labels)
     X_sh, y_sh, g_sh = flatten_segmentation(predict_logits(model, shifted.images), shifted.labels)
