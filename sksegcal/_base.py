@@ -172,8 +172,13 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         X = self._validate_predict_data(X)
         out = np.empty(X.shape, dtype=np.float32)
         for part in iter_chunks(X.shape[0], self.chunk_size):
-            self._calibrated_log_proba(X[part], out[part])
-            np.exp(out[part], out=out[part])
+            z = self._to_logits(X[part]).astype(np.float32, copy=False)
+            # softmax directly (one exp per entry) rather than exp(log_softmax): this loop is
+            # the hot path of evaluating a store
+            p = np.subtract(self._scale_chunk(z), 0, out=out[part])
+            p -= p.max(axis=1, keepdims=True)
+            np.exp(p, out=p)
+            p /= p.sum(axis=1, keepdims=True)
         return out
 
     def predict(self, X) -> np.ndarray:
