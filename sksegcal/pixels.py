@@ -30,35 +30,23 @@ __all__ = [
 ]
 
 
+def _split_images(maps, ndim: int, what: str, shape: str) -> list[np.ndarray]:
+    """One array per image, from a stacked array or a sequence of arrays."""
+    if isinstance(maps, Sequence):
+        return [np.asarray(a) for a in maps]
+    maps = np.asarray(maps)
+    if maps.ndim != ndim:
+        raise ValueError(
+            f"{what} must have shape {shape}, got an array of shape {maps.shape}. "
+            "For a single image add a leading axis: [None]."
+        )
+    return list(maps)
+
+
 def _as_image_list(logits, labels):
     """Normalise array or list input into lists of (C,H,W) and (H,W) arrays."""
-    if (
-        isinstance(logits, np.ndarray)
-        or hasattr(logits, "__array__")
-        and not isinstance(logits, Sequence)
-    ):
-        logits = np.asarray(logits)
-        if logits.ndim != 4:
-            raise ValueError(
-                f"logits must have shape (N, C, H, W), got an array of shape {logits.shape}. "
-                "For a single image add a leading axis: logits[None]."
-            )
-        logit_list = list(logits)
-    else:
-        logit_list = [np.asarray(a) for a in logits]
-    if (
-        isinstance(labels, np.ndarray)
-        or hasattr(labels, "__array__")
-        and not isinstance(labels, Sequence)
-    ):
-        labels = np.asarray(labels)
-        if labels.ndim != 3:
-            raise ValueError(
-                f"labels must have shape (N, H, W), got an array of shape {labels.shape}."
-            )
-        label_list = list(labels)
-    else:
-        label_list = [np.asarray(a) for a in labels]
+    logit_list = _split_images(logits, 4, "logits", "(N, C, H, W)")
+    label_list = _split_images(labels, 3, "labels", "(N, H, W)")
     if len(logit_list) != len(label_list):
         raise ValueError(
             f"logits hold {len(logit_list)} images but labels hold {len(label_list)}."
