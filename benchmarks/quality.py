@@ -49,7 +49,10 @@ def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
         kw.setdefault("classifier", mlp())
         return SelectiveScalingCalibrator(max_fit_pixels=max_fit_pixels, random_state=seed, **kw)
 
-    auto = {"t1": "auto", "t2": "auto", "threshold": "auto"}
+    # every setting spelled out, so that a change of the package's defaults cannot relabel a row
+    paper = {"t1": 1.0, "threshold": 0.5, "mode": "hard"}
+    hard = {"t1": "auto", "t2": "auto", "threshold": "auto", "mode": "hard"}
+    soft = {"t1": "auto", "t2": "auto", "mode": "soft"}
     return {
         "Uncalibrated": None,
         "TS": TemperatureScaling(),
@@ -57,19 +60,19 @@ def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
         "Dirichlet (ODIR)": DirichletScaling(),
         "Meta-Cal (T=1e10)": MetaCalScaling(),
         "Ensemble TS": EnsembleTemperatureScaling(),
-        "Selective, paper (t2=1e10, thr 0.5, MLP weight 2)": selective(
-            t2=1e10, classifier=mlp(class_weight="paper")),
-        "Selective, t2=2 (thr 0.5, MLP weight 2)": selective(
-            t2=2.0, classifier=mlp(class_weight="paper")),
-        "Selective, t2 fitted (thr 0.5)": selective(t2="auto"),
-        "Selective, t1+t2+threshold fitted": selective(**auto),
-        "Selective, soft, t1+t2 fitted": selective(t1="auto", t2="auto", mode="soft"),
-        "Selective, agnostic features, t1+t2+threshold fitted": selective(
-            features="agnostic", **auto),
-        "Selective, LogReg, t1+t2+threshold fitted": selective(
-            classifier=make_pipeline(StandardScaler(), LogisticRegression()), **auto),
-        "Selective, HGB, t1+t2+threshold fitted": selective(
-            classifier=HistGradientBoostingClassifier(random_state=seed), **auto),
+        "Selective, paper (t1=1, t2=1e10, thr 0.5, MLP weight 2)": selective(
+            t2=1e10, classifier=mlp(class_weight="paper"), **paper),
+        "Selective, t1=1, t2=2, thr 0.5, MLP weight 2": selective(
+            t2=2.0, classifier=mlp(class_weight="paper"), **paper),
+        "Selective, t1=1, t2 fitted, thr 0.5": selective(t2="auto", **paper),
+        "Selective, hard, t1+t2+threshold fitted": selective(**hard),
+        "Selective, soft, t1+t2 fitted (default)": selective(**soft),
+        "Selective, hard, agnostic features": selective(features="agnostic", **hard),
+        "Selective, soft, agnostic features": selective(features="agnostic", **soft),
+        "Selective, soft, LogReg": selective(
+            classifier=make_pipeline(StandardScaler(), LogisticRegression()), **soft),
+        "Selective, soft, HGB": selective(
+            classifier=HistGradientBoostingClassifier(random_state=seed), **soft),
     }
 
 
