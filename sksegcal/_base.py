@@ -132,12 +132,18 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
 
     @abstractmethod
     def _scale_chunk(self, z: np.ndarray) -> np.ndarray:
-        """Calibrated logits of one chunk of (float32) logits."""
+        """Calibrated logits of one chunk of logits, in the chunk's dtype."""
 
     # --------------------------------------------------------------- prediction
+    @staticmethod
+    def _work_dtype(X: np.ndarray) -> type:
+        # float64 input is computed and returned in float64 (exact, row-order independent
+        # to the last bit); everything else, float16 included, in float32 to save memory
+        return np.float64 if X.dtype == np.float64 else np.float32
+
     def _calibrated_log_proba(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
         for part in iter_chunks(X.shape[0], self.chunk_size):
-            z = self._to_logits(X[part]).astype(np.float32, copy=False)
+            z = self._to_logits(X[part]).astype(out.dtype, copy=False)
             log_softmax(self._scale_chunk(z), out=out[part])
         return out
 
@@ -150,10 +156,11 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
 
         Returns
         -------
-        log_proba : ndarray of shape (n_pixels, n_classes), float32
+        log_proba : ndarray of shape (n_pixels, n_classes)
+            float64 for float64 input, float32 otherwise.
         """
         X = self._validate_predict_data(X)
-        out = np.empty(X.shape, dtype=np.float32)
+        out = np.empty(X.shape, dtype=self._work_dtype(X))
         return self._calibrated_log_proba(X, out)
 
     def predict_proba(self, X) -> np.ndarray:
@@ -165,14 +172,15 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
 
         Returns
         -------
-        proba : ndarray of shape (n_pixels, n_classes), float32
-            Rows sum to one; the argmax of each row is the argmax of ``X``
-            (ties aside, e.g. a uniform row).
+        proba : ndarray of shape (n_pixels, n_classes)
+            float64 for float64 input, float32 otherwise. Rows sum to one;
+            the argmax of each row is the argmax of ``X`` (ties aside, e.g. a
+            uniform row).
         """
         X = self._validate_predict_data(X)
-        out = np.empty(X.shape, dtype=np.float32)
+        out = np.empty(X.shape, dtype=self._work_dtype(X))
         for part in iter_chunks(X.shape[0], self.chunk_size):
-            z = self._to_logits(X[part]).astype(np.float32, copy=False)
+            z = self._to_logits(X[part]).astype(out.dtype, copy=False)
             # softmax directly (one exp per entry) rather than exp(log_softmax): this loop is
             # the hot path of evaluating a store
             p = np.subtract(self._scale_chunk(z), 0, out=out[part])
@@ -220,7 +228,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         if not keep.any():
             raise ValueError(f"Every pixel has the ignore index {self.ignore_index}.")
         total, weight = 0.0, 0.0
-        buf = np.empty((min(self.chunk_size, X.shape[0]), X.shape[1]), dtype=np.float32)
+        buf = np.empty((min(self.chunk_size, X.shape[0]), X.shape[1]), dtype=self._work_dtype(X))
         for part in iter_chunks(X.shape[0], self.chunk_size):
             k = keep[part]
             lp = self._calibrated_log_proba(X[part][k], buf[: k.sum()])

@@ -75,11 +75,15 @@ def make_features(log_proba: np.ndarray, kind: str = "log_softmax", *, top_k: in
     >>> make_features(lp, "agnostic", top_k=2).shape
     (1, 4)
     """
+    # float64 stays float64 (so that a classifier sees exactly the same numbers whatever
+    # the row order); anything else is computed in float32
+    lp = np.asarray(log_proba)
+    if lp.dtype != np.float64:
+        lp = lp.astype(np.float32)
     if kind == "log_softmax":
-        return np.asarray(log_proba, dtype=np.float32)
+        return lp
     if kind != "agnostic":
         raise ValueError(f"features must be one of {FEATURE_SETS}, got {kind!r}.")
-    lp = np.asarray(log_proba, dtype=np.float32)
     k = min(top_k, lp.shape[1])
     # partition then sort only the k kept columns: O(n C) rather than O(n C log C)
     top = -np.partition(-lp, k - 1, axis=1)[:, :k]
@@ -88,4 +92,4 @@ def make_features(log_proba: np.ndarray, kind: str = "log_softmax", *, top_k: in
     entropy = -(p * lp).sum(axis=1)
     p_top = np.exp(top[:, :2]) if k >= 2 else np.c_[np.exp(top[:, 0]), np.zeros(len(lp))]
     margin = p_top[:, 0] - p_top[:, 1]
-    return np.column_stack([top, entropy, margin]).astype(np.float32, copy=False)
+    return np.column_stack([top, entropy, margin]).astype(lp.dtype, copy=False)

@@ -97,7 +97,7 @@ class TemperatureScaling(BaseLogitCalibrator):
         )
 
     def _scale_chunk(self, z):
-        return z * np.float32(1.0 / self.temperature_)
+        return z * z.dtype.type(1.0 / self.temperature_)
 
 
 def _check_bounds(bounds, name: str) -> tuple[float, float]:
@@ -165,7 +165,7 @@ class _AffineLogitCalibrator(BaseLogitCalibrator):
         return 0.0, np.zeros_like(theta)
 
     def _scale_chunk(self, z):
-        return self._apply(self._parameters(), self._inputs(z)).astype(np.float32)
+        return self._apply(self._parameters(), self._inputs(z)).astype(z.dtype)
 
     def predict(self, X):
         """The calibrated argmax. Unlike temperature scaling, an affine map can move it."""
@@ -391,7 +391,7 @@ class EnsembleTemperatureScaling(BaseLogitCalibrator):
     def _scale_chunk(self, z):
         return self._mixture_log_proba(
             z.astype(np.float64), self.temperature_, self.weights_
-        ).astype(np.float32)
+        ).astype(z.dtype)
 
 
 def _weighted_quantile(values, q, weights=None) -> float:
@@ -514,5 +514,5 @@ class MetaCalScaling(BaseLogitCalibrator):
             self._entropy(z) > self.entropy_threshold_,
             1.0 / self.t_reject_,
             1.0 / self.temperature_,
-        ).astype(np.float32)
+        ).astype(z.dtype)
         return z * beta[:, None]

@@ -223,8 +223,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
 
     # ---------------------------------------------------------------- features
     def _features(self, X: np.ndarray) -> np.ndarray:
-        """Classifier features of validated input rows (float32)."""
-        z = self._to_logits(X).astype(np.float32, copy=True)
+        """Classifier features of validated input rows (float64 input stays float64)."""
+        z = self._to_logits(X).astype(self._work_dtype(X), copy=True)
         return make_features(log_softmax(z, out=z), self.features)
 
     def _p_correct(self, features: np.ndarray) -> np.ndarray:
@@ -232,15 +232,15 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         classes = np.asarray(self.classifier_.classes_)
         if 1 not in classes:
             return np.zeros(features.shape[0], dtype=np.float32)
-        return proba[:, np.flatnonzero(classes == 1)[0]].astype(np.float32, copy=False)
+        return proba[:, np.flatnonzero(classes == 1)[0]]
 
     def _inverse_temperature(
         self, p_correct: np.ndarray, t1: float, t2: float, threshold: float | None = None
     ) -> np.ndarray:
         if self.mode == "hard":
             threshold = self.threshold_ if threshold is None else threshold
-            return np.where(p_correct >= threshold, 1.0 / t1, 1.0 / t2).astype(np.float32)
-        return (p_correct / t1 + (1.0 - p_correct) / t2).astype(np.float32)
+            return np.where(p_correct >= threshold, 1.0 / t1, 1.0 / t2)
+        return p_correct / t1 + (1.0 - p_correct) / t2
 
     def _make_classifier(self, random_state: int):
         if self.classifier is not None:
@@ -440,7 +440,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         # features come from the unscaled chunk, which is already logits here
         features = make_features(log_softmax(z), self.features)
         beta = self._inverse_temperature(self._p_correct(features), self.t1_, self.t2_)
-        return z * beta[:, None]
+        return z * beta[:, None].astype(z.dtype, copy=False)
 
     def predict_correctness(self, X) -> np.ndarray:
         """The classifier's P(correct) for each pixel.

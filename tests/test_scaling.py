@@ -96,7 +96,7 @@ def test_dtypes_and_chunking(dtype):
     b = TemperatureScaling(chunk_size=100_000).fit(X, y)
     assert a.temperature_ == pytest.approx(b.temperature_, rel=1e-5)
     np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), rtol=1e-5, atol=1e-7)
-    assert a.predict_proba(X).dtype == np.float32
+    assert a.predict_proba(X).dtype == (np.float64 if dtype == np.float64 else np.float32)
 
 
 def test_bad_bounds():
