@@ -151,7 +151,8 @@ def test_holdout_is_whole_images(segmentation_data):
             seen["X"] = X.copy()
             return super().fit(X, y)
 
-    SelectiveScalingCalibrator(Recording(), random_state=0).fit(X, y, groups=groups)
+    SelectiveScalingCalibrator(Recording(), features="log_softmax",
+                               random_state=0).fit(X, y, groups=groups)
     features = log_softmax(X.astype(np.float32))
     rows = np.flatnonzero((features[:, None, :] == seen["X"][None, :, :]).all(-1).any(1))
     used = np.unique(groups[rows])
