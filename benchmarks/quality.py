@@ -66,9 +66,9 @@ def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
             t2=2.0, classifier=mlp(class_weight="paper"), **paper),
         "Selective, t1=1, t2 fitted, thr 0.5": selective(t2="auto", **paper),
         "Selective, hard, t1+t2+threshold fitted": selective(**hard),
-        "Selective, soft, t1+t2 fitted (default)": selective(**soft),
+        "Selective, soft, log-prob features": selective(**soft),
         "Selective, hard, agnostic features": selective(features="agnostic", **hard),
-        "Selective, soft, agnostic features": selective(features="agnostic", **soft),
+        "Selective, soft, agnostic features (default)": selective(features="agnostic", **soft),
         "Selective, soft, LogReg": selective(
             classifier=make_pipeline(StandardScaler(), LogisticRegression()), **soft),
         "Selective, soft, HGB": selective(
