@@ -50,9 +50,11 @@ def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
         return SelectiveScalingCalibrator(max_fit_pixels=max_fit_pixels, random_state=seed, **kw)
 
     # every setting spelled out, so that a change of the package's defaults cannot relabel a row
-    paper = {"t1": 1.0, "threshold": 0.5, "mode": "hard"}
-    hard = {"t1": "auto", "t2": "auto", "threshold": "auto", "mode": "hard"}
-    soft = {"t1": "auto", "t2": "auto", "mode": "soft"}
+    paper = {"t1": 1.0, "threshold": 0.5, "mode": "hard", "features": "log_softmax"}
+    hard = {"t1": "auto", "t2": "auto", "threshold": "auto", "mode": "hard",
+            "features": "log_softmax"}
+    soft = {"t1": "auto", "t2": "auto", "mode": "soft", "features": "log_softmax"}
+    agnostic = {"features": "agnostic"}
     return {
         "Uncalibrated": None,
         "TS": TemperatureScaling(),
@@ -67,8 +69,8 @@ def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
         "Selective, t1=1, t2 fitted, thr 0.5": selective(t2="auto", **paper),
         "Selective, hard, t1+t2+threshold fitted": selective(**hard),
         "Selective, soft, log-prob features": selective(**soft),
-        "Selective, hard, agnostic features": selective(features="agnostic", **hard),
-        "Selective, soft, agnostic features (default)": selective(features="agnostic", **soft),
+        "Selective, hard, agnostic features": selective(**{**hard, **agnostic}),
+        "Selective, soft, agnostic features (default)": selective(**{**soft, **agnostic}),
         "Selective, soft, LogReg": selective(
             classifier=make_pipeline(StandardScaler(), LogisticRegression()), **soft),
         "Selective, soft, HGB": selective(
