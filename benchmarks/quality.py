@@ -71,9 +71,9 @@ def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
         "Selective, soft, log-prob features": selective(**soft),
         "Selective, hard, agnostic features": selective(**{**hard, **agnostic}),
         "Selective, soft, agnostic features (default)": selective(**{**soft, **agnostic}),
-        "Selective, soft, LogReg": selective(
+        "Selective, soft, log-prob features, LogReg": selective(
             classifier=make_pipeline(StandardScaler(), LogisticRegression()), **soft),
-        "Selective, soft, HGB": selective(
+        "Selective, soft, log-prob features, HGB": selective(
             classifier=HistGradientBoostingClassifier(random_state=seed), **soft),
     }
 
