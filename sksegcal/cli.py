@@ -650,9 +650,33 @@ def _fmt_t(value):
 
 
 # --------------------------------------------------------------------------- extract
+def _extract_mmseg(args) -> int:
+    """``extract --config``: an mmsegmentation model over its own test (or val) set."""
+    try:
+        from .integrations.mmseg import extract_logits
+    except ImportError as exc:
+        raise CommandError(
+            f"--config needs mmsegmentation ({exc}); install it with "
+            "pip install -c constraints.txt 'sksegcal[mmseg]'."
+        ) from None
+    _need_file(args.config, "the mmsegmentation config")
+    if args.checkpoint is not None:
+        _need_file(args.checkpoint, "the checkpoint")
+    store = extract_logits(
+        args.config, args.split, args.store, checkpoint=args.checkpoint, device=args.device,
+        size=tuple(args.size) if args.size else None, batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(f"{args.store}: {store.n_images} images, {store.n_classes} classes, "
+          f"{store.n_pixels:,} labelled pixels")
+    return 0
+
+
 def _extract(args) -> int:
     from .store import LogitStore
 
+    if args.config is not None:
+        return _extract_mmseg(args)
     if args.logits is not None:
         if args.labels is None:
             raise CommandError("--logits needs --labels (an (N, H, W) integer .npy file).")
@@ -867,6 +891,15 @@ def _build_parser() -> argparse.ArgumentParser:
                     "or from the demo's network on an embedded dataset. Resumable: images "
                     "already in the store are skipped.")
     p.add_argument("--store", required=True, help="store folder (created or resumed)")
+    p.add_argument("--config", help="an mmsegmentation config: extract its model's logits "
+                   "over the config's --split set (needs the mmseg extra)")
+    p.add_argument("--checkpoint", help="with --config: the model's weights")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="with --config: which dataloader of the config (default: test)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="with --config: store logits at this size (default: each image's own)")
+    p.add_argument("--device", default=None, help="with --config: torch device (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=1, help="with --config: images per pass")
     p.add_argument("--logits", help="(N, C, H, W) float .npy file of logits")
     p.add_argument("--labels", help="(N, H, W) integer .npy file of labels")
     p.add_argument("--class-names", help="comma-separated class names (with --logits)")

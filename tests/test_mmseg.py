@@ -536,3 +536,25 @@ def test_calibration_metric_is_registered(mm):
     init_default_scope("mmseg")
     metric = METRICS.build(dict(type="CalibrationMetric", n_bins=10))
     assert isinstance(metric, mm.CalibrationMetric) and metric.n_bins == 10
+
+
+def test_cli_extract_from_config(workspace, store, tmp_path):
+    from sksegcal.cli import main
+
+    out = tmp_path / "cli-store"
+    code = main(["extract", "--store", str(out), "--config", str(workspace["config_file"]),
+                 "--checkpoint", str(workspace["checkpoint"]), "-q"])
+    assert code == 0
+    from sksegcal.store import LogitStore
+
+    cli_store = LogitStore.open(out)
+    assert cli_store.image_names == store.image_names
+    for name in store.image_names:
+        a = cli_store.load_image(cli_store.image_id(name))
+        b = store.load_image(store.image_id(name))
+        # the fixture ran batches of mixed sizes (padded); the CLI one image at a time
+        np.testing.assert_allclose(a.logits, b.logits, rtol=2e-3, atol=2e-3)
+        np.testing.assert_array_equal(a.labels, b.labels)
+    # a missing checkpoint is a one-line error, not a traceback
+    assert main(["extract", "--store", str(tmp_path / "x"), "--config",
+                 str(workspace["config_file"]), "--checkpoint", str(tmp_path / "no.pth")]) == 1
