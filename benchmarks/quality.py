@@ -5,9 +5,10 @@ paper's Table, plus the misprediction-detection quality of each correctness clas
 
     python benchmarks/quality.py --datasets mni152-tissue --seeds 0 1 2 --out docs/quality.md
 
-Cases: each dataset's in-domain test slices and the shifted acquisitions of the same
-slices, with the data and network of `sksegcal demo` (trained once per dataset, cached in
-$SKSEGCAL_CACHE or ~/.cache/sksegcal); the seeds vary the image-level split of the
+Datasets: mni152-tissue and aal (the data and U-Nets of `sksegcal demo`, trained once and
+cached in $SKSEGCAL_CACHE or ~/.cache/sksegcal) and mni152-segformer (the MNI152 task with an
+mmsegmentation SegFormer-b0, see mmseg_case.py). Cases: each dataset's in-domain test slices
+and the shifted acquisitions of the same slices; the seeds vary the image-level split of the
 calibration slices and every random choice of the calibrators.
 """
 
@@ -94,18 +95,25 @@ def evaluate(estimator, X, y, n_classes):
 
 def run_dataset(name, seeds, max_fit_pixels, epochs, results, detection, timings,
                 fit_pixels=1_000_000):
-    # the same data and network as `sksegcal demo --dataset NAME` (and the same cache)
-    settings = _DEMO_SETTINGS[(name, False)]
-    data = load_dataset(name, random_state=0, cache_dir=cache_dir(), **settings["data"])
-    train = data.select("model")
-    t0 = time.perf_counter()
-    model, info = load_or_train(name, train.images, train.labels, data.n_classes,
-                                SegNetConfig(**settings["net"]))
-    print(f"[{name}] model {'cached' if info['cached'] else 'trained'} "
-          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    # the same data and network as `sksegcal demo --dataset NAME` (and the same cache);
+    # "mni152-segformer": the same data, an mmsegmentation SegFormer-b0 (mmseg_case.py)
+    base = "mni152-tissue" if name == "mni152-segformer" else name
+    settings = _DEMO_SETTINGS[(base, False)]
+    data = load_dataset(base, random_state=0, cache_dir=cache_dir(), **settings["data"])
     cal, shifted = data.select("calibration"), data.select("shifted")
-    X_cal, y_cal, g_cal = flatten_segmentation(predict_logits(model, cal.images), cal.labels)
-    X_sh, y_sh, g_sh = flatten_segmentation(predict_logits(model, shifted.images), shifted.labels)
+    t0 = time.perf_counter()
+    if name == "mni152-segformer":
+        from mmseg_case import segformer_logits
+
+        Z_cal, Z_sh = segformer_logits(data, cache_dir())
+    else:
+        train = data.select("model")
+        model, info = load_or_train(name, train.images, train.labels, data.n_classes,
+                                    SegNetConfig(**settings["net"]))
+        Z_cal, Z_sh = predict_logits(model, cal.images), predict_logits(model, shifted.images)
+    print(f"[{name}] logits ready ({time.perf_counter() - t0:.0f}s)", flush=True)
+    X_cal, y_cal, g_cal = flatten_segmentation(Z_cal, cal.labels)
+    X_sh, y_sh, g_sh = flatten_segmentation(Z_sh, shifted.labels)
     slices_cal, slices_sh = cal.slice_index[g_cal], shifted.slice_index[g_sh]
     for seed in seeds:
         # split by slice: an acquisition of a test slice never helps fit the calibrator
