@@ -36,6 +36,7 @@ from sksegcal import (
 from sksegcal._segnet import SegNetConfig, cache_dir, load_or_train, predict_logits
 from sksegcal.cli import _DEMO_SETTINGS
 from sksegcal.datasets import load_dataset
+from sksegcal.features import softmax
 from sksegcal.metrics import CalibrationAccumulator, misprediction_detection_scores
 from sksegcal.pixels import flatten_segmentation, split_images
 
@@ -84,9 +85,7 @@ def evaluate(estimator, X, y, n_classes):
     for start in range(0, len(y), 262_144):
         part = slice(start, start + 262_144)
         if estimator is None:
-            z = X[part].astype(np.float32)
-            p = np.exp(z - z.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
+            p = softmax(X[part].astype(np.float32))
         else:
             p = estimator.predict_proba(X[part])
         acc.update(y[part], p)

@@ -22,7 +22,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ._validation import check_finite, check_labels
-from .features import log_softmax
+from .features import log_softmax, softmax
 
 # probabilities are floored here before the log; about exp(-69)
 _PROBA_FLOOR = 1e-30
@@ -183,10 +183,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
             z = self._to_logits(X[part]).astype(out.dtype, copy=False)
             # softmax directly (one exp per entry) rather than exp(log_softmax): this loop is
             # the hot path of evaluating a store
-            p = np.subtract(self._scale_chunk(z), 0, out=out[part])
-            p -= p.max(axis=1, keepdims=True)
-            np.exp(p, out=p)
-            p /= p.sum(axis=1, keepdims=True)
+            softmax(self._scale_chunk(z), out=out[part])
         return out
 
     def predict(self, X) -> np.ndarray:

@@ -462,12 +462,13 @@ def _run_demo(args, workdir: Path) -> int:
     tissue = (cal_part.labels[test_rows] > 0).sum(axis=(1, 2))
     test_rows = np.sort(test_rows[np.argsort(-tissue, kind="stable")[:3]])
     example_logits = predict_logits(model, cal_part.images[test_rows])
+    from .features import softmax
     from .pixels import predict_proba_maps
 
     examples = {
         "images": cal_part.images[test_rows], "labels": cal_part.labels[test_rows],
         "class_names": data.class_names,
-        "probs": {_UNCALIBRATED: _softmax_maps(example_logits),
+        "probs": {_UNCALIBRATED: softmax(example_logits),
                   _SELECTIVE: predict_proba_maps(selective, example_logits)},
     }
     calibrator_info = {
@@ -538,12 +539,6 @@ def _data_cache(args):
     from ._segnet import cache_dir
 
     return cache_dir(args.cache_dir)
-
-
-def _softmax_maps(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _features_for(n_classes: int) -> str:

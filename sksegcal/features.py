@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FEATURE_SETS", "correctness", "log_softmax", "make_features", "n_features_for"]
+__all__ = [
+    "FEATURE_SETS",
+    "correctness",
+    "log_softmax",
+    "make_features",
+    "n_features_for",
+    "softmax",
+]
 
 FEATURE_SETS = ("log_softmax", "agnostic")
 
@@ -43,6 +50,27 @@ def log_softmax(z: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     out = np.subtract(z, shift, out=out)
     lse = np.log(np.exp(out).sum(axis=1, keepdims=True))
     out -= lse
+    return out
+
+
+def softmax(z: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax over axis 1 (classes) with one exp per entry, without overflow.
+
+    Works on a pixel table (n, C) and on maps (N, C, H, W). ``out`` may be ``z``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal.features import softmax
+    >>> softmax(np.array([[1000.0, 1000.0]])).tolist()
+    [[0.5, 0.5]]
+    """
+    z = np.asarray(z)
+    if z.dtype not in (np.float32, np.float64):
+        z = z.astype(np.float32)
+    out = np.subtract(z, z.max(axis=1, keepdims=True), out=out)
+    np.exp(out, out=out)
+    out /= out.sum(axis=1, keepdims=True)
     return out
 
 
