@@ -41,6 +41,8 @@ __all__ = ["main"]
 _METRICS = ("ece", "mce", "nll", "brier", "accuracy", "miou")
 _HEADERS = {"ece": "ECE", "mce": "MCE", "nll": "NLL", "brier": "Brier", "accuracy": "accuracy",
             "miou": "mIoU"}
+# what must match when `extract` resumes a store (not the sksegcal version)
+_EXTRACT_SOURCE_KEYS = ("logits", "labels", "dataset", "subset", "net")
 _UNCALIBRATED = "uncalibrated"
 _TS = "temperature scaling"
 _SELECTIVE = "selective scaling"
@@ -715,7 +717,8 @@ def _extract(args) -> int:
             return predict_logits(model, part.images[i:i + 1])[0], part.labels[i]
 
     store = LogitStore.create(args.store, n_classes=n_classes, class_names=class_names,
-                              ignore_index=args.ignore_index, source=source, exist_ok=True)
+                              ignore_index=args.ignore_index, source=source, exist_ok=True,
+                              match_source=_EXTRACT_SOURCE_KEYS)
     todo = store.missing(names)  # resumable: images already written are skipped
     position = {name: i for i, name in enumerate(names)}
     for name in _progress(todo, enabled=not args.quiet, desc="extract", unit="image"):

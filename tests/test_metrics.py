@@ -590,3 +590,61 @@ def test_large_chunks_are_cut_into_pieces_all_or_nothing(monkeypatch):
     assert_same(all_metrics(big), all_metrics(ref))
     with pytest.raises(ValueError, match="Shape mismatch"):
         big.update(y[:-1], p)
+
+
+def test_y_pred_given_equals_default_and_is_cut_with_the_chunk(monkeypatch):
+    y, p = make_data(n=4800, c=4, seed=23)
+    ref = CalibrationAccumulator(4, classwise=True).update(y, p, image_id=3)
+    given = CalibrationAccumulator(4, classwise=True).update(
+        y, p, image_id=3, y_pred=p.argmax(axis=1)
+    )
+    assert_same(all_metrics(given), all_metrics(ref))
+    monkeypatch.setattr(M, "_CHUNK_ROWS", 1000)
+    cut = CalibrationAccumulator(4, classwise=True).update(
+        y, p, image_id=3, y_pred=p.argmax(axis=1)
+    )
+    assert_same(all_metrics(cut), all_metrics(ref))
+    # (N, C, H, W) probabilities take (N, H, W) predictions
+    p4 = p.reshape(12, 20, 20, 4).transpose(0, 3, 1, 2)
+    four = CalibrationAccumulator(4, classwise=True).update(
+        y.reshape(12, 20, 20), p4, image_id=np.full(12, 3), y_pred=p4.argmax(axis=1)
+    )
+    assert_same(all_metrics(four), all_metrics(ref))
+
+
+def test_y_pred_decides_accuracy_and_confidence_of_tied_rows():
+    # uniform rows: argmax would say class 0; the model said otherwise
+    y = np.array([2, 2, 1, 0])
+    p = np.full((4, 3), 1 / 3, dtype=np.float32)
+    y_pred = np.array([2, 2, 0, 0])
+    default = CalibrationAccumulator(3).update(y, p).summary()
+    given = CalibrationAccumulator(3).update(y, p, y_pred=y_pred).summary()
+    assert default["accuracy"] == 0.25
+    assert given["accuracy"] == accuracy_score(y, y_pred) == 0.75
+    acc = CalibrationAccumulator(3).update(y, p, y_pred=y_pred)
+    np.testing.assert_array_equal(acc.confusion_matrix_, np.array(
+        [[1, 0, 0], [1, 0, 0], [0, 0, 2]]
+    ))
+    # the confidence is the probability of the given class
+    p2 = np.array([[0.6, 0.3, 0.1]], dtype=np.float32)
+    acc2 = CalibrationAccumulator(3).update([1], p2, y_pred=[1])
+    assert acc2.summary()["ece"] == pytest.approx(1 - 0.3)
+
+
+@pytest.mark.parametrize(
+    "y_pred, match",
+    [
+        (np.array([0, 1, 3]), r"outside \[0, 2\]"),
+        (np.array([0, -1, 2]), r"outside \[0, 2\]"),
+        (np.array([0, 1]), "Shape mismatch.*y_pred"),
+        (np.array([0.0, 1.5, 2.0]), "y_pred must hold integer"),
+        (np.array(["a", "b", "c"]), "y_pred must hold integer"),
+    ],
+)
+def test_bad_y_pred_raises_and_counts_nothing(y_pred, match):
+    y = np.array([0, 1, 2])
+    p = np.full((3, 3), 1 / 3)
+    acc = CalibrationAccumulator(3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        acc.update(y, p, y_pred=y_pred)
+    assert acc.n_pixels_ == 0

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sklearn.base import clone
 
 from sksegcal.metrics import CalibrationAccumulator
 from sksegcal.pixels import flatten_segmentation, predict_proba_maps
-from sksegcal.scaling import TemperatureScaling
+from sksegcal.scaling import TemperatureScaling, VectorScaling
 from sksegcal.store import LogitStore, evaluate_store, fit_store, predict_store
 
 N_CLASSES = 4
@@ -164,6 +165,30 @@ def test_large_label_space_and_negative_ignore(tmp_path):
 
 
 # ----------------------------------------------------------------------------- errors
+def test_resume_compares_the_source(tmp_path, images):
+    logits, labels = images
+    path = tmp_path / "s"
+    first = {"checkpoint": "a.pth", "version": "1.0"}
+    # an empty store takes the source it is resumed with
+    LogitStore.create(path, n_classes=N_CLASSES, source={"checkpoint": "old.pth"})
+    store = LogitStore.create(path, n_classes=N_CLASSES, source=first, exist_ok=True)
+    assert LogitStore.open(path).source == first
+    store.add_image(0, logits[0], labels[0])
+    with pytest.raises(ValueError, match=r"checkpoint='a.pth', not 'b.pth'.*mix"):
+        LogitStore.create(path, n_classes=N_CLASSES, exist_ok=True,
+                          source={"checkpoint": "b.pth", "version": "1.0"})
+    # only the named keys are compared; keys one side lacks are not
+    resumed = LogitStore.create(path, n_classes=N_CLASSES, exist_ok=True,
+                                source={"checkpoint": "a.pth", "version": "2.0"},
+                                match_source=["checkpoint"])
+    resumed = LogitStore.create(path, n_classes=N_CLASSES, exist_ok=True,
+                                source={"other": 1})
+    assert resumed.source == first and len(resumed) == 1
+    LogitStore.create(path, n_classes=N_CLASSES, exist_ok=True,
+                      source={"checkpoint": "b.pth"}, match_source=False)
+    assert LogitStore.open(path).source == first  # a resumed store keeps its record
+
+
 def test_errors_are_clear(store, tmp_path, images):
     logits, labels = images
     with pytest.raises(ValueError, match="manifest.json is missing"):
@@ -387,6 +412,7 @@ def test_evaluate_store_matches_in_memory(store, fitted_ts):
     )
     assert set(timings) == {
         "read",
+        "argmax",
         "predict:uncalibrated",
         "predict:ts",
         "metrics:ts",
@@ -403,6 +429,23 @@ def test_evaluate_store_matches_in_memory(store, fitted_ts):
         for key in ref:
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)
     assert accs["ts"].summary()["nll"] < accs["uncalibrated"].summary()["nll"]
+
+
+def test_evaluate_store_keeps_the_model_prediction_through_ties(store, fitted_ts):
+    # a huge temperature makes every calibrated row uniform in float32: the
+    # argmax of those rows is class 0, but the model's prediction is unchanged
+    flat = clone(fitted_ts).fit(*table(store)[:2])
+    flat.temperature_ = 1e10
+    vs = VectorScaling().fit(*table(store)[:2])
+    accs = summaries(evaluate_store(store, {"uncalibrated": None, "flat": flat, "vs": vs}))
+    assert accs["flat"]["accuracy"] == accs["uncalibrated"]["accuracy"]
+    assert accs["flat"]["miou"] == accs["uncalibrated"]["miou"]
+    X, y, _ = table(store)
+    p_flat = flat.predict_proba(X)
+    assert np.ptp(p_flat, axis=1).max() < 1e-6  # the rows really are tied
+    assert np.mean(p_flat.argmax(1) == y) != pytest.approx(accs["flat"]["accuracy"])
+    # vector scaling may move the argmax: its own probabilities decide
+    assert accs["vs"]["accuracy"] == pytest.approx(np.mean(vs.predict(X) == y))
 
 
 def summaries(accs):

@@ -662,14 +662,9 @@ def extract_logits(
         ignore_index=ignore_index,
         source=source_info,
         exist_ok=True,
+        # not the mmseg version or the config's path: those may change harmlessly
+        match_source=("model", "checkpoint", "size", "reduce_zero_label"),
     )
-    old = store.source
-    for key in ("size", "reduce_zero_label", "checkpoint"):
-        if len(store) and key in old and old[key] != source_info[key]:
-            raise ValueError(
-                f"The store at {store.path} was extracted with {key}={old[key]!r}, not "
-                f"{source_info[key]!r}; resuming would mix the two. Use another store_path."
-            )
 
     todo = set(store.missing(item_names))
     todo_idx = [i for i, name in enumerate(item_names) if name in todo]
