@@ -134,6 +134,30 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
     def _scale_chunk(self, z: np.ndarray) -> np.ndarray:
         """Calibrated logits of one chunk of logits, in the chunk's dtype."""
 
+    def _row_inverse_temperatures(self, z: np.ndarray):
+        """``beta`` (one, or one per row) with ``_scale_chunk(z) == beta * z``, or None.
+
+        Temperature-based calibrators define it, so that the calibrated
+        probabilities are ``softmax(z / T)`` and evaluation can score them
+        straight from the logits (``CalibrationAccumulator.update_logits``).
+        """
+        return None
+
+    def _softmax_temperatures(self, X: np.ndarray):
+        """T (a float or one per row) with ``predict_proba(X) == softmax(X / T)``, or None.
+
+        ``X`` is a validated (n, C) float chunk of logits.
+        """
+        if self.input_type != "logits":
+            return None
+        parts = iter_chunks(len(X), self.chunk_size)
+        betas = [self._row_inverse_temperatures(X[part]) for part in parts]
+        if not betas or betas[0] is None:
+            return None
+        if np.ndim(betas[0]) == 0:
+            return 1.0 / float(betas[0])
+        return 1.0 / np.concatenate(betas).astype(np.float64)
+
     # --------------------------------------------------------------- prediction
     @staticmethod
     def _work_dtype(X: np.ndarray) -> type:

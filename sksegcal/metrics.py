@@ -35,11 +35,13 @@ import numbers
 import sys
 import uuid
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sklearn.metrics import make_scorer
 from sklearn.utils import Bunch
+
+from ._kernels import argmax_rows, can_tally, shifted_exp, softmax_stats, tally
 
 __all__ = [
     "NLL_EPS",
@@ -106,21 +108,25 @@ def _to_numpy(a: Any, name: str) -> np.ndarray:
     return arr
 
 
-def _prepare_probs(y_prob: Any) -> tuple[np.ndarray, np.dtype, tuple[int, ...] | None]:
-    """Return C-contiguous float32 (n, C) probabilities, the input dtype, the image shape.
+def _prepare_probs(
+    y_prob: Any, name: str = "y_prob"
+) -> tuple[np.ndarray, np.dtype, tuple[int, ...] | None]:
+    """Return C-contiguous float32 (n, C) values, the input dtype, the image shape.
 
     (N, C, *spatial) input is moved to (N * prod(spatial), C) (a chunk-sized
     copy); the returned shape is (N, *spatial) so labels can be checked.
+    ``name`` is "y_prob" (probabilities) or "logits".
     """
-    p = _to_numpy(y_prob, "y_prob")
+    p = _to_numpy(y_prob, name)
     if p.dtype.kind != "f":
+        what = "probabilities" if name == "y_prob" else "logits"
         raise TypeError(
-            f"y_prob must hold floating-point probabilities; got dtype {p.dtype}. "
-            "Pass predict_proba output (or softmax of the logits), not labels."
+            f"{name} must hold floating-point {what}; got dtype {p.dtype}. "
+            "Pass the network's scores, not labels."
         )
     in_dtype = p.dtype
     spatial = None
-    if p.ndim == 1:
+    if p.ndim == 1 and name == "y_prob":
         # Binary problem given as P(class 1), as scikit-learn scorers pass it.
         p1 = p.astype(np.float32)
         p = np.empty((p1.size, 2), dtype=np.float32)
@@ -132,8 +138,44 @@ def _prepare_probs(y_prob: Any) -> tuple[np.ndarray, np.dtype, tuple[int, ...] |
         spatial = (p.shape[0], *p.shape[2:])
         p = np.ascontiguousarray(np.moveaxis(p, 1, -1), dtype=np.float32).reshape(-1, p.shape[1])
     else:
-        raise ValueError("y_prob must be 1-D, 2-D (n, C) or (N, C, H, W); got a scalar.")
+        shapes = "1-D, 2-D" if name == "y_prob" else "2-D"
+        raise ValueError(
+            f"{name} must be {shapes} (n, C) or (N, C, H, W); got shape {p.shape}."
+        )
     return p, in_dtype, spatial
+
+
+def _inverse_temperature(temperature: Any, n: int, spatial, dtype) -> np.ndarray:
+    """1 / temperature as a (1,) or (n,) array, checked positive and finite."""
+    t = _to_numpy(temperature, "temperature")
+    if t.ndim == 0:
+        t = t.reshape(1)
+    elif spatial is not None and tuple(t.shape) == spatial or t.shape == (n,):
+        t = t.reshape(-1)
+    else:
+        expected = f"(n,) = ({n},)" if spatial is None else f"(N, *spatial) = {spatial}"
+        raise ValueError(
+            f"temperature must be a number or one per pixel of shape {expected}; got "
+            f"shape {tuple(t.shape)}."
+        )
+    t = t.astype(np.float64)
+    if not (np.isfinite(t).all() and (t > 0).all()):
+        raise ValueError("temperature must be positive and finite.")
+    return (1.0 / t).astype(dtype)
+
+
+_NON_FINITE_LOGITS = "logits contain NaN or +inf values (in non-ignored pixels)."
+
+
+class _Chunk(NamedTuple):
+    x: np.ndarray  # (n, C) float32: probabilities or logits
+    in_dtype: np.dtype
+    spatial: tuple[int, ...] | None
+    y: np.ndarray  # (n,) int64 labels
+    yv: np.ndarray  # labels of the kept rows
+    rows: np.ndarray | None  # kept rows, None when all are kept
+    w: np.ndarray | None
+    ids: Any
 
 
 def _prepare_labels(
@@ -619,37 +661,76 @@ class CalibrationAccumulator:
         bounded whatever the chunk size. The update is all or nothing: when
         a piece fails validation, nothing of the chunk is counted.
         """
-        pieces = _split_large_chunk(y_true, y_prob, image_id, sample_weight, y_pred)
+        return self._update_in_pieces(
+            self._update_chunk, y_true, y_prob, image_id, sample_weight, y_pred
+        )
+
+    def update_logits(
+        self,
+        y_true: Any,
+        logits: Any,
+        *,
+        temperature: Any = 1.0,
+        image_id: Any = None,
+        sample_weight: Any = None,
+    ) -> CalibrationAccumulator:
+        """Add one chunk of logits: the probabilities are ``softmax(logits / temperature)``.
+
+        The same tallies as ``update(y_true, softmax(logits / temperature),
+        y_pred=logits.argmax(axis=1))`` (to float rounding), without
+        materialising the probabilities: the confidence, the probability of
+        the label and the sum of squared probabilities come from one pass of
+        exponentials. This is how :func:`~sksegcal.store.evaluate_store`
+        scores the uncalibrated model and temperature-based calibrators.
+
+        Parameters
+        ----------
+        y_true : array-like of shape (n,) or (N, H, W)
+            Integer class labels; pixels equal to ``ignore_index`` are skipped.
+        logits : array-like of shape (n, C) or (N, C, H, W)
+            Logits (numpy array or torch tensor), computed on in float32. NaN
+            or +inf in a non-ignored pixel raises; -inf is a masked class
+            (probability 0).
+        temperature : float or array-like of shape (n,) or (N, H, W), default=1.0
+            Positive temperature, one for the chunk or one per pixel (as
+            selective scaling gives). The prediction is the argmax of the
+            logits, which a positive temperature keeps.
+        image_id, sample_weight
+            As in :meth:`update`.
+
+        Returns
+        -------
+        self : CalibrationAccumulator
+        """
+        return self._update_in_pieces(
+            self._update_logits_chunk, y_true, logits, image_id, sample_weight, temperature
+        )
+
+    def _update_in_pieces(self, update_chunk, y_true, values, image_id, sample_weight, extra):
+        pieces = _split_large_chunk(y_true, values, image_id, sample_weight, extra)
         if pieces is None:
-            return self._update_chunk(y_true, y_prob, image_id, sample_weight, y_pred)
+            update_chunk(y_true, values, image_id, sample_weight, extra)
+            return self
         # Tally into an empty twin (sharing the auto image-id source) and merge
         # only when every piece went through.
         scratch = copy.copy(self)
         scratch._reset_tallies()
-        for yt, yp, iid, sw, yd in pieces:
-            scratch._update_chunk(yt, yp, iid, sw, yd)
+        for piece in pieces:
+            update_chunk.__func__(scratch, *piece)
         self.merge(scratch)
         self._n_auto_images = scratch._n_auto_images
         return self
 
-    def _update_chunk(
-        self, y_true, y_prob, image_id, sample_weight, y_pred=None
-    ) -> CalibrationAccumulator:
-        p, in_dtype, spatial = _prepare_probs(y_prob)
-        n, c = p.shape
+    def _prepare_chunk(self, y_true, values, image_id, sample_weight, name):
+        """Validated (n, C) float array, labels, weights, ids and the kept rows."""
+        x, in_dtype, spatial = _prepare_probs(values, name)
+        n, c = x.shape
         if c != self.n_classes:
             raise ValueError(
-                f"y_prob has {c} classes (columns) but this accumulator was built with "
+                f"{name} has {c} classes (columns) but this accumulator was built with "
                 f"n_classes={self.n_classes}."
             )
         y = _prepare_labels(y_true, n, spatial)
-        if y_pred is not None:
-            y_pred = _prepare_labels(y_pred, n, spatial, name="y_pred")
-            if y_pred.size and (int(y_pred.min()) < 0 or int(y_pred.max()) >= c):
-                raise ValueError(
-                    f"y_pred holds classes outside [0, {c - 1}]; it must be predicted "
-                    "class indices (e.g. logits.argmax(axis=1))."
-                )
         w = _check_sample_weight(sample_weight, n, spatial)
         ids = _check_image_id(image_id, n, spatial)
         if ids is None and spatial is not None and spatial[0] > 0:
@@ -662,40 +743,129 @@ class CalibrationAccumulator:
 
         if self.ignore_index is not None:
             valid = y != self.ignore_index
-            all_valid = bool(valid.all())
+            rows = None if bool(valid.all()) else np.flatnonzero(valid)
         else:
-            valid, all_valid = None, True
-        yv = y if all_valid else y[valid]
-        if yv.size == 0:
-            return self  # a chunk of ignored pixels only: nothing to count
-        lo, hi = int(yv.min()), int(yv.max())
-        if lo < 0 or hi >= c:
-            bad = np.unique(yv[(yv < 0) | (yv >= c)])[:5]
-            raise ValueError(
-                f"y_true contains labels {bad.tolist()} outside [0, {c - 1}] that are not "
-                f"the ignore_index ({self.ignore_index}); set ignore_index to the label of "
-                "unlabelled pixels."
-            )
+            rows = None
+        yv = y if rows is None else y[rows]
+        if yv.size:
+            lo, hi = int(yv.min()), int(yv.max())
+            if lo < 0 or hi >= c:
+                bad = np.unique(yv[(yv < 0) | (yv >= c)])[:5]
+                raise ValueError(
+                    f"y_true contains labels {bad.tolist()} outside [0, {c - 1}] that are "
+                    f"not the ignore_index ({self.ignore_index}); set ignore_index to the "
+                    "label of unlabelled pixels."
+                )
+        return _Chunk(x, in_dtype, spatial, y, yv, rows, w, ids)
 
-        # Passes over the (n, C) chunk: argmax (unless given) and sum of squares (plus, when
-        # checking, the row sums and one global min). NumPy, single-threaded:
-        # torch's OpenMP reductions stall badly on shared, oversubscribed CPUs.
-        # Everything after works on n-vectors.
-        pred_all = p.argmax(axis=1) if y_pred is None else y_pred
+    def _update_chunk(self, y_true, y_prob, image_id, sample_weight, y_pred=None) -> None:
+        chunk = self._prepare_chunk(y_true, y_prob, image_id, sample_weight, "y_prob")
+        p, rows, yv = chunk.x, chunk.rows, chunk.yv
+        n, c = p.shape
+        if y_pred is not None:
+            y_pred = _prepare_labels(y_pred, n, chunk.spatial, name="y_pred")
+            if y_pred.size and (int(y_pred.min()) < 0 or int(y_pred.max()) >= c):
+                raise ValueError(
+                    f"y_pred holds classes outside [0, {c - 1}]; it must be predicted "
+                    "class indices (e.g. logits.argmax(axis=1))."
+                )
+        if yv.size == 0:
+            return  # a chunk of ignored pixels only: nothing to count
+
+        if self._compiled_tally(chunk, p, normalise=False, pred=y_pred):
+            return
+        # Passes over the (n, C) chunk: argmax (unless given) and sum of squares
+        # (plus, when checking, the row sums and one global min). Everything after
+        # works on n-vectors.
+        pred_all = argmax_rows(p) if y_pred is None else y_pred
         sumsq_all = np.einsum("ij,ij->i", p, p)
-        rows = None if all_valid else np.flatnonzero(valid)
-        pred = pred_all if all_valid else pred_all[rows]
+        pred = pred_all if rows is None else pred_all[rows]
         flat = p.reshape(-1)
-        base = np.arange(n, dtype=np.int64) * c if all_valid else rows * c
+        base = np.arange(n, dtype=np.int64) * c if rows is None else rows * c
         conf32 = flat[base + pred]
         py32 = flat[base + yv]
-        sumsq = (sumsq_all if all_valid else sumsq_all[rows]).astype(np.float64)
+        sumsq = (sumsq_all if rows is None else sumsq_all[rows]).astype(np.float64)
         if self.check_input:
-            self._check_probs(p, rows, conf32, sumsq, in_dtype)
+            self._check_probs(p, rows, conf32, sumsq, chunk.in_dtype)
+        self._tally(
+            chunk, pred, conf32.astype(np.float64), py32.astype(np.float64), sumsq, p
+        )
 
-        conf = conf32.astype(np.float64)
-        py = py32.astype(np.float64)
-        wv = None if w is None else (w if all_valid else w[rows])
+    def _update_logits_chunk(
+        self, y_true, logits, image_id, sample_weight, temperature=1.0
+    ) -> None:
+        chunk = self._prepare_chunk(y_true, logits, image_id, sample_weight, "logits")
+        z, rows, yv = chunk.x, chunk.rows, chunk.yv
+        n, c = z.shape
+        beta = _inverse_temperature(temperature, n, chunk.spatial, z.dtype)
+        if yv.size == 0:
+            return
+        if not self.classwise and can_tally(z):
+            pred_all, e = shifted_exp(z, beta, reuse=True)
+            self._compiled_tally(chunk, e, normalise=True, pred=pred_all)
+            return
+        pred_all, e, total, squares = softmax_stats(z, beta)
+        if rows is not None:
+            pred_all, total, squares = pred_all[rows], total[rows], squares[rows]
+        pred = pred_all
+        # a NaN or +inf logit makes its row's sums NaN (-inf is a probability of 0)
+        if not (np.isfinite(total).all() and np.isfinite(squares).all()):
+            raise ValueError(_NON_FINITE_LOGITS)
+        inv_total = 1.0 / total
+        base = np.arange(n, dtype=np.int64) * c if rows is None else rows * c
+        flat = e.reshape(-1)
+        # probabilities in the working dtype, as update() would see them
+        conf = (flat[base + pred] * inv_total).astype(z.dtype).astype(np.float64)
+        py = (flat[base + yv] * inv_total).astype(z.dtype).astype(np.float64)
+        sumsq = squares * inv_total**2
+        probs = None
+        if self.classwise:
+            probs = e / e.sum(axis=1, keepdims=True)
+        self._tally(chunk, pred, conf, py, sumsq, probs)
+
+    def _compiled_tally(self, chunk, values, *, normalise, pred) -> bool:
+        """Tally the chunk in one compiled pass; False where only NumPy can."""
+        if self.classwise or not can_tally(values):
+            return False
+        keys, codes = chunk.ids if chunk.ids is not None else ([None], None)
+        top, cm, img, sums, check = tally(
+            values,
+            normalise=normalise,
+            pred=pred,
+            y=chunk.y,
+            ignore_index=self.ignore_index,
+            weights=chunk.w,
+            codes=codes,
+            n_keys=len(keys),
+            n_bins=self.n_base_bins,
+            n_image_bins=self.per_image_n_bins,
+            nll_eps=NLL_EPS,
+        )
+        lo, hi, worst_sum, non_finite = check
+        if non_finite:
+            raise ValueError(
+                _NON_FINITE_LOGITS
+                if normalise
+                else "y_prob contains NaN or infinite values (in non-ignored pixels)."
+            )
+        if self.check_input and not normalise:
+            self._check_prob_range(lo, hi)
+            self._check_row_sums(worst_sum, chunk.in_dtype)
+        self._top += top
+        self.confusion_matrix_ += cm
+        self._nll_sum += float(sums[0])
+        self._brier_sum += float(sums[1])
+        self.total_weight_ += float(sums[2])
+        self.n_pixels_ += int(sums[3])
+        if chunk.ids is not None:
+            self._add_image_tallies(keys, img)
+        return True
+
+    def _tally(self, chunk, pred, conf, py, sumsq, probs) -> None:
+        """Add the kept pixels' prediction, confidence, p(label), sum of p**2."""
+        c = self.n_classes
+        yv, rows, w = chunk.yv, chunk.rows, chunk.w
+        wv = None if w is None else (w if rows is None else w[rows])
         correct = pred == yv
 
         g = self.n_base_bins
@@ -724,13 +894,12 @@ class CalibrationAccumulator:
         self.n_pixels_ += int(yv.size)
 
         if self.classwise:
-            self._update_classwise(p if all_valid else p[rows], yv, wv)
-        if ids is not None:
-            keys, codes = ids
-            if codes is not None and not all_valid:
+            self._update_classwise(probs if rows is None else probs[rows], yv, wv)
+        if chunk.ids is not None:
+            keys, codes = chunk.ids
+            if codes is not None and rows is not None:
                 codes = codes[rows]
             self._update_images(keys, codes, conf, correct, wv)
-        return self
 
     def _check_probs(self, p, rows, conf32, sumsq, in_dtype) -> None:
         # NaN/inf propagate into the sum of squares and the argmax picks NaN,
@@ -744,20 +913,26 @@ class CalibrationAccumulator:
             rmin = float(pv.min())
         else:
             rmin = 0.0
-        cmax = float(conf32.max())
-        if cmax > 1.0 + 1e-6 or rmin < 0:
-            raise ValueError(
-                f"y_prob must be probabilities in [0, 1]; got values in [{rmin:.4g}, "
-                f"{cmax:.4g}]. Pass softmax(logits), not logits."
-            )
+        self._check_prob_range(rmin, float(conf32.max()))
         rsum = np.einsum("ij->i", p)
         if rows is not None:
             rsum = rsum[rows]
-        atol = _ROW_SUM_ATOL.get(np.dtype(in_dtype), _ROW_SUM_ATOL_DEFAULT)
-        dev = np.abs(rsum - 1.0)
-        if dev.max() > atol:
+        self._check_row_sums(float(np.abs(rsum - 1.0).max()), in_dtype)
+
+    @staticmethod
+    def _check_prob_range(lowest: float, highest: float) -> None:
+        if highest > 1.0 + 1e-6 or lowest < 0:
             raise ValueError(
-                f"Rows of y_prob must sum to 1; the largest deviation is {float(dev.max()):.3g} "
+                f"y_prob must be probabilities in [0, 1]; got values in [{lowest:.4g}, "
+                f"{highest:.4g}]. Pass softmax(logits), not logits."
+            )
+
+    @staticmethod
+    def _check_row_sums(worst: float, in_dtype) -> None:
+        atol = _ROW_SUM_ATOL.get(np.dtype(in_dtype), _ROW_SUM_ATOL_DEFAULT)
+        if worst > atol:
+            raise ValueError(
+                f"Rows of y_prob must sum to 1; the largest deviation is {worst:.3g} "
                 f"(tolerance {atol}). Pass normalised probabilities (softmax over classes)."
             )
 
@@ -793,6 +968,9 @@ class CalibrationAccumulator:
             ],
             axis=0,
         ).reshape(3, k, b)
+        self._add_image_tallies(keys, st)
+
+    def _add_image_tallies(self, keys, st) -> None:
         for j, key in enumerate(keys):
             if key in self._images:
                 self._images[key] += st[:, j, :]

@@ -96,8 +96,11 @@ class TemperatureScaling(BaseLogitCalibrator):
             Z, y, sample_weight=sample_weight, bounds=(low, high), chunk_size=self.chunk_size
         )
 
+    def _row_inverse_temperatures(self, z):
+        return z.dtype.type(1.0 / self.temperature_)
+
     def _scale_chunk(self, z):
-        return z * z.dtype.type(1.0 / self.temperature_)
+        return z * self._row_inverse_temperatures(z)
 
 
 def _check_bounds(bounds, name: str) -> tuple[float, float]:
@@ -509,10 +512,12 @@ class MetaCalScaling(BaseLogitCalibrator):
             ]
         )
 
-    def _scale_chunk(self, z):
-        beta = np.where(
+    def _row_inverse_temperatures(self, z):
+        return np.where(
             self._entropy(z) > self.entropy_threshold_,
             1.0 / self.t_reject_,
             1.0 / self.temperature_,
         ).astype(z.dtype)
-        return z * beta[:, None]
+
+    def _scale_chunk(self, z):
+        return z * self._row_inverse_temperatures(z)[:, None]

@@ -442,11 +442,14 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         self.held_out_flagged_fraction_ = n_flagged / max(len(p), 1)
 
     # --------------------------------------------------------------- prediction
-    def _scale_chunk(self, z):
+    def _row_inverse_temperatures(self, z):
         # features come from the unscaled chunk, which is already logits here
         features = make_features(log_softmax(z), self.features)
         beta = self._inverse_temperature(self._p_correct(features), self.t1_, self.t2_)
-        return z * beta[:, None].astype(z.dtype, copy=False)
+        return beta.astype(z.dtype, copy=False)
+
+    def _scale_chunk(self, z):
+        return z * self._row_inverse_temperatures(z)[:, None]
 
     def predict_correctness(self, X) -> np.ndarray:
         """The classifier's P(correct) for each pixel.

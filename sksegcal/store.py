@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._kernels import argmax_rows
 from ._validation import check_finite, check_ignore_index, check_labels, check_random_state_int
 from .features import softmax
 from .pixels import ImageSplit, split_images
@@ -833,11 +834,10 @@ class LogitStore:
 
         for z, t in self._iter_blocks(image_id, chunk_pixels):
             keep = self._keep(t).ravel()
-            # torch's float16 -> float32 cast is vectorised (~7x numpy's); then one
-            # transposing copy to pixel-major, then drop ignored rows: ~2.3x faster
-            # than numpy's cast, index, transpose on a (19, 262144) block
-            z32 = torch.from_numpy(z.reshape(self.n_classes, -1)).float().numpy()
-            x = np.ascontiguousarray(z32.T)
+            # one pass from class-major float16 to pixel-major float32: torch casts
+            # while it transposes, ~2x numpy's cast then transposing copy
+            x = np.empty((keep.size, self.n_classes), dtype=np.float32)
+            torch.from_numpy(x).copy_(torch.from_numpy(z.reshape(self.n_classes, -1)).t())
             y = t.ravel().astype(np.int64)
             yield (x, y) if keep.all() else (x[keep], y[keep])
 
@@ -865,22 +865,38 @@ class LogitStore:
         groups : ndarray of shape (n,), int64
         """
         chunk_pixels = self._chunk_pixels(chunk_pixels)
-        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        n_pending = 0
+        c = self.n_classes
+        out = None  # the chunk being filled: each pixel is copied into it once
+        pos = 0
         for image_id in self._as_ids(images):
             for x, y in self._iter_image_tables(image_id, chunk_pixels):
-                if not len(y):
-                    continue
-                pending.append((x, y, np.full(len(y), image_id, dtype=np.int64)))
-                n_pending += len(y)
-                while n_pending >= chunk_pixels:
-                    parts = [np.concatenate(p) for p in zip(*pending)]
-                    yield tuple(p[:chunk_pixels] for p in parts)
-                    rest = tuple(p[chunk_pixels:] for p in parts)
-                    n_pending -= chunk_pixels
-                    pending = [rest] if n_pending else []
-        if n_pending:
-            yield tuple(np.concatenate(p) for p in zip(*pending))
+                start = 0
+                while start < len(y):
+                    m = min(len(y) - start, chunk_pixels - pos)
+                    if pos == 0 and m == chunk_pixels:  # a whole chunk: no copy
+                        yield (
+                            x[start : start + m],
+                            y[start : start + m],
+                            np.full(m, image_id, dtype=np.int64),
+                        )
+                        start += m
+                        continue
+                    if out is None:
+                        out = (
+                            np.empty((chunk_pixels, c), dtype=np.float32),
+                            np.empty(chunk_pixels, dtype=np.int64),
+                            np.empty(chunk_pixels, dtype=np.int64),
+                        )
+                    out[0][pos : pos + m] = x[start : start + m]
+                    out[1][pos : pos + m] = y[start : start + m]
+                    out[2][pos : pos + m] = image_id
+                    pos += m
+                    start += m
+                    if pos == chunk_pixels:
+                        yield out
+                        out, pos = None, 0
+        if pos:
+            yield tuple(a[:pos] for a in out)
 
     # ------------------------------------------------------------------ split
     @property
@@ -1147,6 +1163,19 @@ def _keeps_prediction(estimator) -> bool:
     )
 
 
+def _softmax_temperatures(store: LogitStore, estimator, x: np.ndarray):
+    """T with probabilities ``softmax(x / T)`` (uncalibrated: 1), or None."""
+    from ._base import BaseLogitCalibrator
+
+    if store.values != "logits":
+        return None
+    if estimator is None:
+        return 1.0
+    if isinstance(estimator, BaseLogitCalibrator):
+        return estimator._softmax_temperatures(x)
+    return None
+
+
 def _evaluate_block(store: LogitStore, calibrators: dict, ids, chunk_pixels: int, acc_params):
     accs = {name: _make_accumulator(store, acc_params) for name in calibrators}
     timings = dict.fromkeys(
@@ -1155,33 +1184,42 @@ def _evaluate_block(store: LogitStore, calibrators: dict, ids, chunk_pixels: int
         + [f"metrics:{n}" for n in calibrators],
         0.0,
     )
-    # The model's prediction is computed once per chunk and handed to every
-    # accumulator whose method keeps it: one argmax pass, and accuracy/mIoU that
-    # near-uniform calibrated rows (very large temperatures) cannot tie away.
     keeps = {name: _keeps_prediction(est) for name, est in calibrators.items()}
     for image_id in ids:
         t0 = time.perf_counter()
         for x, y in store._iter_image_tables(image_id, chunk_pixels):
             t1 = time.perf_counter()
             timings["read"] += t1 - t0
-            if len(y):
-                model_pred = x.argmax(axis=1) if any(keeps.values()) else None
-                t2 = time.perf_counter()
-                timings["argmax"] += t2 - t1
-                t1 = t2
-                for name, est in calibrators.items():
+            model_pred = None
+            for name, est in (calibrators.items() if len(y) else ()):
+                # Temperature-based methods (and the uncalibrated model) are scored
+                # straight from the logits: no probability table, one exp pass.
+                temperature = _softmax_temperatures(store, est, x)
+                if temperature is not None:
+                    t2 = time.perf_counter()
+                    accs[name].update_logits(
+                        y, x, temperature=temperature, image_id=int(image_id)
+                    )
+                else:
                     proba = _uncalibrated(store, x) if est is None else est.predict_proba(x)
                     t2 = time.perf_counter()
+                    if keeps[name] and model_pred is None:
+                        # the model's prediction, once per chunk, for every method that
+                        # keeps it: accuracy and mIoU that tied near-uniform calibrated
+                        # rows cannot change
+                        model_pred = argmax_rows(x)
+                        timings["argmax"] += time.perf_counter() - t2
+                        t2 = time.perf_counter()
                     accs[name].update(
                         y,
                         proba,
                         image_id=int(image_id),
                         y_pred=model_pred if keeps[name] else None,
                     )
-                    t3 = time.perf_counter()
-                    timings[f"predict:{name}"] += t2 - t1
-                    timings[f"metrics:{name}"] += t3 - t2
-                    t1 = t3
+                t3 = time.perf_counter()
+                timings[f"predict:{name}"] += t2 - t1
+                timings[f"metrics:{name}"] += t3 - t2
+                t1 = t3
             t0 = time.perf_counter()
     return accs, timings
 
@@ -1211,12 +1249,15 @@ def evaluate_store(
     ``joblib.parallel_backend("dask")``) and their accumulators are merged in
     block order, so the result does not depend on ``n_jobs`` or the backend.
 
-    The predicted class of the uncalibrated model and of every calibrator that
-    keeps it (ours whose ``predict`` is the argmax of the input: every
-    temperature-based one) is the argmax of the stored values, computed once
-    per chunk and passed as ``y_pred``; for the others (vector and Dirichlet
-    scaling, pipelines, foreign estimators) it is the argmax of their
-    probabilities.
+    The uncalibrated model and temperature-based calibrators (temperature
+    scaling, selective scaling, Meta-Cal: probabilities ``softmax(z / T)``
+    with one or a per-pixel ``T``) are scored straight from the logits with
+    :meth:`~sksegcal.metrics.CalibrationAccumulator.update_logits`, without
+    a probability table. Other calibrators that keep the model's prediction
+    (ensemble temperature scaling) are scored with the argmax of the logits,
+    computed once per chunk and passed as ``y_pred``; the rest (vector and
+    Dirichlet scaling, pipelines, foreign estimators) with the argmax of
+    their own probabilities.
 
     Parameters
     ----------

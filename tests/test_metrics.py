@@ -648,3 +648,107 @@ def test_bad_y_pred_raises_and_counts_nothing(y_pred, match):
     with pytest.raises((ValueError, TypeError), match=match):
         acc.update(y, p, y_pred=y_pred)
     assert acc.n_pixels_ == 0
+
+
+def _softmax64(z, temperature=1.0):
+    z = np.asarray(z, dtype=np.float64) / np.reshape(temperature, (-1, 1))
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("per_pixel", [False, True])
+def test_update_logits_equals_update_on_the_softmax(per_pixel, monkeypatch):
+    rng = np.random.default_rng(31)
+    n, c = 4800, 5
+    z = rng.normal(scale=4.0, size=(n, c)).astype(np.float32)
+    y = np.where(rng.random(n) < 0.7, z.argmax(1), rng.integers(0, c, n))
+    y[rng.random(n) < 0.1] = IGNORE
+    w = rng.random(n)
+    ids = rng.integers(0, 4, n)
+    t = rng.uniform(0.5, 3.0, n) if per_pixel else 1.7
+    ref = CalibrationAccumulator(c, classwise=True).update(
+        y, _softmax64(z, t).astype(np.float32), image_id=ids, sample_weight=w
+    )
+    got = CalibrationAccumulator(c, classwise=True).update_logits(
+        y, z, temperature=t, image_id=ids, sample_weight=w
+    )
+    assert_same(all_metrics(got), all_metrics(ref), rtol=1e-6, atol=1e-7)
+    # cut into pieces, and as (N, C, H, W) with per-pixel temperatures as (N, H, W)
+    monkeypatch.setattr(M, "_CHUNK_ROWS", 1000)
+    z4 = z.reshape(12, 20, 20, c).transpose(0, 3, 1, 2)
+    t4 = np.reshape(t, (12, 20, 20)) if per_pixel else t
+    four = CalibrationAccumulator(c, classwise=True).update_logits(
+        y.reshape(12, 20, 20), z4, temperature=t4, image_id=ids, sample_weight=w
+    )
+    assert_same(all_metrics(four), all_metrics(ref), rtol=1e-6, atol=1e-7)
+
+
+def test_update_logits_nll_and_brier_match_sklearn():
+    rng = np.random.default_rng(32)
+    z = rng.normal(scale=1.5, size=(3000, 4)) + 200.0  # large logits: no overflow
+    y = rng.integers(0, 4, 3000)
+    acc = CalibrationAccumulator(4).update_logits(y, z, temperature=0.8)
+    p = _softmax64(z, 0.8)
+    assert acc.summary()["nll"] == pytest.approx(log_loss(y, p), rel=1e-5)
+    assert acc.summary()["brier"] == pytest.approx(
+        np.mean(np.sum((p - np.eye(4)[y]) ** 2, axis=1)), rel=1e-5
+    )
+    assert acc.summary()["accuracy"] == accuracy_score(y, z.argmax(1))
+
+
+def test_update_logits_keeps_the_prediction_of_a_huge_temperature():
+    rng = np.random.default_rng(33)
+    z = rng.normal(size=(500, 3)).astype(np.float32)
+    y = z.argmax(1)
+    acc = CalibrationAccumulator(3).update_logits(y, z, temperature=1e10)
+    assert acc.summary()["accuracy"] == 1.0
+    assert acc.summary()["ece"] == pytest.approx(1 - 1 / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=0.0), "positive"),
+        (dict(temperature=-1.0), "positive"),
+        (dict(temperature=np.inf), "positive"),
+        (dict(temperature=np.ones(5)), "one per pixel"),
+        (dict(logits=np.zeros((6, 4))), "4 classes"),
+        (dict(logits=np.zeros(6)), "2-D"),
+        (dict(logits=np.arange(18).reshape(6, 3)), "floating-point logits"),
+    ],
+)
+def test_update_logits_bad_input_counts_nothing(kwargs, match):
+    rng = np.random.default_rng(34)
+    args = dict(y_true=np.arange(6) % 3, logits=rng.normal(size=(6, 3)))
+    args.update(kwargs)
+    y_true, logits = args.pop("y_true"), args.pop("logits")
+    acc = CalibrationAccumulator(3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        acc.update_logits(y_true, logits, **args)
+    assert acc.n_pixels_ == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_update_logits_rejects_nan_and_inf_logits(bad):
+    z = np.zeros((6, 3))
+    z[4, 1] = bad
+    acc = CalibrationAccumulator(3)
+    with pytest.raises(ValueError, match=r"NaN or \+inf"):
+        acc.update_logits(np.zeros(6, dtype=int), z)
+    assert acc.n_pixels_ == 0
+    # in an ignored pixel it does not count
+    acc.update_logits(np.array([0, 0, 0, 0, IGNORE, 0]), z)
+    assert acc.n_pixels_ == 5
+
+
+def test_update_logits_minus_inf_is_a_masked_class():
+    rng = np.random.default_rng(35)
+    z = rng.normal(size=(400, 4))
+    z[::3, 2] = -np.inf
+    y = rng.integers(0, 4, 400)
+    y[::3] = np.where(y[::3] == 2, 0, y[::3])
+    got = CalibrationAccumulator(4).update_logits(y, z)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    ref = CalibrationAccumulator(4).update(y, p)
+    assert_same(all_metrics(got), all_metrics(ref), rtol=1e-6, atol=1e-7)

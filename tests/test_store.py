@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
 
+from sksegcal.features import log_softmax
 from sksegcal.metrics import CalibrationAccumulator
 from sksegcal.pixels import flatten_segmentation, predict_proba_maps
 from sksegcal.scaling import TemperatureScaling, VectorScaling
@@ -429,6 +430,49 @@ def test_evaluate_store_matches_in_memory(store, fitted_ts):
         for key in ref:
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)
     assert accs["ts"].summary()["nll"] < accs["uncalibrated"].summary()["nll"]
+
+
+def _calibrator_zoo():
+    from sklearn.linear_model import LogisticRegression
+
+    from sksegcal import (
+        EnsembleTemperatureScaling,
+        MetaCalScaling,
+        SelectiveScalingCalibrator,
+    )
+
+    lr = LogisticRegression(max_iter=200)
+    return {
+        "ts": TemperatureScaling(),
+        "metacal": MetaCalScaling(rejection_rate=0.2, t_reject="auto"),
+        "selective-soft": SelectiveScalingCalibrator(classifier=lr, random_state=0),
+        "selective-hard": SelectiveScalingCalibrator(
+            classifier=lr, mode="hard", t1=1.0, t2=5.0, threshold=0.5, random_state=0
+        ),
+        "ets": EnsembleTemperatureScaling(),
+        "vector": VectorScaling(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_calibrator_zoo()))
+def test_evaluate_store_every_calibrator_matches_its_predict_proba(store, name):
+    # the temperature-based ones take the fused logits path, the others the table
+    X, y, _ = table(store)
+    est = _calibrator_zoo()[name].fit(X, y)
+    temperatures = est._softmax_temperatures(X)
+    fused = name in ("ts", "metacal", "selective-soft", "selective-hard")
+    assert (temperatures is not None) == fused
+    if fused:
+        np.testing.assert_allclose(
+            np.exp(log_softmax(X / np.reshape(temperatures, (-1, 1)))),
+            est.predict_proba(X),
+            rtol=1e-5,
+            atol=1e-7,
+        )
+    got = evaluate_store(store, {name: est}, chunk_pixels=50)[name].summary()
+    ref = reference_accumulator(store, est.predict_proba)
+    for key in ref:
+        assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
 
 
 def test_evaluate_store_keeps_the_model_prediction_through_ties(store, fitted_ts):
