@@ -4,10 +4,13 @@ Builds (or reuses) a synthetic store of ``--pixels`` pixels with ``--classes``
 classes at 512 x 1024 per image, then runs every phase in a fresh Python
 process so that each peak RSS is that phase's own:
 
-- ``read-raw``: read every byte of the store once (``readinto``, page cache warm);
+- ``read-raw``: read every byte of the store once (``readinto``);
 - ``read-table``: read the store once as a float32 pixel table (``iter_chunks``);
 - ``eval-uncal-ts``: uncalibrated and temperature-scaled metrics in one pass;
-- ``eval-selective``: selective scaling (MLP correctness classifier) metrics.
+- ``eval-selective``: selective scaling (MLP correctness classifier) metrics;
+- ``ratio``: read-table and uncalibrated + TS evaluation (numba on the logits
+  path, numba on the probability-table path, NumPy only) alternated in one
+  process, so that the ratios are not at the mercy of a noisy machine.
 
 Calibrators are fitted on a sample of the recorded train split (the fit time
 is reported apart: it reads only the sampled images' rows it keeps).
@@ -17,6 +20,9 @@ Usage::
     python benchmarks/bench_store.py                    # 50M pixels, C=19
     python benchmarks/bench_store.py --pixels 2000000   # quick run
     python benchmarks/bench_store.py --dir /data/bench --keep --n-jobs 1 2
+
+``--cold`` drops the OS page cache before every timed phase (root on Linux), so
+that the store comes off the disk, as a store larger than memory would.
 
 Prints a markdown table; docs/store.md records one.
 """
@@ -66,6 +72,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def drop_page_cache(args) -> None:
+    """With --cold, empty the OS page cache so that the store comes off the disk."""
+    if not args.cold:
+        return
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as exc:
+        raise SystemExit(f"--cold needs root on Linux to drop the page cache: {exc}") from None
+
+
 # ----------------------------------------------------------------------------- phases
 def phase_build(args):
     from sksegcal.store import LogitStore
@@ -94,6 +111,7 @@ def phase_read_raw(args):
 
     store = LogitStore.open(args.dir)
     buf = bytearray(1 << 24)
+    drop_page_cache(args)
     total = 0
     t0 = time.perf_counter()
     for i in range(len(store)):
@@ -110,6 +128,7 @@ def phase_read_table(args):
     store = LogitStore.open(args.dir)
     for _ in store.iter_chunks(args.chunk_pixels, images=[0]):  # warm up, as the others
         pass
+    drop_page_cache(args)
     n = 0
     t0 = time.perf_counter()
     for _, y, _ in store.iter_chunks(args.chunk_pixels):
@@ -157,13 +176,12 @@ def _evaluate(args, names):
     for name in names:
         path = Path(args.dir) / f"{name}.joblib"
         calibrators[name] = None if name == "uncalibrated" else joblib.load(path)
-    # warm up: lazy imports and first-call costs are not the store's
-    warm = store.sample(1000, random_state=0)
-    # (with n_jobs > 1 this also starts the workers, which then import torch once)
+    # warm up: lazy imports and first-call costs (numba's compiled-code cache) are not the
+    # store's; with n_jobs > 1 this also starts the workers, which then import torch once
     evaluate_store(
         store, calibrators, images=[0, 1], chunk_pixels=1000, task_pixels=1, n_jobs=args.n_jobs[0]
     )
-    del warm
+    drop_page_cache(args)
     t0 = time.perf_counter()
     accs, timings = evaluate_store(
         store,
@@ -190,6 +208,49 @@ def _evaluate(args, names):
     }
 
 
+def phase_ratio(args):
+    """read-table and evaluation variants alternated in one process: ratios, not times."""
+    import joblib
+
+    from sksegcal import _kernels
+    from sksegcal import store as store_module
+    from sksegcal.store import LogitStore, evaluate_store
+
+    store = LogitStore.open(args.dir)
+    calibrators = {"uncalibrated": None, "ts": joblib.load(Path(args.dir) / "ts.joblib")}
+    have_numba = _kernels.HAVE_NUMBA
+    fused = store_module._softmax_temperatures
+
+    def read():
+        for _ in store.iter_chunks(args.chunk_pixels):
+            pass
+
+    def evaluate(compiled=True, logits_path=True):
+        _kernels.HAVE_NUMBA = have_numba and compiled
+        store_module._softmax_temperatures = fused if logits_path else (lambda *a: None)
+        try:
+            evaluate_store(store, calibrators, chunk_pixels=args.chunk_pixels)
+        finally:
+            _kernels.HAVE_NUMBA = have_numba
+            store_module._softmax_temperatures = fused
+
+    variants = {
+        "read-table": read,
+        "eval (numba: logits path)": evaluate,
+        "eval (numba: probability-table path)": lambda: evaluate(logits_path=False),
+        "eval (NumPy only: probability table)": lambda: evaluate(compiled=False),
+    }
+    evaluate_store(store, calibrators, images=[0])  # warm up: compilation, imports
+    seconds = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            drop_page_cache(args)
+            t0 = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - t0)
+    return {"seconds": seconds, "numba": have_numba}
+
+
 PHASES = {
     "build": phase_build,
     "read-raw": phase_read_raw,
@@ -197,6 +258,7 @@ PHASES = {
     "fit": phase_fit,
     "eval-uncal-ts": lambda args: _evaluate(args, ["uncalibrated", "ts"]),
     "eval-selective": lambda args: _evaluate(args, ["selective"]),
+    "ratio": phase_ratio,
 }
 
 
@@ -219,6 +281,8 @@ def run_phase(args, phase, n_jobs=1):
     ]
     cmd += ["--chunk-pixels", str(args.chunk_pixels)] if args.chunk_pixels else []
     cmd += ["--skip-selective"] if args.skip_selective else []
+    cmd += ["--repeats", str(args.repeats)]
+    cmd += ["--cold"] if args.cold else []
     cmd += ["--no-check-input"] if args.no_check_input else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -237,9 +301,17 @@ def main(argv=None):
     parser.add_argument("--n-jobs", type=int, nargs="+", default=[1])
     parser.add_argument("--skip-selective", action="store_true")
     parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds of the side-by-side ratio phase"
+    )
+    parser.add_argument(
         "--no-check-input",
         action="store_true",
         help="CalibrationAccumulator(check_input=False): skip its probability checks",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before each timed read or evaluation (root, Linux)",
     )
     parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -259,6 +331,8 @@ def main(argv=None):
         for phase in ("build", "read-raw", "read-table", "fit"):
             results[phase] = run_phase(args, phase)
             print(f"# {phase}: {json.dumps(results[phase])}", file=sys.stderr)
+        results["ratio"] = run_phase(args, "ratio")
+        print(f"# ratio: {json.dumps(results['ratio'])}", file=sys.stderr)
         evals = ["eval-uncal-ts"] + ([] if args.skip_selective else ["eval-selective"])
         for phase in evals:
             for n_jobs in args.n_jobs:
@@ -284,7 +358,7 @@ def report(args, results):
     print("|---|---|---|---|---|---|")
     base = table["seconds"]
     for key, r in results.items():
-        if key in ("build", "fit"):
+        if key in ("build", "fit", "ratio"):
             continue
         split = ""
         workers = f" / {r['workers_peak_rss_mb']:.0f}" if r.get("workers_peak_rss_mb") else ""
@@ -294,13 +368,29 @@ def report(args, results):
             f"| {key} | {r['seconds']:.1f} | {r['seconds'] / base:.2f}x | "
             f"{n_pix / r['seconds'] / 1e6:.1f} | {r['peak_rss_mb']:.0f}{workers} | {split} |"
         )
+    ratio = results["ratio"]["seconds"]
+    print(
+        f"\nSide by side in one process, {args.repeats} alternating rounds "
+        f"(numba: {results['ratio']['numba']}); median seconds and median of the "
+        "per-round ratios to read-table:\n"
+    )
+    print("| variant | median s | vs read-table (median, range) |")
+    print("|---|---|---|")
+    base_rounds = ratio["read-table"]
+    for name, rounds in ratio.items():
+        ratios = sorted(t / b for t, b in zip(rounds, base_rounds))
+        print(
+            f"| {name} | {sorted(rounds)[len(rounds) // 2]:.2f} | "
+            f"{ratios[len(ratios) // 2]:.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}) |"
+        )
     for key, r in results.items():
         for name, m in r.get("metrics", {}).items():
             print(
                 f"- {name}: ECE {m['ece']:.4f}, NLL {m['nll']:.4f}, Brier {m['brier']:.4f}, "
                 f"accuracy {m['accuracy']:.4f}, mIoU {m['miou']:.4f}  ({key})"
             )
-    print(f"\nCommand: python benchmarks/bench_store.py {' '.join(sys.argv[1:])}")
+    print(f"\nPage cache: {'dropped before each timed phase' if args.cold else 'warm'}")
+    print(f"Command: python benchmarks/bench_store.py {' '.join(sys.argv[1:])}")
     print(f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
 
 

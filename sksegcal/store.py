@@ -1164,10 +1164,15 @@ def _keeps_prediction(estimator) -> bool:
 
 
 def _softmax_temperatures(store: LogitStore, estimator, x: np.ndarray):
-    """T with probabilities ``softmax(x / T)`` (uncalibrated: 1), or None."""
+    """T with probabilities ``softmax(x / T)`` (uncalibrated: 1), or None.
+
+    Only with numba: NumPy alone is faster through torch's softmax and a
+    probability table (its row argmax and sums cost more than they save).
+    """
+    from . import _kernels
     from ._base import BaseLogitCalibrator
 
-    if store.values != "logits":
+    if store.values != "logits" or not _kernels.HAVE_NUMBA:
         return None
     if estimator is None:
         return 1.0
@@ -1249,9 +1254,10 @@ def evaluate_store(
     ``joblib.parallel_backend("dask")``) and their accumulators are merged in
     block order, so the result does not depend on ``n_jobs`` or the backend.
 
-    The uncalibrated model and temperature-based calibrators (temperature
-    scaling, selective scaling, Meta-Cal: probabilities ``softmax(z / T)``
-    with one or a per-pixel ``T``) are scored straight from the logits with
+    With numba installed (the ``fast`` extra), the uncalibrated model and
+    temperature-based calibrators (temperature scaling, selective scaling,
+    Meta-Cal: probabilities ``softmax(z / T)`` with one or a per-pixel ``T``)
+    are scored straight from the logits with
     :meth:`~sksegcal.metrics.CalibrationAccumulator.update_logits`, without
     a probability table. Other calibrators that keep the model's prediction
     (ensemble temperature scaling) are scored with the argmax of the logits,
