@@ -32,8 +32,9 @@ def _numpy_argmax(x: np.ndarray) -> np.ndarray:
     return x.argmax(axis=1)
 
 
-def _numpy_shift(x: np.ndarray, beta: np.ndarray, out: np.ndarray) -> np.ndarray:
-    pred = x.argmax(axis=1)
+def _numpy_shift(x: np.ndarray, beta: np.ndarray, out: np.ndarray, pred=None) -> np.ndarray:
+    if pred is None:
+        pred = x.argmax(axis=1)
     top = np.take_along_axis(x, pred[:, None], axis=1)
     np.subtract(x, top, out=out)
     out *= beta[:, None] if beta.size > 1 else beta[0]
@@ -91,6 +92,23 @@ if HAVE_NUMBA:
             for k in range(c):
                 out[i, k] = (x[i, k] - best) * b
         return pred
+
+    @_jit
+    def _numba_shift_given(x, beta, pred, out):  # pragma: no cover - compiled
+        # as _numba_shift with the argmax given; returns the largest x - x[pred],
+        # which is > 0 (or NaN) where pred is not a row's argmax
+        n, c = x.shape
+        per_row = beta.size > 1
+        worst = -np.inf
+        for i in range(n):
+            top = x[i, pred[i]]
+            b = beta[i] if per_row else beta[0]
+            for k in range(c):
+                d = x[i, k] - top
+                if d > worst:  # NaN is left to the finiteness checks downstream
+                    worst = d
+                out[i, k] = d * b
+        return worst
 
     @_jit_sums
     def _numba_sums(e):  # pragma: no cover - compiled
@@ -204,7 +222,7 @@ def argmax_rows(x: np.ndarray) -> np.ndarray:
 
 
 def softmax_stats(
-    x: np.ndarray, beta: float | np.ndarray
+    x: np.ndarray, beta: float | np.ndarray, *, pred: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What the metrics need of ``softmax(beta * x)``, without materialising it.
 
@@ -214,6 +232,8 @@ def softmax_stats(
         Logits.
     beta : float or ndarray of shape (n,)
         Positive inverse temperature, one or per row.
+    pred : ndarray of shape (n,), optional
+        The argmax of ``x``, when already computed (checked, not trusted).
 
     Returns
     -------
@@ -227,15 +247,10 @@ def softmax_stats(
     squares : ndarray of shape (n,), float64
         Row sums of squares of ``shifted_exp``: ``sum(p**2) = squares / total**2``.
     """
-    beta = np.atleast_1d(np.asarray(beta, dtype=x.dtype))
-    e = np.empty_like(x)
-    if _compiled(x) and x.dtype in (np.float32, np.float64):
-        pred = _numba_shift(x, beta, e)
-        np.exp(e, out=e)
+    pred, e = shifted_exp(x, beta, pred=pred)
+    if _compiled(e) and e.dtype in (np.float32, np.float64):
         total, squares = _numba_sums(e)
     else:
-        pred = _numpy_shift(x, beta, e)
-        np.exp(e, out=e)
         total, squares = _numpy_sums(e)
     return pred, e, total, squares
 
@@ -260,19 +275,33 @@ def _scratch_like(x: np.ndarray) -> np.ndarray:
 
 
 def shifted_exp(
-    x: np.ndarray, beta: float | np.ndarray, *, reuse: bool = False
+    x: np.ndarray,
+    beta: float | np.ndarray,
+    *,
+    reuse: bool = False,
+    pred: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(argmax, exp(beta * (x - row max)))`` of (n, C) logits, in ``x``'s dtype.
 
     With ``reuse`` the second array is this thread's scratch buffer, valid
-    until the next call in the same thread.
+    until the next call in the same thread. A given ``pred`` saves the
+    argmax; it must hold an argmax of every row (ValueError otherwise).
     """
     beta = np.atleast_1d(np.asarray(beta, dtype=x.dtype))
     e = _scratch_like(x) if reuse else np.empty_like(x)
-    if _compiled(x) and x.dtype in (np.float32, np.float64):
-        pred = _numba_shift(x, beta, e)
+    compiled = _compiled(x) and x.dtype in (np.float32, np.float64)
+    if pred is None:
+        pred = _numba_shift(x, beta, e) if compiled else _numpy_shift(x, beta, e)
     else:
-        pred = _numpy_shift(x, beta, e)
+        pred = np.ascontiguousarray(pred, dtype=np.int64)
+        if compiled:
+            worst = _numba_shift_given(x, beta, pred, e)
+        else:
+            _numpy_shift(x, beta, e, pred)
+            diff = x - np.take_along_axis(x, pred[:, None], axis=1)
+            worst = float(np.fmax.reduce(diff, axis=None, initial=0))  # NaN-blind
+        if worst > 0:
+            raise ValueError("y_pred is not the argmax of the logits in every row.")
     np.exp(e, out=e)
     return pred, e
 

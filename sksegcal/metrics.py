@@ -387,6 +387,8 @@ def _split_large_chunk(y_true, y_prob, image_id, sample_weight, y_pred=None):
         step = max(1, _CHUNK_ROWS // max(per, 1))
 
     def cut(a, s, e):
+        if isinstance(a, tuple):  # several per-pixel arguments riding together
+            return tuple(cut(part, s, e) for part in a)
         if a is None or isinstance(a, (str, bytes)) or np.ndim(a) == 0:
             return a  # one id for the whole chunk
         a = a if _is_tensor(a) else np.asarray(a)
@@ -673,6 +675,7 @@ class CalibrationAccumulator:
         temperature: Any = 1.0,
         image_id: Any = None,
         sample_weight: Any = None,
+        y_pred: Any = None,
     ) -> CalibrationAccumulator:
         """Add one chunk of logits: the probabilities are ``softmax(logits / temperature)``.
 
@@ -697,13 +700,23 @@ class CalibrationAccumulator:
             logits, which a positive temperature keeps.
         image_id, sample_weight
             As in :meth:`update`.
+        y_pred : array-like of shape (n,) or (N, H, W), default=None
+            ``logits.argmax(axis=1)`` when it is already at hand (evaluating
+            several temperatures of the same chunk computes it once). It must
+            be an argmax of each row (ties may go to any of the tied classes);
+            a class whose logit is below its row's maximum raises.
 
         Returns
         -------
         self : CalibrationAccumulator
         """
         return self._update_in_pieces(
-            self._update_logits_chunk, y_true, logits, image_id, sample_weight, temperature
+            self._update_logits_chunk,
+            y_true,
+            logits,
+            image_id,
+            sample_weight,
+            (temperature, y_pred),
         )
 
     def _update_in_pieces(self, update_chunk, y_true, values, image_id, sample_weight, extra):
@@ -792,19 +805,24 @@ class CalibrationAccumulator:
         )
 
     def _update_logits_chunk(
-        self, y_true, logits, image_id, sample_weight, temperature=1.0
+        self, y_true, logits, image_id, sample_weight, extra=(1.0, None)
     ) -> None:
+        temperature, y_pred = extra
         chunk = self._prepare_chunk(y_true, logits, image_id, sample_weight, "logits")
         z, rows, yv = chunk.x, chunk.rows, chunk.yv
         n, c = z.shape
         beta = _inverse_temperature(temperature, n, chunk.spatial, z.dtype)
+        if y_pred is not None:
+            y_pred = _prepare_labels(y_pred, n, chunk.spatial, name="y_pred")
+            if y_pred.size and (int(y_pred.min()) < 0 or int(y_pred.max()) >= c):
+                raise ValueError(f"y_pred holds classes outside [0, {c - 1}].")
         if yv.size == 0:
             return
         if not self.classwise and can_tally(z):
-            pred_all, e = shifted_exp(z, beta, reuse=True)
+            pred_all, e = shifted_exp(z, beta, reuse=True, pred=y_pred)
             self._compiled_tally(chunk, e, normalise=True, pred=pred_all)
             return
-        pred_all, e, total, squares = softmax_stats(z, beta)
+        pred_all, e, total, squares = softmax_stats(z, beta, pred=y_pred)
         if rows is not None:
             pred_all, total, squares = pred_all[rows], total[rows], squares[rows]
         pred = pred_all

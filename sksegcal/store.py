@@ -828,18 +828,25 @@ class LogitStore:
             raise ValueError(f"chunk_pixels must be an integer >= 1, got {chunk_pixels!r}.")
         return int(chunk_pixels)
 
-    def _iter_image_tables(self, image_id: int, chunk_pixels: int):
-        """Yield (X float32 (n, C), y int64) of the kept pixels of one image."""
+    def _iter_image_tables(self, image_id: int, chunk_pixels: int, drop_ignored: bool = True):
+        """Yield (X float32 (n, C), y int64) of the kept pixels of one image.
+
+        ``drop_ignored=False`` keeps every pixel (labels ``ignore_index``
+        included) and skips only blocks with nothing kept: metrics skip
+        ignored labels themselves, and compacting costs a copy of the block.
+        """
         import torch
 
         for z, t in self._iter_blocks(image_id, chunk_pixels):
             keep = self._keep(t).ravel()
+            if not drop_ignored and not keep.any():
+                continue
             # one pass from class-major float16 to pixel-major float32: torch casts
             # while it transposes, ~2x numpy's cast then transposing copy
             x = np.empty((keep.size, self.n_classes), dtype=np.float32)
             torch.from_numpy(x).copy_(torch.from_numpy(z.reshape(self.n_classes, -1)).t())
             y = t.ravel().astype(np.int64)
-            yield (x, y) if keep.all() else (x[keep], y[keep])
+            yield (x, y) if not drop_ignored or keep.all() else (x[keep], y[keep])
 
     def iter_chunks(
         self, chunk_pixels: int | None = None, images=None
@@ -1190,31 +1197,35 @@ def _evaluate_block(store: LogitStore, calibrators: dict, ids, chunk_pixels: int
         0.0,
     )
     keeps = {name: _keeps_prediction(est) for name, est in calibrators.items()}
+    n_keeping = sum(keeps.values())
     for image_id in ids:
         t0 = time.perf_counter()
-        for x, y in store._iter_image_tables(image_id, chunk_pixels):
+        # ignored pixels stay in (the accumulators skip their labels): compacting
+        # every block would cost a copy of it
+        for x, y in store._iter_image_tables(image_id, chunk_pixels, drop_ignored=False):
             t1 = time.perf_counter()
             timings["read"] += t1 - t0
-            model_pred = None
-            for name, est in (calibrators.items() if len(y) else ()):
+            # The model's prediction, once per chunk, for every method that keeps it:
+            # one argmax pass, and accuracy/mIoU that tied near-uniform calibrated rows
+            # (very large temperatures) cannot change.
+            model_pred = argmax_rows(x) if n_keeping > 1 else None
+            t2 = time.perf_counter()
+            timings["argmax"] += t2 - t1
+            t1 = t2
+            for name, est in calibrators.items():
                 # Temperature-based methods (and the uncalibrated model) are scored
                 # straight from the logits: no probability table, one exp pass.
                 temperature = _softmax_temperatures(store, est, x)
                 if temperature is not None:
                     t2 = time.perf_counter()
                     accs[name].update_logits(
-                        y, x, temperature=temperature, image_id=int(image_id)
+                        y, x, temperature=temperature, image_id=int(image_id), y_pred=model_pred
                     )
                 else:
                     proba = _uncalibrated(store, x) if est is None else est.predict_proba(x)
                     t2 = time.perf_counter()
                     if keeps[name] and model_pred is None:
-                        # the model's prediction, once per chunk, for every method that
-                        # keeps it: accuracy and mIoU that tied near-uniform calibrated
-                        # rows cannot change
                         model_pred = argmax_rows(x)
-                        timings["argmax"] += time.perf_counter() - t2
-                        t2 = time.perf_counter()
                     accs[name].update(
                         y,
                         proba,

@@ -752,3 +752,19 @@ def test_update_logits_minus_inf_is_a_masked_class():
     p /= p.sum(1, keepdims=True)
     ref = CalibrationAccumulator(4).update(y, p)
     assert_same(all_metrics(got), all_metrics(ref), rtol=1e-6, atol=1e-7)
+
+
+def test_update_logits_with_y_pred_given():
+    rng = np.random.default_rng(36)
+    z = rng.normal(size=(300, 4)).astype(np.float32)
+    y = rng.integers(0, 4, 300)
+    ref = CalibrationAccumulator(4).update_logits(y, z, temperature=2.0)
+    got = CalibrationAccumulator(4).update_logits(y, z, temperature=2.0, y_pred=z.argmax(1))
+    assert_same(all_metrics(got), all_metrics(ref))
+    wrong = z.argmin(1)
+    acc = CalibrationAccumulator(4)
+    with pytest.raises(ValueError, match="not the argmax"):
+        acc.update_logits(y, z, y_pred=wrong)
+    with pytest.raises(ValueError, match="outside"):
+        acc.update_logits(y, z, y_pred=np.full(300, 4))
+    assert acc.n_pixels_ == 0
