@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._kernels import agnostic_parts
+
 __all__ = [
     "FEATURE_SETS",
     "correctness",
+    "features_from_logits",
     "log_softmax",
     "make_features",
     "n_features_for",
@@ -98,6 +101,33 @@ def _torch_softmax(z: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         return out
     torch.softmax(source, dim=1, out=torch.from_numpy(out))
     return out
+
+
+def features_from_logits(z: np.ndarray, kind: str = "log_softmax", *, top_k: int = 5):
+    """``make_features(log_softmax(z), kind)`` for (n, C) float logits.
+
+    The ``"agnostic"`` set comes from compiled row loops when numba is
+    installed (the same numbers to float rounding, several times faster);
+    ``z`` is not modified.
+    """
+    z = np.asarray(z)
+    if z.dtype not in (np.float32, np.float64):
+        z = z.astype(np.float32)
+    if kind == "agnostic" and z.ndim == 2 and z.shape[0]:
+        k = min(top_k, z.shape[1])
+        parts = agnostic_parts(np.ascontiguousarray(z), k)
+        if parts is not None:
+            top, total, weighted = parts
+            log_total = np.log(total)
+            out = np.empty((z.shape[0], k + 2), dtype=z.dtype)
+            out[:, :k] = top - log_total[:, None].astype(z.dtype)
+            # H = -sum p log p = log S - sum(e d) / S with e = exp(d), S = sum e
+            out[:, k] = log_total - weighted / total
+            # p1 - p2 = (1 - e2) / S (the top d is 0); with one column, p1 alone
+            second = np.exp(top[:, 1].astype(np.float64)) if k >= 2 else 0.0
+            out[:, k + 1] = (1.0 - second) / total
+            return out
+    return make_features(log_softmax(z), kind, top_k=top_k)
 
 
 def correctness(X: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from ._base import (
     minimize_1d,
     nll_at_inverse_temperature,
 )
-from .features import FEATURE_SETS, log_softmax, make_features
+from .features import FEATURE_SETS, features_from_logits
 from .pixels import sample_pixels
 
 __all__ = ["SelectiveScalingCalibrator"]
@@ -230,8 +230,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
     # ---------------------------------------------------------------- features
     def _features(self, X: np.ndarray) -> np.ndarray:
         """Classifier features of validated input rows (float64 input stays float64)."""
-        z = self._to_logits(X).astype(self._work_dtype(X), copy=True)
-        return make_features(log_softmax(z, out=z), self.features)
+        z = self._to_logits(X).astype(self._work_dtype(X), copy=False)
+        return features_from_logits(z, self.features)
 
     def _p_correct(self, features: np.ndarray) -> np.ndarray:
         proba = self.classifier_.predict_proba(features)
@@ -444,7 +444,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
     # --------------------------------------------------------------- prediction
     def _row_inverse_temperatures(self, z):
         # features come from the unscaled chunk, which is already logits here
-        features = make_features(log_softmax(z), self.features)
+        features = features_from_logits(z, self.features)
         beta = self._inverse_temperature(self._p_correct(features), self.t1_, self.t2_)
         return beta.astype(z.dtype, copy=False)
 

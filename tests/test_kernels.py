@@ -118,3 +118,22 @@ def test_bad_probabilities_count_nothing_on_either_path(monkeypatch, compiled):
     with pytest.raises(ValueError, match="sum to 1"):
         acc.update(y, good * 1.1)
     assert acc.n_pixels_ == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_classes, top_k", [(2, 5), (3, 1), (3, 2), (7, 5), (19, 5), (19, 19)])
+def test_agnostic_features_from_logits_match_make_features(backend, dtype, n_classes, top_k):
+    from sksegcal.features import features_from_logits, log_softmax, make_features
+
+    rng = np.random.default_rng(n_classes * 10 + top_k)
+    z = rng.normal(scale=4.0, size=(2000, n_classes)).astype(dtype)
+    z[:50] = np.round(z[:50])  # ties
+    z[50:60] = 0.0  # uniform rows
+    z[60:70] += 1e4  # large logits
+    ref = make_features(log_softmax(z), "agnostic", top_k=top_k)
+    got = features_from_logits(z, "agnostic", top_k=top_k)
+    assert got.dtype == ref.dtype == dtype and got.shape == ref.shape
+    tol = 2e-5 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+    # the input is left alone, and the log_softmax set is the log-probabilities
+    np.testing.assert_allclose(features_from_logits(z, "log_softmax"), log_softmax(z))
