@@ -283,6 +283,7 @@ def run_phase(args, phase, n_jobs=1):
     cmd += ["--skip-selective"] if args.skip_selective else []
     cmd += ["--repeats", str(args.repeats)]
     cmd += ["--cold"] if args.cold else []
+    cmd += ["--threads", str(args.threads)]
     cmd += ["--no-check-input"] if args.no_check_input else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -309,6 +310,12 @@ def main(argv=None):
         help="CalibrationAccumulator(check_input=False): skip its probability checks",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (default 1: one core per process; 0: torch's default)",
+    )
+    parser.add_argument(
         "--cold",
         action="store_true",
         help="drop the page cache before each timed read or evaluation (root, Linux)",
@@ -317,6 +324,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.phase:  # child process: one phase, one JSON line
+        if args.threads:
+            import torch
+
+            # torch's casts and softmax would otherwise take a second core that the
+            # single-threaded NumPy/numba parts do not: one core per process, as
+            # n_jobs counts them (loky caps each worker's threads the same way)
+            torch.set_num_threads(args.threads)
         result = PHASES[args.phase](args)
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
@@ -389,7 +403,8 @@ def report(args, results):
                 f"- {name}: ECE {m['ece']:.4f}, NLL {m['nll']:.4f}, Brier {m['brier']:.4f}, "
                 f"accuracy {m['accuracy']:.4f}, mIoU {m['miou']:.4f}  ({key})"
             )
-    print(f"\nPage cache: {'dropped before each timed phase' if args.cold else 'warm'}")
+    print(f"\nPage cache: {'dropped before each timed phase' if args.cold else 'warm'}; "
+          f"torch threads per process: {args.threads or 'default'}")
     print(f"Command: python benchmarks/bench_store.py {' '.join(sys.argv[1:])}")
     print(f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
 

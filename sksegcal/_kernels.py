@@ -95,20 +95,20 @@ if HAVE_NUMBA:
 
     @_jit
     def _numba_shift_given(x, beta, pred, out):  # pragma: no cover - compiled
-        # as _numba_shift with the argmax given; returns the largest x - x[pred],
-        # which is > 0 (or NaN) where pred is not a row's argmax
+        # as _numba_shift with the argmax given; returns how many entries lie above
+        # their row's x[pred] (0 when pred is an argmax everywhere). Counting rather
+        # than branching keeps the loop vectorised; NaN is left to later checks.
         n, c = x.shape
         per_row = beta.size > 1
-        worst = -np.inf
+        above = 0
         for i in range(n):
             top = x[i, pred[i]]
             b = beta[i] if per_row else beta[0]
             for k in range(c):
                 d = x[i, k] - top
-                if d > worst:  # NaN is left to the finiteness checks downstream
-                    worst = d
+                above += d > 0
                 out[i, k] = d * b
-        return worst
+        return above
 
     @_jit
     def _numba_top_parts(d, e, k):  # pragma: no cover - compiled
@@ -206,15 +206,13 @@ if HAVE_NUMBA:
                         best = row[j]
                         k = j
             total = np.float64(s)
-            conf = np.float64(row[k])
-            py = np.float64(row[yi])
-            sq = np.float64(ss)
-            if normalise:
-                conf /= total
-                py /= total
-                sq /= total * total
-            # a NaN or infinite value leaves the sums non-finite: count, do not bin
-            if not (np.isfinite(total) and np.isfinite(sq)):
+            scale = 1.0 / total if normalise else 1.0
+            conf = row[k] * scale
+            py = row[yi] * scale
+            sq = ss * (scale * scale)
+            # a NaN or infinite value leaves the sum of squares NaN or infinite (also
+            # after scaling: inf * 0 is NaN): count, do not bin
+            if not np.isfinite(sq):
                 non_finite += 1
                 continue
             worst_sum = max(worst_sum, abs(total - 1.0))
@@ -327,8 +325,7 @@ def shifted_exp(
             worst = _numba_shift_given(x, beta, pred, e)
         else:
             _numpy_shift(x, beta, e, pred)
-            diff = x - np.take_along_axis(x, pred[:, None], axis=1)
-            worst = float(np.fmax.reduce(diff, axis=None, initial=0))  # NaN-blind
+            worst = int((x > np.take_along_axis(x, pred[:, None], axis=1)).sum())
         if worst > 0:
             raise ValueError("y_pred is not the argmax of the logits in every row.")
     np.exp(e, out=e)
