@@ -137,3 +137,30 @@ def test_agnostic_features_from_logits_match_make_features(backend, dtype, n_cla
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
     # the input is left alone, and the log_softmax set is the log-probabilities
     np.testing.assert_allclose(features_from_logits(z, "log_softmax"), log_softmax(z))
+
+
+@pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="numba is not installed")
+def test_evaluate_store_same_with_and_without_numba(monkeypatch, tmp_path):
+    from sksegcal.scaling import MetaCalScaling, TemperatureScaling
+    from sksegcal.store import LogitStore, evaluate_store
+
+    rng = np.random.default_rng(7)
+    store = LogitStore.create(tmp_path / "s", n_classes=4)
+    for name in range(4):
+        z = rng.normal(scale=3.0, size=(4, 12, 10))
+        t = np.where(rng.random((12, 10)) < 0.7, z.argmax(0), rng.integers(0, 4, (12, 10)))
+        t[rng.random((12, 10)) < 0.1] = 255
+        store.add_image(name, z, t)
+    X, y, _ = (np.concatenate(p) for p in zip(*store.iter_chunks()))
+    calibrators = {
+        "uncalibrated": None,
+        "ts": TemperatureScaling().fit(X, y),
+        "metacal": MetaCalScaling(rejection_rate=0.2).fit(X, y),
+    }
+    compiled = evaluate_store(store, calibrators, chunk_pixels=70)
+    monkeypatch.setattr(_kernels, "HAVE_NUMBA", False)  # the probability-table path
+    plain = evaluate_store(store, calibrators, chunk_pixels=70)
+    for name in calibrators:
+        a, b = compiled[name].summary(), plain[name].summary()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (name, key)
