@@ -3,10 +3,14 @@
 NumPy reduces short rows (one pixel's C class scores) slowly: an argmax over
 (220k, 19) float32 rows takes ~9 ms, where a compiled loop takes ~2 ms, and a
 softmax followed by the accumulator's passes reads the chunk five or six
-times. numba (``pip install sksegcal[fast]``) compiles two small loops; the
+times. numba (``pip install sksegcal[fast]``) compiles small row loops: the
+argmax, the shift by the row maximum, the sums and binning of one
+accumulator update, and the top-k of the class-agnostic features. The
 exponentials stay in NumPy, whose SIMD ``exp`` is ~5x faster than a scalar
-loop's. Without numba the same results come from NumPy (to float rounding),
-more slowly. ``SKSEGCAL_DISABLE_NUMBA=1`` forces the NumPy path.
+loop's (a vectorisable polynomial exp inside the loop was measured and was
+not worth its code: docs/store.md). Without numba the same results come from
+NumPy (to float rounding), more slowly. ``SKSEGCAL_DISABLE_NUMBA=1`` forces
+the NumPy path.
 """
 
 from __future__ import annotations
