@@ -822,10 +822,10 @@ class CalibrationAccumulator:
             pred_all, e = shifted_exp(z, beta, reuse=True, pred=y_pred)
             self._compiled_tally(chunk, e, normalise=True, pred=pred_all)
             return
-        pred_all, e, total, squares = softmax_stats(z, beta, pred=y_pred)
+        pred, e, total_all, squares = softmax_stats(z, beta, pred=y_pred)
+        total = total_all
         if rows is not None:
-            pred_all, total, squares = pred_all[rows], total[rows], squares[rows]
-        pred = pred_all
+            pred, total, squares = pred[rows], total_all[rows], squares[rows]
         # a NaN or +inf logit makes its row's sums NaN (-inf is a probability of 0)
         if not (np.isfinite(total).all() and np.isfinite(squares).all()):
             raise ValueError(_NON_FINITE_LOGITS)
@@ -836,9 +836,7 @@ class CalibrationAccumulator:
         conf = (flat[base + pred] * inv_total).astype(z.dtype).astype(np.float64)
         py = (flat[base + yv] * inv_total).astype(z.dtype).astype(np.float64)
         sumsq = squares * inv_total**2
-        probs = None
-        if self.classwise:
-            probs = e / e.sum(axis=1, keepdims=True)
+        probs = e / total_all[:, None].astype(e.dtype) if self.classwise else None
         self._tally(chunk, pred, conf, py, sumsq, probs)
 
     def _compiled_tally(self, chunk, values, *, normalise, pred) -> bool:

@@ -164,3 +164,15 @@ def test_evaluate_store_same_with_and_without_numba(monkeypatch, tmp_path):
         a, b = compiled[name].summary(), plain[name].summary()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (name, key)
+
+
+def test_y_pred_decides_tied_rows_on_either_path(backend):
+    from sksegcal.metrics import CalibrationAccumulator
+
+    y = np.array([2, 2, 1, 0])
+    p = np.full((4, 3), 1 / 3, dtype=np.float32)
+    acc = CalibrationAccumulator(3).update(y, p, y_pred=np.array([2, 2, 0, 0]))
+    assert acc.summary()["accuracy"] == 0.75
+    z = np.zeros((4, 3), dtype=np.float32)  # tied logits: any class is an argmax
+    acc = CalibrationAccumulator(3).update_logits(y, z, y_pred=np.array([2, 2, 0, 0]))
+    assert acc.summary()["accuracy"] == 0.75
