@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ._files import atomic_write_via_path
+
 __all__ = ["TRUSTED_TYPES", "detect_format", "load", "save"]
 
 #: The sksegcal types a skops file may hold without ``trusted``: the
@@ -137,6 +139,12 @@ def save(estimator: Any, path: str | os.PathLike, *, format: str = "joblib") -> 
     ValueError
         If ``format`` is unknown.
 
+    Notes
+    -----
+    The file is written atomically: to a temporary file in the same folder,
+    fsynced, then renamed over ``path``. A failed save leaves an existing file
+    at ``path`` as it was.
+
     See Also
     --------
     load : Read the file back.
@@ -164,11 +172,18 @@ def save(estimator: Any, path: str | os.PathLike, *, format: str = "joblib") -> 
     if format == "joblib":
         import joblib
 
-        joblib.dump(estimator, path)
+        def write_to(tmp):
+            joblib.dump(estimator, tmp)
     else:
         sio = _import_skops()
-        sio.dump(estimator, path)
-    return path
+
+        def write_to(tmp):
+            sio.dump(estimator, tmp)
+
+    # a temporary file beside the target, fsynced, then renamed over it: a save that
+    # fails (full disk, a kill, an estimator that cannot be serialised) leaves the
+    # previous file at ``path`` untouched
+    return atomic_write_via_path(path, write_to)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -192,9 +207,16 @@ def detect_format(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         head = f.read(8)
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            if "schema.json" in archive.namelist():
-                return "skops"
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
+            raise ValueError(
+                f"{path} is a damaged zip archive ({type(exc).__name__}: {exc}); it cannot be "
+                "a readable skops file. Save the calibrator again."
+            ) from exc
+        if "schema.json" in names:
+            return "skops"
         raise ValueError(
             f"{path} is a zip archive without a skops schema.json: not a file written by "
             "sksegcal.persistence.save."
@@ -220,10 +242,10 @@ def load(
     ----------
     path : str or path-like
         The file.
-    trusted : None, True or iterable of str, default=None
+    trusted : None, False, True or iterable of str, default=None
         What you vouch for.
 
-        - ``None``: safe loading only. A skops file loads when every type in
+        - ``None`` (or ``False``): safe loading only. A skops file loads when every type in
           it is in :data:`TRUSTED_TYPES` or trusted by skops (numpy, scipy,
           scikit-learn); a joblib/pickle file is refused, since unpickling
           runs arbitrary code.
@@ -272,6 +294,7 @@ def load(
     >>> round(same.temperature_, 6) == round(cal.temperature_, 6)
     True
     """
+    trusted = _check_trusted(trusted)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No file at {path}.")
@@ -297,6 +320,27 @@ def load(
         obj = _load_skops(path, trusted)
     _check_calibrator(obj, str(path))
     return obj
+
+
+def _check_trusted(trusted) -> bool | frozenset[str] | None:
+    """``trusted`` as True, None (safe loading) or a set of extra type names."""
+    if trusted is None or trusted is False:  # False reads as "trust nothing extra"
+        return None
+    if trusted is True:
+        return True
+    if isinstance(trusted, str):
+        return frozenset({trusted})
+    try:
+        names = frozenset(trusted)
+    except TypeError:
+        raise TypeError(
+            f"trusted must be None, False, True or an iterable of type names such as "
+            f"'module.Class'; got {trusted!r}."
+        ) from None
+    bad = [t for t in names if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"trusted type names must be strings; got {bad!r}.")
+    return names
 
 
 def _load_skops(path: Path, trusted: bool | Iterable[str] | None) -> Any:

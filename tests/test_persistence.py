@@ -242,3 +242,90 @@ def test_a_version_mismatch_warns(tmp_path, fitted, monkeypatch, fmt):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load(path, trusted=True)
+
+
+# --------------------------------------------------------------------------- reliability guards
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("this object cannot be pickled")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_failed_save_keeps_the_previous_file(tmp_path, fitted, fmt):
+    path = save(fitted["temperature"], tmp_path / f"cal.{fmt}", format=fmt)
+    before = path.read_bytes()
+    broken = TemperatureScaling().fit(*make_logits(n=300, n_classes=3, seed=1))
+    broken.poison_ = _Unpicklable()  # serialising it fails half-way through the write
+    with pytest.raises(Exception, match="cannot be pickled|Unpicklable"):
+        save(broken, path, format=fmt)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
+    assert load(path, trusted=True).temperature_ == fitted["temperature"].temperature_
+
+
+def test_save_replaces_the_file_atomically(tmp_path, fitted, monkeypatch):
+    path = save(fitted["temperature"], tmp_path / "cal.joblib")
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
+    save(fitted["vector"], path)
+    assert len(replaced) == 1 and str(replaced[0][1]) == str(path)
+    assert os.path.dirname(replaced[0][0]) == str(tmp_path)  # same folder: a rename
+    assert isinstance(load(path, trusted=True), VectorScaling)
+
+
+@needs_skops
+def test_trusted_false_means_safe_loading(tmp_path, fitted):
+    path = save(fitted["temperature"], tmp_path / "ts.skops", format="skops")
+    assert load(path, trusted=False).temperature_ == fitted["temperature"].temperature_
+    pickle_path = save(fitted["temperature"], tmp_path / "ts.joblib")
+    with pytest.raises(ValueError, match="trusted=True"):
+        load(pickle_path, trusted=False)
+    with pytest.raises(TypeError, match="trusted must be"):
+        load(path, trusted=3)
+    with pytest.raises(TypeError, match="must be strings"):
+        load(path, trusted=[3])
+
+
+def test_a_malicious_pickle_never_runs(tmp_path):
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "calibrator.joblib"
+    # the classic payload: unpickling calls os.system
+    payload = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()
+    evil.write_bytes(b"\x80\x02" + payload)
+    for trusted in (None, False, ["os.system"]):
+        with pytest.raises(ValueError, match="pickle"):
+            load(evil, trusted=trusted)
+    assert not marker.exists()
+
+
+@needs_skops
+def test_damaged_skops_files_give_a_value_error_naming_the_file(tmp_path, fitted):
+    """Truncated or overwritten archives: always ValueError/TypeError, never a raw zip error."""
+    import random
+
+    raw = save(fitted["temperature"], tmp_path / "ts.skops", format="skops").read_bytes()
+    damaged = tmp_path / "damaged.skops"
+    for i in range(120):
+        r = random.Random(i)
+        b = bytearray(raw)
+        if i % 3 == 0:
+            b = b[: r.randrange(len(b))]
+        elif i % 3 == 1:
+            for _ in range(r.randrange(1, 20)):
+                b[r.randrange(len(b))] = r.randrange(256)
+        else:
+            j = r.randrange(len(b))
+            b[j : j + 50] = bytes(min(50, len(b) - j))
+        damaged.write_bytes(bytes(b))
+        try:
+            load(damaged)
+        except (ValueError, TypeError) as exc:
+            assert str(damaged) in str(exc), exc
+    # the two raw errors found by fuzzing, made on purpose
+    with zipfile.ZipFile(tmp_path / "cut.skops", "w") as z:
+        z.writestr("schema.json", "{}")
+    cut = (tmp_path / "cut.skops").read_bytes()
+    (tmp_path / "cut.skops").write_bytes(cut[:-10])
+    with pytest.raises(ValueError, match="cut.skops"):
+        load(tmp_path / "cut.skops")
