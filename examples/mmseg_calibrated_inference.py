@@ -52,7 +52,7 @@ for name, acc in accumulators.items():
 # %%
 # Save it; anyone can load the skops file without running code
 # ------------------------------------------------------------
-from sksegcal.persistence import load, save
+from sksegcal.persistence import save
 
 save(calibrator, "calibrator.skops", format="skops")
 
@@ -60,10 +60,13 @@ save(calibrator, "calibrator.skops", format="skops")
 # Calibrated inference
 # --------------------
 # ``calibrate_model`` patches the model in place: ``seg_logits`` become the
-# calibrated probabilities, ``pred_sem_seg`` (the argmax) is unchanged.
+# calibrated probabilities, ``pred_sem_seg`` (the argmax) is unchanged. A path
+# is loaded through :func:`sksegcal.persistence.load`: the skops file safely,
+# while a joblib/pickle file is refused unless you pass ``trusted=True`` (only
+# for files you made: unpickling runs any code the file holds).
 from mmseg.apis import inference_model
 
-model = calibrate_model(load_model(CONFIG, CHECKPOINT), load("calibrator.skops"))
+model = calibrate_model(load_model(CONFIG, CHECKPOINT), "calibrator.skops")
 result = inference_model(model, "demo.png")
 probabilities = result.seg_logits.data  # (C, H, W), sums to 1 over C
 prediction = result.pred_sem_seg.data  # the model's own segmentation

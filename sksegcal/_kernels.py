@@ -175,20 +175,21 @@ def tally(
     n_keys,
     n_bins,
     n_image_bins,
-    nll_eps,
 ):
     """The accumulator's per-chunk tallies in one compiled pass (numba only).
 
     ``values`` are probabilities, or with ``normalise`` non-negative scores
     whose row sums are the normalisers (``shifted_exp`` output). Returns
     ``(top (3, n_bins), confusion (C, C), images (3, n_keys, n_image_bins),
-    sums [NLL, Brier, weight, pixels], checks [min, max, max |row sum - 1|,
-    non-finite rows])``, fresh arrays: nothing is counted until the caller
-    adds them.
+    row_values (n,), sums [Brier, weight, pixels], checks [min, max,
+    max |row sum - 1|, non-finite rows])``, fresh arrays: nothing is counted
+    until the caller adds them. ``row_values`` holds each kept row's p(label),
+    or with ``normalise`` its row sum (1 in ignored rows): the caller takes the
+    NLL from it with one vectorised log rather than a scalar one per pixel.
     """
     empty_f = np.empty(0, dtype=np.float64)
     empty_i = np.empty(0, dtype=np.int64)
-    top, cm, img, p_label, sums, check = _compiled_loops().tally(
+    return _compiled_loops().tally(
         values,
         bool(normalise),
         empty_i if pred is None else pred,
@@ -202,10 +203,6 @@ def tally(
         int(n_bins),
         int(n_image_bins),
     )
-    # one vectorised log rather than a scalar one per pixel (ignored rows hold 1)
-    nll = -np.log(np.maximum(p_label, nll_eps))
-    nll_sum = float(nll.sum() if weights is None else nll @ weights)
-    return top, cm, img, np.array([nll_sum, *sums]), check
 
 
 def can_tally(values: np.ndarray) -> bool:

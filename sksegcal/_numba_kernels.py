@@ -124,8 +124,9 @@ def tally(
 ):  # pragma: no cover
     # One pass over the kept rows: the reliability grid, confusion matrix,
     # Brier sum and per-image grids, into fresh arrays the caller adds to its
-    # state only when the checks pass (an update is all or nothing). p(label)
-    # goes out per row (1 where ignored) for NumPy's vectorised log.
+    # state only when the checks pass (an update is all or nothing). p(label),
+    # or with normalise the row sum, goes out per row (1 where ignored) for
+    # NumPy's vectorised log.
     n, c = v.shape
     top = np.zeros((3, g))
     cm = np.zeros((c, c))
@@ -186,7 +187,7 @@ def tally(
         top[1, fine] += wi * conf
         top[2, fine] += good
         cm[yi, k] += wi
-        p_label[i] = py
+        p_label[i] = total if normalise else py
         brier += wi * (sq - 2.0 * py + 1.0)
         weight += wi
         pixels += 1

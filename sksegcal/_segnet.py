@@ -4,7 +4,14 @@ The demo needs a real segmentation network whose probabilities are
 miscalibrated the way trained networks' are: over-confident, worst on the
 pixels it gets wrong. A small U-Net trained with plain cross-entropy on a fixed
 set of slices, for long enough that it overfits a little, is exactly that.
-Training is seeded and runs single-process on CPU in deterministic mode; the
+Training is seeded and runs single-process on CPU in deterministic mode.
+
+The demo's networks are shipped: :func:`load_demo_network` reads float16
+weights from ``sksegcal/_weights`` (an ``.npz`` of arrays, never a pickle),
+checks them against their manifest (sha256, settings) and returns a float32
+U-Net in under a second, so ``sksegcal demo`` trains nothing and prints the same
+numbers on every machine. ``python -m sksegcal._weights.make_weights`` remakes
+them. :func:`load_or_train` trains instead (``sksegcal demo --retrain``); its
 weights are cached on disk under a key that hashes the training settings, the
 data and the package version, so later runs skip training.
 """
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import time
@@ -24,7 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["SegNetConfig", "UNet", "cache_dir", "load_or_train", "predict_logits", "train_unet"]
+__all__ = [
+    "DEMO_NETWORKS",
+    "SegNetConfig",
+    "UNet",
+    "cache_dir",
+    "demo_network_name",
+    "load_demo_network",
+    "load_or_train",
+    "predict_logits",
+    "train_unet",
+]
 
 
 @dataclass(frozen=True)
@@ -113,19 +131,30 @@ class UNet(nn.Module):
 
 
 @contextlib.contextmanager
-def _deterministic_torch(seed: int, num_threads: int):
-    """Seed torch, force deterministic kernels and fix the thread count; restore after."""
+def _fixed_threads(num_threads: int):
+    """Deterministic kernels and a fixed torch thread count; both restored after."""
     previous = torch.are_deterministic_algorithms_enabled()
     threads = torch.get_num_threads()
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(num_threads)
+    if threads != num_threads:
+        torch.set_num_threads(num_threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(previous)
+
+
+@contextlib.contextmanager
+def _deterministic_torch(seed: int, num_threads: int):
+    """Seed torch, force deterministic kernels and fix the thread count; restore after."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with _fixed_threads(num_threads):
+            yield
+    finally:
         torch.random.set_rng_state(state)
 
 
@@ -183,11 +212,20 @@ def train_unet(
     return model, losses
 
 
-def predict_logits(model: nn.Module, images: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
-    """Logits (N, C, H, W) float32 of a model for images (N, 1, H, W)."""
+def predict_logits(model: nn.Module, images: np.ndarray, *, batch_size: int = 32,
+                   num_threads: int = 1) -> np.ndarray:
+    """Logits (N, C, H, W) float32 of a model for images (N, 1, H, W).
+
+    Runs on ``num_threads`` torch threads (default 1) with deterministic
+    kernels, the thread count restored afterwards: the logits of an image are
+    then the same bits whatever the machine's core count and whatever batch it
+    is in (checked in ``tests/test_demo_weights.py``). One thread costs little
+    here: the demo's networks are small, and the 2-core machines it targets
+    gain almost nothing from a second thread.
+    """
     model.eval()
     out = []
-    with torch.inference_mode():
+    with _fixed_threads(num_threads), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size],
                                                       dtype=np.float32))
@@ -234,6 +272,14 @@ def load_or_train(
 ) -> tuple[UNet, dict]:
     """The trained U-Net for these training data and settings, from the cache if there.
 
+    This is ``sksegcal demo --retrain``; the demo otherwise uses the shipped
+    networks (:func:`load_demo_network`). Training is seeded and deterministic
+    on one machine, but its weights, and so every number computed from them,
+    can differ in the last bits between machines: floating-point sums depend
+    on the CPU's vector instructions and the math library's kernels, and over
+    hundreds of optimiser steps such differences grow. The shipped networks
+    were trained once and are the same bits everywhere.
+
     Parameters
     ----------
     name : str
@@ -277,3 +323,123 @@ def load_or_train(
         os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
     return model, {"cached": False, "path": str(path) if use_cache else None,
                    "config": asdict(config), "train_seconds": seconds, "losses": losses}
+
+
+# ----------------------------------------------------------------- shipped networks
+#: (dataset, quick) pairs whose trained U-Nets ship in ``sksegcal/_weights``.
+DEMO_NETWORKS = (("mni152-tissue", False), ("aal", False), ("mni152-tissue", True),
+                 ("aal", True))
+_MANIFEST = "manifest.json"
+
+
+def _weights_dir():
+    """The folder of the shipped weights (a Traversable; a function, so tests can swap it)."""
+    from importlib.resources import files
+
+    return files("sksegcal._weights")
+
+
+def demo_network_name(dataset: str, quick: bool = False) -> str:
+    """The manifest key (and file stem) of a shipped network: ``unet-<dataset>[-quick]``."""
+    return f"unet-{dataset}" + ("-quick" if quick else "")
+
+
+def _data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of the training images (float32) and labels (uint8), with their shapes."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"images": list(images.shape), "labels": list(labels.shape)})
+                  .encode())
+    digest.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def _demo_manifest() -> dict:
+    return json.loads((_weights_dir() / _MANIFEST).read_text(encoding="utf-8"))
+
+
+def load_demo_network(
+    dataset: str,
+    *,
+    quick: bool = False,
+    config: SegNetConfig | None = None,
+) -> tuple[UNet, dict]:
+    """The demo's trained U-Net for ``dataset``, from the weights shipped in the package.
+
+    The weights were trained once by ``python -m sksegcal._weights.make_weights``
+    (seeded, one thread, the demo's settings) and are stored as float16 arrays
+    in an ``.npz`` read with ``allow_pickle=False``: nothing is unpickled. The
+    file's sha256 is checked against ``sksegcal/_weights/manifest.json``,
+    which also records how it was made. The weights are cast to float32, so
+    the network (and :func:`predict_logits`) computes in float32 and gives the
+    same logits on every machine. No data are needed: the AAL network loads
+    without Debian's ``mricron-data``.
+
+    Parameters
+    ----------
+    dataset : {"mni152-tissue", "aal"}
+    quick : bool, default=False
+        The small network of ``sksegcal demo --quick``.
+    config : SegNetConfig, optional
+        The settings the caller would train with (the demo's). If given and
+        not those the shipped network was trained with, a ValueError says so,
+        instead of silently using a network made with other settings.
+
+    Returns
+    -------
+    model : UNet, float32, in eval mode
+    info : dict
+        ``shipped`` (True), ``cached`` (False: nothing was read from the user
+        cache), ``path`` (the weights file), ``name``, ``sha256``, ``config``
+        (the training settings, as :func:`load_or_train` reports them),
+        ``train_seconds`` (what training them took once), ``losses`` (per
+        epoch) and ``manifest`` (the whole manifest entry).
+
+    Raises
+    ------
+    ValueError
+        For an unknown dataset, a ``config`` other than the shipped one, or a
+        weights file that does not match its manifest.
+    """
+    name = demo_network_name(dataset, quick)
+    networks = _demo_manifest()["networks"]
+    if name not in networks:
+        shipped = sorted({key[0] for key in DEMO_NETWORKS})
+        raise ValueError(f"No shipped network for dataset {dataset!r} (quick={quick}); "
+                         f"choose one of {shipped}, or train one with load_or_train.")
+    entry = networks[name]
+    shipped_config = SegNetConfig(**entry["config"])
+    if config is not None and config != shipped_config:
+        raise ValueError(
+            f"The shipped {name} network was trained with {shipped_config}, not {config}; "
+            "train with these settings instead (sksegcal demo --retrain), or remake the "
+            "shipped weights with 'python -m sksegcal._weights.make_weights'.")
+    resource = _weights_dir() / entry["file"]
+    raw = resource.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != entry["sha256"]:
+        raise ValueError(
+            f"The shipped weights {entry['file']} have sha256 {digest}, but the manifest "
+            f"records {entry['sha256']}: the file is damaged or was replaced; reinstall "
+            "sksegcal.")
+    model = UNet(entry["n_classes"], in_channels=entry["in_channels"],
+                 width=shipped_config.width, depth=shipped_config.depth)
+    expected = model.state_dict()
+    with np.load(io.BytesIO(raw), allow_pickle=False) as arrays:
+        if set(arrays.files) != set(expected):
+            raise ValueError(f"{entry['file']} does not hold the tensors of a {name} U-Net.")
+        state = {}
+        for key, target in expected.items():
+            array = arrays[key]
+            if array.shape != tuple(target.shape):
+                raise ValueError(f"{entry['file']}: {key} has shape {array.shape}, the "
+                                 f"network needs {tuple(target.shape)}.")
+            # float16 on disk, float32 (the network's dtype) in memory
+            dtype = np.float32 if target.is_floating_point() else np.int64
+            state[key] = torch.from_numpy(array.astype(dtype))  # a copy, C-ordered, any ndim
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, {"shipped": True, "cached": False, "path": str(resource), "name": name,
+                   "sha256": digest, "config": asdict(shipped_config),
+                   "train_seconds": float(entry["train_seconds"]),
+                   "losses": list(entry["losses"]), "manifest": entry}

@@ -44,6 +44,8 @@ from sklearn.utils.validation import (
 )
 from torch import nn
 
+from ._progress import progress
+
 __all__ = ["TorchMLPClassifier"]
 
 # batch_size="auto": about this many optimizer steps per epoch, within these bounds
@@ -214,17 +216,6 @@ def _stratified_split(
     return train, val
 
 
-def _progress(n_epochs: int, verbose: int):
-    """A tqdm bar over epochs when tqdm is installed, else a plain range."""
-    if not verbose:
-        return range(n_epochs), False
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the dev extra
-        return range(n_epochs), False
-    return tqdm(range(n_epochs), desc="TorchMLPClassifier", unit="epoch", file=sys.stderr), True
-
-
 # --------------------------------------------------------------------------- estimator
 class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
     """Multi-layer perceptron classifier trained with PyTorch, fast on many rows.
@@ -314,8 +305,9 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         (with the same thread count); CUDA kernels are not bitwise
         deterministic. The global torch RNG is left untouched.
     verbose : int, default=0
-        ``>= 1``: a progress bar over epochs with the losses (tqdm when
-        installed, else one line per epoch).
+        ``>= 1``: a progress bar over epochs with the losses (tqdm, when
+        installed and stderr is a terminal), else one line per epoch on
+        stderr.
 
     Attributes
     ----------
@@ -744,7 +736,14 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
             val_loss: list[float] | None = [] if val is not None else None
             best_loss, best_epoch, best_state = math.inf, 0, None
             patience_ref, bad_epochs = math.inf, 0
-            epochs, bar = _progress(int(self.max_epochs), int(self.verbose))
+            epochs = progress(
+                range(int(self.max_epochs)),
+                desc="TorchMLPClassifier",
+                unit="epoch",
+                enabled=bool(self.verbose),
+            )
+            # a bar only on a terminal (with tqdm); elsewhere verbose prints a line per epoch
+            bar = bool(self.verbose) and not getattr(epochs, "disable", True)
             for epoch in epochs:
                 module.train()
                 perm = train_idx.index_select(
@@ -793,6 +792,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
                     print(
                         f"epoch {epoch + 1}/{self.max_epochs} "
                         + " ".join(f"{k}={v}" for k, v in msg.items()),
+                        file=sys.stderr,
                         flush=True,
                     )
                 if (
@@ -801,8 +801,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
                     and bad_epochs >= self.n_iter_no_change
                 ):
                     break
-            if bar:
-                epochs.close()
+            epochs.close()
         n_iter = len(train_loss)
         if best_state is not None:
             module.load_state_dict(best_state)
@@ -954,9 +953,6 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         """
         state = super().__getstate__()
         return {k: _to_numpy_tree(v) for k, v in state.items()}
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
 
 
 def _to_numpy_tree(value: Any) -> Any:

@@ -8,6 +8,7 @@ Everything that must respect images (splits, sampling caps) lives here.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -72,6 +73,7 @@ def flatten_segmentation(
     labels: np.ndarray | Sequence[np.ndarray],
     *,
     ignore_index: int | None = 255,
+    context: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Turn segmentation maps into a pixel table, dropping ignored pixels.
 
@@ -83,12 +85,18 @@ def flatten_segmentation(
         Ground-truth class indices; ``ignore_index`` marks unlabelled pixels.
     ignore_index : int or None, default=255
         Label of pixels to drop. None keeps every pixel.
+    context : {None, "spatial"}, default=None
+        None: ``X`` holds the C logit columns. ``"spatial"``: the C logit
+        columns followed by the K = ``sksegcal.context.n_context_features()``
+        spatial context columns of :func:`sksegcal.context.spatial_context`
+        (computed on the whole image, ignored pixels included, before they
+        are dropped), all float32; the rows are the same pixels either way.
 
     Returns
     -------
-    X : ndarray of shape (n_pixels, C)
+    X : ndarray of shape (n_pixels, C) or (n_pixels, C + K)
         One row per kept pixel, in image then row-major pixel order, with the
-        dtype of ``logits``.
+        dtype of ``logits`` (float32 with ``context="spatial"``).
     y : ndarray of shape (n_pixels,)
         The pixels' labels (int64).
     groups : ndarray of shape (n_pixels,)
@@ -105,8 +113,11 @@ def flatten_segmentation(
     >>> X, y, groups = flatten_segmentation(logits, labels)
     >>> X.shape, y.shape, np.bincount(groups).tolist()
     ((31, 3), (31,), [15, 16])
+    >>> flatten_segmentation(logits, labels, context="spatial")[0].shape
+    (31, 9)
     """
     ignore_index = check_ignore_index(ignore_index)
+    _check_context(context)
     logit_list, label_list, n_classes = _as_image_list(logits, labels)
     xs, ys, gs = [], [], []
     for i, (z, t) in enumerate(zip(logit_list, label_list)):
@@ -115,6 +126,8 @@ def flatten_segmentation(
         # boolean indexing of the (H, W, C) view copies only the kept pixels
         x = np.moveaxis(z, 0, -1)[keep]
         check_finite(x, where=f"logits of image {i}")
+        if context == "spatial":
+            x = _with_spatial_context(x, z, keep)
         xs.append(x)
         ys.append(t[keep].astype(np.int64, copy=False))
         gs.append(np.full(x.shape[0], i, dtype=np.int64))
@@ -124,6 +137,29 @@ def flatten_segmentation(
             f"Every pixel has the ignore index {ignore_index}; there is nothing to calibrate."
         )
     return X, np.concatenate(ys), np.concatenate(gs)
+
+
+_CONTEXTS = (None, "spatial")
+
+
+def _check_context(context) -> None:
+    if not (context is None or (isinstance(context, str) and context in _CONTEXTS)):
+        raise ValueError(
+            f"context must be None (logits only) or 'spatial' (logits followed by the "
+            f"spatial context features), got {context!r}."
+        )
+
+
+def _with_spatial_context(x: np.ndarray, z: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The kept rows ``x`` (n, C) of image ``z`` (C, H, W) with its context columns appended."""
+    from .context import image_context, n_context_features
+
+    # image_context raises on NaN or infinity anywhere in the image, ignored pixels included
+    n_classes = x.shape[1]
+    out = np.empty((x.shape[0], n_classes + n_context_features()), dtype=np.float32)
+    out[:, :n_classes] = x
+    out[:, n_classes:] = np.moveaxis(image_context(z), 0, -1)[keep]
+    return out
 
 
 def unflatten_segmentation(
@@ -276,7 +312,15 @@ def split_images(
     >>> [len(part) for part in split]
     [4, 2, 2]
     """
-    ids = np.arange(images) if np.isscalar(images) else np.unique(np.asarray(images))
+    if np.isscalar(images):
+        if isinstance(images, (bool, np.bool_)) or not isinstance(images, numbers.Integral):
+            raise TypeError(
+                f"images must be an integer number of images or an array of image ids, got "
+                f"{images!r}; a count must be a whole number (e.g. int(n))."
+            )
+        ids = np.arange(int(images))
+    else:
+        ids = np.unique(np.asarray(images))
     for name, size in (("validation_size", validation_size), ("test_size", test_size)):
         if not 0 <= size < 1:
             raise ValueError(f"{name} must be in [0, 1), got {size}.")
@@ -296,6 +340,26 @@ def split_images(
         validation=np.sort(perm[:n_val]),
         test=np.sort(perm[n_val : n_val + n_test]),
     )
+
+
+def _largest_remainder(weights, total: int, minimum=0) -> np.ndarray:
+    """Integers proportional to ``weights`` that sum to ``total`` (largest remainder rounding).
+
+    Each share is floored and raised to ``minimum`` (a scalar or one per weight);
+    what flooring left is handed out to the largest remainders first, and what the
+    minimum overspent is taken back from the largest shares. ``weights`` must have
+    a positive sum. Shared by :func:`sample_pixels` and the LogitStore's sampler.
+    """
+    exact = np.asarray(weights) * (total / np.sum(weights))
+    take = np.maximum(np.floor(exact).astype(np.int64), minimum)
+    short = total - int(take.sum())
+    if short > 0:
+        order = np.argsort(-(exact - np.floor(exact)), kind="stable")
+        take[order[:short]] += 1
+    while short < 0:
+        take[int(np.argmax(take))] -= 1
+        short += 1
+    return take
 
 
 def sample_pixels(
@@ -344,20 +408,8 @@ def sample_pixels(
     if strata.shape != (n_pixels,):
         raise ValueError(f"strata must have shape ({n_pixels},), got {strata.shape}.")
     values, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
-    exact = counts * (max_samples / n_pixels)
-    take = np.floor(exact).astype(np.int64)
-    if len(counts) <= max_samples:
-        take = np.maximum(take, 1)  # every stratum keeps a pixel when the budget allows
-    # hand out what flooring left, largest remainders first; or take back what the
-    # minimum of one pixel per stratum overspent, from the largest strata
-    short = max_samples - int(take.sum())
-    if short > 0:
-        order = np.argsort(-(exact - np.floor(exact)), kind="stable")
-        take[order[:short]] += 1
-    while short < 0:
-        largest = int(np.argmax(take))
-        take[largest] -= 1
-        short += 1
+    # every stratum keeps a pixel when the budget allows
+    take = _largest_remainder(counts, max_samples, int(len(counts) <= max_samples))
     take = np.minimum(take, counts)
     order = np.argsort(inverse, kind="stable")
     starts = np.r_[0, np.cumsum(counts)[:-1]]

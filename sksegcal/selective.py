@@ -14,9 +14,10 @@ from sklearn.utils.validation import check_memory
 
 from ._base import (
     BaseLogitCalibrator,
+    fit_inverse_temperatures,
     iter_chunks,
-    minimize_1d,
-    nll_at_inverse_temperature,
+    nll_derivatives,
+    warn_fit,
 )
 from .features import FEATURE_SETS, features_from_logits
 from .pixels import sample_pixels
@@ -235,10 +236,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
 
     def _p_correct(self, features: np.ndarray) -> np.ndarray:
         proba = self.classifier_.predict_proba(features)
-        classes = np.asarray(self.classifier_.classes_)
-        if 1 not in classes:
-            return np.zeros(features.shape[0], dtype=np.float32)
-        return proba[:, np.flatnonzero(classes == 1)[0]]
+        # the classifier was trained on both targets 0 and 1 (one class only gives
+        # _ConstantCorrectness, whose classes_ are [0, 1] too)
+        return proba[:, np.flatnonzero(np.asarray(self.classifier_.classes_) == 1)[0]]
 
     def _inverse_temperature(
         self, p_correct: np.ndarray, t1: float, t2: float, threshold: float | None = None
@@ -304,6 +304,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         self.t1_ = 1.0 if self.t1 == "auto" else float(self.t1)
         self.t2_ = UNIFORM_TEMPERATURE if self.t2 == "auto" else float(self.t2)
         self.detection_auroc_ = None
+        self.n_iter_, self.converged_ = 0, True
         if needs_holdout:
             holdout_idx = holdout_idx[
                 sample_pixels(
@@ -368,78 +369,118 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         Z = self._to_logits(X[holdout_idx]).astype(np.float32)
         y_hold = y[holdout_idx]
         w = None if sample_weight is None else sample_weight[holdout_idx]
-        p = (
-            np.concatenate(
-                [
-                    self._p_correct(self._features(X[holdout_idx[part]]))
-                    for part in iter_chunks(len(holdout_idx), self.chunk_size)
-                ]
-            )
-            if len(holdout_idx)
-            else np.zeros(0, np.float32)
-        )
+        p = self._holdout_p_correct(X, holdout_idx)
         hold_correct = correct[holdout_idx]
         if 0 < hold_correct.sum() < len(hold_correct):
             self.detection_auroc_ = float(roc_auc_score(hold_correct, p))
+        solved = self._solve_temperatures(Z, y_hold, w, p)
+        self.t1_, self.t2_, self.threshold_ = solved["t1"], solved["t2"], solved["threshold"]
+        self.n_iter_ = sum(fit.n_iter for _, fit in solved["fits"])
+        self.converged_ = all(fit.converged for _, fit in solved["fits"])
+        for names, fit in solved["fits"]:
+            warn_fit(fit, names, _AUTO_BOUNDS, owner=type(self).__name__, stacklevel=5)
+        if self.mode == "hard":
+            n_flagged = int((p < self.threshold_).sum())
+            if n_flagged in (0, len(p)) and "auto" in (self.t1, self.t2):
+                warnings.warn(
+                    f"No held-out pixel falls in the {'t2' if n_flagged == 0 else 't1'} "
+                    f"group (threshold {self.threshold_:.4g}); its temperature takes the other "
+                    f"group's value (t1={self.t1_:.4g}, t2={self.t2_:.4g}). With a very "
+                    "accurate model use threshold='auto', weight the mispredicted class in "
+                    "the classifier, or use mode='soft'.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            self.held_out_flagged_fraction_ = n_flagged / max(len(p), 1)
+        return Z, y_hold, w, p
 
-        def nll(t1: float, t2: float, rows=slice(None), threshold=None) -> float:
-            beta = self._inverse_temperature(p[rows], t1, t2, threshold)
-            ww = None if w is None else w[rows]
-            return nll_at_inverse_temperature(
-                Z[rows], y_hold[rows], beta, sample_weight=ww, chunk_size=self.chunk_size
-            )
+    def _holdout_p_correct(self, X, holdout_idx):
+        if not len(holdout_idx):
+            return np.zeros(0, np.float32)
+        return np.concatenate(
+            [
+                self._p_correct(self._features(X[holdout_idx[part]]))
+                for part in iter_chunks(len(holdout_idx), self.chunk_size)
+            ]
+        )
 
-        lo, hi = np.log(_AUTO_BOUNDS[0]), np.log(_AUTO_BOUNDS[1])
+    def _solve_temperatures(self, Z, y, w, p, rows=None):
+        """The "auto" temperatures (and threshold) minimising the NLL on (some) rows.
 
-        def fit_one(objective) -> float:
-            return float(np.exp(minimize_1d(objective, lower=lo, upper=hi)))
-
+        Soft mode: ``beta = a p + b (1 - p)`` with ``a = 1/t1``, ``b = 1/t2`` is
+        linear in ``(a, b)``, so the mean NLL is jointly convex and one bounded
+        Newton solve gives both (:func:`~sksegcal._base.fit_inverse_temperatures`).
+        Hard mode: the two groups do not interact, one 1-D convex solve each.
+        Returns a dict with t1, t2, threshold, the NLL (weighted mean over the
+        rows) and the fits with the names of their parameters.
+        """
+        bounds = (1.0 / _AUTO_BOUNDS[1], 1.0 / _AUTO_BOUNDS[0])  # inverse temperatures
+        t1 = 1.0 if self.t1 == "auto" else float(self.t1)
+        t2 = UNIFORM_TEMPERATURE if self.t2 == "auto" else float(self.t2)
+        p = np.asarray(p, dtype=np.float64)
+        common = {"sample_weight": w, "rows": rows, "chunk_size": self.chunk_size}
         if self.mode == "soft":
-            # soft mode couples t1 and t2: a few rounds of coordinate descent
-            for _ in range(3 if self.t1 == self.t2 == "auto" else 1):
-                if self.t2 == "auto":
-                    self.t2_ = fit_one(lambda u: nll(self.t1_, np.exp(u)))
-                if self.t1 == "auto":
-                    self.t1_ = fit_one(lambda u: nll(np.exp(u), self.t2_))
-            return
+            if self.t1 == "auto" and self.t2 == "auto":
+                basis, offset, names = np.column_stack([p, 1.0 - p]), None, ["t1", "t2"]
+            elif self.t2 == "auto":
+                basis, offset, names = (1.0 - p)[:, None], p / t1, ["t2"]
+            elif self.t1 == "auto":
+                basis, offset, names = p[:, None], (1.0 - p) / t2, ["t1"]
+            else:
+                beta = p / t1 + (1.0 - p) / t2
+                nll = nll_derivatives(Z, y, np.ones(1), basis=beta[:, None], **common)[0]
+                return {"t1": t1, "t2": t2, "threshold": self._fixed_threshold(), "nll": nll,
+                        "fits": []}
+            fit = fit_inverse_temperatures(
+                Z, y, basis=basis, offset=offset, bounds=bounds, **common
+            )
+            inverse = dict(zip(names, fit.x.tolist()))
+            t1 = 1.0 / inverse["t1"] if "t1" in inverse else t1
+            t2 = 1.0 / inverse["t2"] if "t2" in inverse else t2
+            return {"t1": t1, "t2": t2, "threshold": self._fixed_threshold(), "nll": fit.nll,
+                    "fits": [(names, fit)]}
 
+        in_rows = np.ones(len(p), bool) if rows is None else rows
         weights = np.ones(len(p)) if w is None else w
+        total_weight = float(weights[in_rows].sum())
 
-        def fit_split(threshold: float):
-            """Temperatures of the two groups at one threshold, and the total NLL."""
-            called_correct = p >= threshold
-            t1, t2 = self.t1_, self.t2_
-            # the two groups do not interact: two independent 1-D searches
-            if self.t1 == "auto" and called_correct.any():
-                t1 = fit_one(lambda u: nll(np.exp(u), t2, called_correct, threshold))
-            if self.t2 == "auto" and not called_correct.all():
-                t2 = fit_one(lambda u: nll(t1, np.exp(u), ~called_correct, threshold))
-            # a group no held-out pixel reaches takes the other group's temperature
-            if self.t1 == "auto" and not called_correct.any():
-                t1 = t2
-            if self.t2 == "auto" and called_correct.all():
-                t2 = t1
-            total = nll(t1, t2, slice(None), threshold) * weights.sum()
-            return total, t1, t2
+        def group(mask, auto, fixed_t):
+            """(temperature, weighted NLL sum, fit or None) of one group."""
+            mass = float(weights[mask].sum())
+            if not mask.any() or mass <= 0:
+                return None, 0.0, None
+            if not auto:
+                nll = nll_derivatives(Z, y, np.array([1.0 / fixed_t]), sample_weight=w,
+                                      rows=mask, chunk_size=self.chunk_size)[0]
+                return fixed_t, nll * mass, None
+            fit = fit_inverse_temperatures(
+                Z, y, sample_weight=w, rows=mask, bounds=bounds, chunk_size=self.chunk_size
+            )
+            return 1.0 / fit.x[0], fit.nll * mass, fit
+
+        def fit_split(threshold):
+            called = p >= threshold
+            ta, nll_a, fit_a = group(in_rows & called, self.t1 == "auto", t1)
+            tb, nll_b, fit_b = group(in_rows & ~called, self.t2 == "auto", t2)
+            # a group no pixel reaches takes the other group's (fitted) temperature
+            ta = (tb if self.t1 == "auto" else t1) if ta is None else ta
+            tb = (ta if self.t2 == "auto" else t2) if tb is None else tb
+            fits = [(["t1"], fit_a)] * (fit_a is not None) + [(["t2"], fit_b)] * (
+                fit_b is not None
+            )
+            return (nll_a + nll_b) / total_weight, ta, tb, fits
 
         if self.threshold == "auto":
-            candidates = _candidate_thresholds(p)
+            candidates = _candidate_thresholds(p[in_rows])
         else:
             candidates = [float(self.threshold)]
-        fits = [(*fit_split(thr), thr) for thr in candidates]
-        _, self.t1_, self.t2_, self.threshold_ = min(fits, key=lambda f: f[0])
-        n_flagged = int((p < self.threshold_).sum())
-        if n_flagged in (0, len(p)) and "auto" in (self.t1, self.t2):
-            warnings.warn(
-                f"No held-out pixel falls in the {'t2' if n_flagged == 0 else 't1'} group "
-                f"(threshold {self.threshold_:.4g}); its temperature takes the other group's "
-                f"value (t1={self.t1_:.4g}, t2={self.t2_:.4g}). With a very accurate model use "
-                "threshold='auto', weight the mispredicted class in the classifier, or use "
-                "mode='soft'.",
-                UserWarning,
-                stacklevel=4,
-            )
-        self.held_out_flagged_fraction_ = n_flagged / max(len(p), 1)
+        best = min(((*fit_split(thr), thr) for thr in candidates), key=lambda f: f[0])
+        nll, t1, t2, fits, threshold = best
+        return {"t1": float(t1), "t2": float(t2), "threshold": float(threshold), "nll": nll,
+                "fits": fits}
+
+    def _fixed_threshold(self) -> float:
+        return 0.5 if self.threshold == "auto" else float(self.threshold)
 
     # --------------------------------------------------------------- prediction
     def _row_inverse_temperatures(self, z):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -73,8 +74,9 @@ def test_extract_fit_evaluate_report(arrays, capsys):
     assert "chosen = t1=1 t2=" in capsys.readouterr().out
 
     results = arrays / "results"
+    # joblib files are pickles: they load only with --trusted
     assert main(["evaluate", str(store), "-c", str(ts), "-c", str(sel), "-o", str(results),
-                 "-q"]) == 0
+                 "-q", "--trusted"]) == 0
     out = capsys.readouterr().out
     for name in ("uncalibrated", "ts", "selective", "ECE", "mIoU"):
         assert name in out
@@ -83,13 +85,202 @@ def test_extract_fit_evaluate_report(arrays, capsys):
     assert set(test) == {"uncalibrated", "ts", "selective"}
     # temperatures never change the argmax
     assert test["ts"]["accuracy"] == pytest.approx(test["uncalibrated"]["accuracy"])
+    assert test["selective"]["accuracy"] == pytest.approx(test["uncalibrated"]["accuracy"])
     assert test["ts"]["nll"] < test["uncalibrated"]["nll"]
     assert "ece" in (results / "metrics.csv").read_text().splitlines()[0]
+    # the saved accumulators are pickle-free: a JSON index and an .npz of plain arrays
+    assert not (results / "accumulators.joblib").exists()
+    index = json.loads((results / "accumulators.json").read_text())
+    assert index["format"] == "sksegcal.evaluate-results"
+    with np.load(results / "accumulators.npz", allow_pickle=False) as arrays_npz:
+        assert all(arrays_npz[k].dtype != object for k in arrays_npz.files)
 
     pytest.importorskip("matplotlib")
     assert main(["report", str(results), "-q"]) == 0
     assert (results / "reliability_test.png").stat().st_size > 10_000
-    assert "![reliability diagrams](reliability_test.png)" in (results / "report.md").read_text()
+    report = (results / "report.md").read_text()
+    assert "![reliability diagrams](reliability_test.png)" in report
+    assert "class 0" not in report  # the old tie artefact is gone, and so is its note
+    # the report's numbers are the evaluation's (the accumulators round-trip exactly)
+    again = json.loads((results / "metrics.json").read_text())["results"]
+    assert again == metrics["results"]
+    assert not list(results.glob(".tmp-*"))  # atomic writes leave no temporary files
+
+
+def test_skops_calibrators_need_no_trust(arrays, capsys):
+    pytest.importorskip("skops")
+    from sksegcal.persistence import detect_format
+
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    ts = arrays / "ts.skops"
+    sel = arrays / "sel.skops"
+    assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
+    assert main(["fit", str(store), "--classifier", "logistic", "--t2", "2", "-o", str(sel),
+                 "-q"]) == 0
+    assert "(skops)" in capsys.readouterr().out
+    assert detect_format(ts) == detect_format(sel) == "skops"
+    results = arrays / "results"
+    assert main(["evaluate", str(store), "-c", str(ts), "-c", str(sel), "-o", str(results),
+                 "-q"]) == 0
+    test = json.loads((results / "metrics.json").read_text())["results"]["test"]
+    assert set(test) == {"uncalibrated", "ts", "sel"}
+
+
+class _Exploit:
+    """A pickle that runs a shell command when loaded."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _malicious_pickle(path, marker):
+    path.write_bytes(pickle.dumps(_Exploit(f"touch {marker}")))
+    return path
+
+
+def test_malicious_calibrator_is_not_loaded(arrays, capsys):
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    capsys.readouterr()
+    marker = arrays / "PWNED"
+    evil = _malicious_pickle(arrays / "ts.joblib", marker)
+    assert main(["evaluate", str(store), "--images", "all", "-c", str(evil), "-o",
+                 str(arrays / "results")]) == 1
+    assert not marker.exists()
+    line = _error_line(capsys)
+    assert str(evil) in line and "--trusted" in line
+
+
+def test_old_pickled_results_are_not_loaded(arrays, capsys):
+    results = arrays / "old-results"
+    results.mkdir()
+    marker = arrays / "PWNED"
+    _malicious_pickle(results / "accumulators.joblib", marker)
+    assert main(["report", str(results)]) == 1
+    assert not marker.exists()
+    line = _error_line(capsys)
+    assert "accumulators.joblib" in line and "--trusted" in line
+
+
+def test_old_pickled_results_load_when_trusted(arrays, capsys):
+    import joblib
+
+    from sksegcal.metrics import CalibrationAccumulator
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=500)
+    p = rng.dirichlet(np.ones(3), size=500)
+    acc = CalibrationAccumulator(n_classes=3).update(y, p)
+    results = arrays / "old-results"
+    results.mkdir()
+    joblib.dump({"accumulators": {"test": {"uncalibrated": acc}}, "meta": {"dataset": "x"}},
+                results / "accumulators.joblib")
+    assert main(["report", str(results), "--trusted", "-q"]) == 0
+    assert "uncalibrated" in capsys.readouterr().out
+    assert (results / "report.md").is_file()
+
+
+def test_corrupt_results(arrays, capsys):
+    results = arrays / "results"
+    results.mkdir()
+    (results / "accumulators.json").write_text('{"format": "something else"}')
+    assert main(["report", str(results)]) == 1
+    line = _error_line(capsys)
+    assert "accumulators.json" in line and "not a readable 'sksegcal evaluate' result" in line
+    (results / "accumulators.json").write_text(
+        '{"format": "sksegcal.evaluate-results", "version": 1, "accumulators": []}')
+    assert main(["report", str(results)]) == 1
+    assert "accumulators.npz" in _error_line(capsys)
+
+
+def test_same_calibrator_stem_twice(arrays, capsys):
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    for folder in ("a", "b"):
+        assert main(["fit", str(store), "--method", "temperature", "-o",
+                     str(arrays / folder / "ts.joblib"), "-q"]) == 0
+    capsys.readouterr()
+    results = arrays / "results"
+    assert main(["evaluate", str(store), "-c", str(arrays / "a" / "ts.joblib"), "-c",
+                 str(arrays / "b" / "ts.joblib"), "-o", str(results), "-q", "--trusted"]) == 0
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert set(metrics["results"]["test"]) == {"uncalibrated", "a/ts", "b/ts"}
+    assert metrics["calibrators"] == {"a/ts": str(arrays / "a" / "ts.joblib"),
+                                      "b/ts": str(arrays / "b" / "ts.joblib")}
+    # the same file twice is refused
+    capsys.readouterr()
+    assert main(["evaluate", str(store), "-c", str(arrays / "a" / "ts.joblib"), "-c",
+                 str(arrays / "a" / ".." / "a" / "ts.joblib"), "--trusted"]) == 1
+    assert "given twice" in _error_line(capsys)
+
+
+def test_demo_threads_must_not_be_negative(tmp_path, capsys):
+    assert main(["demo", "--threads", "-1", "-o", str(tmp_path / "r")]) == 2
+    line = _error_line(capsys)
+    assert "--threads" in line and "-1" in line
+    assert not (tmp_path / "r").exists()
+    # usage errors are one line too
+    assert main(["demo", "--dataset", "imagenet"]) == 2
+    assert "imagenet" in _error_line(capsys)
+
+
+def test_outputs_are_checked_before_the_work(arrays, monkeypatch, capsys):
+    import sksegcal.datasets
+    import sksegcal.store
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the job ran before the output was checked")
+
+    monkeypatch.setattr(sksegcal.datasets, "load_dataset", no_work)
+    taken = arrays / "taken"
+    taken.write_text("a file, not a folder")
+    assert main(["demo", "--quick", "-o", str(taken), "-q"]) == 1
+    line = _error_line(capsys)
+    assert str(taken) in line and "not a folder" in line and "--output" in line
+
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    ts = arrays / "ts.joblib"
+    assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sksegcal.store, "evaluate_store", no_work)
+    monkeypatch.setattr(sksegcal.store, "fit_store", no_work)
+    assert main(["evaluate", str(store), "-c", str(ts), "--trusted", "-o", str(taken)]) == 1
+    assert str(taken) in _error_line(capsys)
+    assert main(["fit", str(store), "--method", "temperature", "-o", str(arrays)]) == 1
+    assert "is a folder" in _error_line(capsys)
+    assert main(["fit", str(store), "--method", "temperature", "-o",
+                 str(taken / "ts.joblib")]) == 1
+    assert f"{taken} exists and is not a folder" in _error_line(capsys)
+
+
+def test_messages_name_the_file_and_the_problem(arrays, capsys):
+    notes = arrays / "notes.txt"
+    notes.write_text("some notes, not an array\n")
+    assert main(["extract", "--logits", str(notes), "--labels", str(arrays / "labels.npy"),
+                 "--store", str(arrays / "s")]) == 1
+    line = _error_line(capsys)
+    assert str(notes) in line and ".npy" in line and "(N, C, H, W)" in line
+    assert "allow_pickle" not in line
+
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    capsys.readouterr()
+    garbage = arrays / "garbage"
+    garbage.write_text("not a calibrator\n")  # joblib.load said KeyError(110)
+    assert main(["evaluate", str(store), "--images", "all", "-c", str(garbage)]) == 1
+    line = _error_line(capsys)
+    assert str(garbage) in line and "not a calibrator file" in line and "skops" in line
+    assert "KeyError" not in line
 
 
 # ----------------------------------------------------------------- error paths
@@ -139,6 +330,11 @@ def test_corrupt_calibrator(arrays, capsys):
     bad.write_bytes(b"this is not a pickle")
     assert main(["evaluate", str(store), "--images", "all", "-c", str(bad)]) == 1
     assert "cannot load the calibrator" in _error_line(capsys)
+    # a truncated pickle, trusted: still one line naming the file
+    bad.write_bytes(pickle.dumps({"a": list(range(100))})[:40])
+    assert main(["evaluate", str(store), "--images", "all", "-c", str(bad), "--trusted"]) == 1
+    line = _error_line(capsys)
+    assert "cannot load the calibrator" in line and str(bad) in line
 
 
 def test_wrong_class_count(arrays, capsys):
@@ -155,7 +351,7 @@ def test_wrong_class_count(arrays, capsys):
     assert main(["extract", "--logits", str(arrays / "logits5.npy"), "--labels",
                  str(arrays / "labels5.npy"), "--store", str(store5), "-q"]) == 0
     capsys.readouterr()
-    assert main(["evaluate", str(store5), "--images", "all", "-c", str(ts)]) == 1
+    assert main(["evaluate", str(store5), "--images", "all", "-c", str(ts), "--trusted"]) == 1
     assert "3 classes" in _error_line(capsys)
     # fit --n-classes checks the store
     assert main(["fit", str(store5), "--n-classes", "3", "-q"]) == 1
@@ -230,21 +426,18 @@ def test_demo_quick(tmp_path, capsys):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["results"]) == {"test", "shifted-test"}
-    t2 = float(metrics["calibrators"]["selective scaling"]["t2"])
     for split in metrics["results"].values():
-        acc = {m: s["accuracy"] for m, s in split.items()}
-        assert acc["temperature scaling"] == pytest.approx(acc["uncalibrated"])
-        if t2 < 1e6:
-            assert acc["selective scaling"] == pytest.approx(acc["uncalibrated"])
-        else:
-            # t2 = 1e10 makes rows uniform: float32 ties, and the accumulator's accuracy is the
-            # argmax of the calibrated probabilities, which a tie sends to class 0
-            assert acc["selective scaling"] <= acc["uncalibrated"] + 1e-9
+        # every method is scored with the network's own prediction: temperatures (t2 = 1e10
+        # included, whose rows are uniform) never change accuracy or mIoU
+        for method in ("temperature scaling", "selective scaling"):
+            for key in ("accuracy", "miou"):
+                assert split[method][key] == pytest.approx(split["uncalibrated"][key])
     assert not metrics["network"]["cached"]
+    assert "class 0" not in (out / "report.md").read_text()
 
-    import joblib
+    from sksegcal.persistence import load
 
-    cal = joblib.load(out / "calibrator.joblib")
+    cal = load(out / "calibrator.joblib", trusted=True)
     assert cal.n_features_in_ == 3
 
     # second run: the network comes from the cache, and the numbers are the same
@@ -257,7 +450,7 @@ def test_demo_quick(tmp_path, capsys):
     # the kept store (split recorded) works with the other subcommands and the saved calibrator
     results = tmp_path / "results"
     assert main(["evaluate", str(out / "stores" / "calibration"), "-c",
-                 str(out / "calibrator.joblib"), "-o", str(results), "-q"]) == 0
+                 str(out / "calibrator.joblib"), "-o", str(results), "-q", "--trusted"]) == 0
     evaluated = json.loads((results / "metrics.json").read_text())["results"]["test"]
     assert evaluated["calibrator"]["ece"] == pytest.approx(
         metrics["results"]["test"]["selective scaling"]["ece"], rel=1e-6)

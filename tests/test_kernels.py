@@ -1,4 +1,8 @@
-"""The compiled row kernels against NumPy, and the NumPy fallback itself."""
+"""The compiled row kernels against NumPy, and the NumPy fallback itself.
+
+Every test runs once per counting path (the ``counting_path`` fixture of
+tests/conftest.py) unless marked ``one_counting_path``: those compare the paths.
+"""
 
 import numpy as np
 import pytest
@@ -6,18 +10,8 @@ import pytest
 from sksegcal import _kernels
 
 
-@pytest.fixture(params=["numba", "numpy"])
-def backend(request, monkeypatch):
-    if request.param == "numba":
-        if not _kernels.HAVE_NUMBA:
-            pytest.skip("numba is not installed")
-    else:
-        monkeypatch.setattr(_kernels, "HAVE_NUMBA", False)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_argmax_rows_is_numpy_argmax_ties_included(backend, dtype):
+def test_argmax_rows_is_numpy_argmax_ties_included(counting_path, dtype):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 3, size=(5000, 7)).astype(dtype)  # many ties
     np.testing.assert_array_equal(_kernels.argmax_rows(x), x.argmax(axis=1))
@@ -27,7 +21,7 @@ def test_argmax_rows_is_numpy_argmax_ties_included(backend, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_softmax_stats_match_the_direct_formula(backend, dtype, per_row):
+def test_softmax_stats_match_the_direct_formula(counting_path, dtype, per_row):
     rng = np.random.default_rng(1)
     x = (rng.normal(scale=8.0, size=(3000, 11)) + 500.0).astype(dtype)  # no overflow
     beta = rng.uniform(0.01, 3.0, size=3000) if per_row else 0.7
@@ -43,7 +37,7 @@ def test_softmax_stats_match_the_direct_formula(backend, dtype, per_row):
     assert e.dtype == dtype and total.dtype == squares.dtype == np.float64
 
 
-def test_softmax_stats_of_a_nan_row_are_not_finite(backend):
+def test_softmax_stats_of_a_nan_row_are_not_finite(counting_path):
     x = np.zeros((3, 4), dtype=np.float32)
     x[1, 2] = np.nan
     _, _, total, squares = _kernels.softmax_stats(x, 1.0)
@@ -70,6 +64,7 @@ def _accumulate(rng_seed, compiled, monkeypatch, logits_path, **acc_kwargs):
     return acc
 
 
+@pytest.mark.one_counting_path
 @pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="numba is not installed")
 @pytest.mark.parametrize("logits_path", [False, True])
 def test_compiled_and_numpy_accumulators_agree(monkeypatch, logits_path):
@@ -90,13 +85,9 @@ def test_compiled_and_numpy_accumulators_agree(monkeypatch, logits_path):
         assert ece_a[key] == pytest.approx(ece_b[key], rel=1e-6, abs=1e-12)
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_bad_probabilities_count_nothing_on_either_path(monkeypatch, compiled):
+def test_bad_probabilities_count_nothing_on_either_path(counting_path):
     from sksegcal.metrics import CalibrationAccumulator
 
-    if compiled and not _kernels.HAVE_NUMBA:
-        pytest.skip("numba is not installed")
-    monkeypatch.setattr(_kernels, "HAVE_NUMBA", compiled)
     y = np.array([0, 1, 2, 255])
     good = np.full((4, 3), 1 / 3)
     for bad, match in [
@@ -122,7 +113,7 @@ def test_bad_probabilities_count_nothing_on_either_path(monkeypatch, compiled):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n_classes, top_k", [(2, 5), (3, 1), (3, 2), (7, 5), (19, 5), (19, 19)])
-def test_agnostic_features_from_logits_match_make_features(backend, dtype, n_classes, top_k):
+def test_agnostic_features_from_logits_match_make_features(counting_path, dtype, n_classes, top_k):
     from sksegcal.features import features_from_logits, log_softmax, make_features
 
     rng = np.random.default_rng(n_classes * 10 + top_k)
@@ -139,6 +130,7 @@ def test_agnostic_features_from_logits_match_make_features(backend, dtype, n_cla
     np.testing.assert_allclose(features_from_logits(z, "log_softmax"), log_softmax(z))
 
 
+@pytest.mark.one_counting_path
 @pytest.mark.skipif(not _kernels.HAVE_NUMBA, reason="numba is not installed")
 def test_evaluate_store_same_with_and_without_numba(monkeypatch, tmp_path):
     from sksegcal.scaling import MetaCalScaling, TemperatureScaling
@@ -166,7 +158,7 @@ def test_evaluate_store_same_with_and_without_numba(monkeypatch, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (name, key)
 
 
-def test_y_pred_decides_tied_rows_on_either_path(backend):
+def test_y_pred_decides_tied_rows_on_either_path(counting_path):
     from sksegcal.metrics import CalibrationAccumulator
 
     y = np.array([2, 2, 1, 0])

@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, brier_score_loss, log_loss, roc_auc_
 from sklearn.model_selection import GridSearchCV, KFold
 
 from sksegcal import metrics as M
-from sksegcal.metrics import CalibrationAccumulator
+from sksegcal.metrics import CalibrationAccumulator, _inputs
 
 IGNORE = 255
 
@@ -304,6 +304,8 @@ def test_merge_returns_self_and_copy_keeps_original():
         a.merge(CalibrationAccumulator(4))
 
 
+# the loky workers do not see the parent's monkeypatched counting path
+@pytest.mark.one_counting_path
 def test_state_size_is_fixed_and_joblib_merge():
     from joblib import Parallel, delayed
 
@@ -565,7 +567,7 @@ def test_misprediction_detection_scores():
 
 
 def test_large_chunks_are_cut_into_pieces_all_or_nothing(monkeypatch):
-    monkeypatch.setattr(M, "_CHUNK_ROWS", 1000)
+    monkeypatch.setattr(_inputs, "_CHUNK_ROWS", 1000)
     y, p = make_data(n=4 * 3 * 20 * 20, c=4, seed=19)  # 4800 pixels: 5 pieces
     rng = np.random.default_rng(19)
     w = rng.random(y.size)
@@ -599,7 +601,7 @@ def test_y_pred_given_equals_default_and_is_cut_with_the_chunk(monkeypatch):
         y, p, image_id=3, y_pred=p.argmax(axis=1)
     )
     assert_same(all_metrics(given), all_metrics(ref))
-    monkeypatch.setattr(M, "_CHUNK_ROWS", 1000)
+    monkeypatch.setattr(_inputs, "_CHUNK_ROWS", 1000)
     cut = CalibrationAccumulator(4, classwise=True).update(
         y, p, image_id=3, y_pred=p.argmax(axis=1)
     )
@@ -674,7 +676,7 @@ def test_update_logits_equals_update_on_the_softmax(per_pixel, monkeypatch):
     )
     assert_same(all_metrics(got), all_metrics(ref), rtol=1e-6, atol=1e-7)
     # cut into pieces, and as (N, C, H, W) with per-pixel temperatures as (N, H, W)
-    monkeypatch.setattr(M, "_CHUNK_ROWS", 1000)
+    monkeypatch.setattr(_inputs, "_CHUNK_ROWS", 1000)
     z4 = z.reshape(12, 20, 20, c).transpose(0, 3, 1, 2)
     t4 = np.reshape(t, (12, 20, 20)) if per_pixel else t
     four = CalibrationAccumulator(c, classwise=True).update_logits(

@@ -3,12 +3,20 @@
 A SegFormer mit-b0 built from the config shipped in the mmseg wheel (4
 classes, random weights saved as a local checkpoint), a six-image dataset
 written to a temporary folder (two image sizes, labels with
-reduce_zero_label), small inputs. Nothing is downloaded.
+reduce_zero_label that hold both 0 and the ignore label 255), small inputs.
+Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import pickle
+import re
+import shlex
+import socket
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -67,8 +75,10 @@ def workspace(tmp_path_factory, mm):
     raw_labels = {}
     for name, (h, w) in zip(IMAGE_NAMES, SIZES):
         image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-        # file labels 0..4: 0 is "unlabelled", reduce_zero_label makes it 255
+        # file labels 0..4: 0 is "unlabelled", reduce_zero_label makes it 255; and some
+        # pixels already 255 (ignored), which mmseg keeps at 255
         label = rng.integers(0, N_CLASSES + 1, size=(h, w), dtype=np.uint8)
+        label[rng.random((h, w)) < 0.05] = 255
         mmcv.imwrite(image, str(root / "img" / f"{name}.png"))
         mmcv.imwrite(label, str(root / "ann" / f"{name}.png"))
         raw_labels[name] = label
@@ -149,21 +159,28 @@ def store(workspace, mm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibrator(store, workspace):
-    import joblib
-
+    """A TemperatureScaling fitted on the store, saved as skops (the safe format) and joblib."""
     from sksegcal import TemperatureScaling
+    from sksegcal.persistence import save
     from sksegcal.store import fit_store
 
     ts = fit_store(TemperatureScaling(), store, images=None, random_state=0)
-    path = workspace["root"] / "ts.joblib"
-    joblib.dump(ts, path)
+    path = save(ts, workspace["root"] / "ts.skops", format="skops")
+    save(ts, workspace["root"] / "ts.joblib")
     return ts, path
 
 
-def _reduced(label):
-    out = label.astype(np.int64) - 1
-    out[label == 0] = 255
-    return out
+def _mmseg_labels(path, reduce_zero_label=True):
+    """A label file as mmseg's own LoadAnnotations reads it (the reference)."""
+    from mmseg.datasets.transforms import LoadAnnotations
+
+    results = {"seg_map_path": str(path), "reduce_zero_label": reduce_zero_label,
+               "seg_fields": []}
+    return LoadAnnotations()(results)["gt_seg_map"]
+
+
+def _label_file(workspace, name):
+    return workspace["root"] / "ann" / f"{name}.png"
 
 
 def _inference(model, image_path):
@@ -266,7 +283,52 @@ def test_shipped_config_and_load_model(mm, workspace):
     # SyncBN in the shipped config became BN
     kinds = {type(m).__name__ for m in model.modules()}
     assert "SyncBatchNorm" not in kinds and "BatchNorm2d" in kinds
-    assert mm._n_classes(model) == N_CLASSES
+    from sksegcal.integrations.mmseg._loading import n_classes
+
+    assert n_classes(model) == N_CLASSES
+
+
+def test_public_names_and_one_registration(mm):
+    """The package re-exports the public names under its own name; METRICS holds the metric."""
+    import importlib
+
+    from mmseg.registry import METRICS
+
+    public = ["CalibrationMetric", "calibrate_model", "extract_logits", "load_model",
+              "shipped_config", "uncalibrate_model"]
+    assert set(public) <= set(mm.__all__)
+    for name in public:
+        assert getattr(mm, name).__module__ == "sksegcal.integrations.mmseg", name
+    assert METRICS.get("CalibrationMetric") is mm.CalibrationMetric
+    # registration is done by the package's __init__ alone: importing a part registers nothing
+    calls = []
+    original = METRICS.register_module
+    try:
+        METRICS.register_module = lambda *a, **k: calls.append(k) or original(*a, **k)
+        importlib.reload(importlib.import_module("sksegcal.integrations.mmseg._evaluator"))
+        assert calls == []
+    finally:
+        METRICS.register_module = original
+        importlib.reload(importlib.import_module("sksegcal.integrations.mmseg._evaluator"))
+    # importing the package again does not re-run it
+    assert importlib.import_module("sksegcal.integrations.mmseg") is mm
+
+
+def test_reduce_zero_label_matches_mmseg(tmp_path):
+    """Every uint8 label value, through ours and through mmseg's own LoadAnnotations."""
+    import mmcv
+
+    from sksegcal.integrations.mmseg._extraction import _read_label, _reduce_zero_label
+
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    path = tmp_path / "all_values.png"
+    mmcv.imwrite(values, str(path))
+    ours = _reduce_zero_label(_read_label(path))
+    np.testing.assert_array_equal(ours, _mmseg_labels(path))
+    # 0 (unlabelled) and 255 (ignored) both end at 255; k moves to k - 1
+    assert ours[0, 0] == 255 and ours[15, 15] == 255 and ours[0, 1] == 0
+    assert ours[15, 14] == 253
+    np.testing.assert_array_equal(_read_label(path), _mmseg_labels(path, reduce_zero_label=False))
 
 
 # ------------------------------------------------------------------------------ extraction
@@ -284,8 +346,8 @@ def test_extract_from_config_and_checkpoint(mm, workspace, store):
     for name, (h, w) in zip(IMAGE_NAMES, SIZES):
         image = store.load_image(store.image_id(name))
         assert image.logits.shape == (N_CLASSES, h, w)  # full (original) resolution
-        # labels: the file's values with reduce_zero_label applied (0 -> 255, k -> k - 1)
-        np.testing.assert_array_equal(image.labels, _reduced(workspace["raw_labels"][name]))
+        # labels: as mmseg's LoadAnnotations gives them (0 -> 255, 255 -> 255, k -> k - 1)
+        np.testing.assert_array_equal(image.labels, _mmseg_labels(_label_file(workspace, name)))
         # logits: what the checkpoint's model gives through mmseg's own inference API
         result = _inference(model, workspace["root"] / "img" / f"{name}.png")
         expected = result.seg_logits.data.numpy()
@@ -319,6 +381,11 @@ def test_extract_resume_paths_and_size(mm, workspace, tmp_path):
         image = full.load_image(full.image_id(name))
         assert image.logits.shape == (N_CLASSES, 16, 24)
         assert set(np.unique(image.labels)) <= {0, 1, 2, 3, 255}
+    # at full size, file pairs give mmseg's own labels (255 stays ignored)
+    pairs_full = mm.extract_logits(model, pairs[:2], tmp_path / "full", progress=False)
+    for name in IMAGE_NAMES[:2]:
+        labels = pairs_full.load_image(pairs_full.image_id(name)).labels
+        np.testing.assert_array_equal(labels, _mmseg_labels(_label_file(workspace, name)))
     seen.clear()
     again = mm.extract_logits(model, pairs, path, size=(16, 24), progress=False)
     assert seen == [] and again.n_images == len(SIZES)
@@ -345,7 +412,8 @@ def test_extract_arrays(mm, workspace, tmp_path):
     assert store.image_names == [0, 1, 2]
     first = store.load_image(0)
     assert first.logits.shape == (N_CLASSES, *SIZES[0])
-    np.testing.assert_array_equal(first.labels, _reduced(labels[0]))
+    assert {0, 255} <= set(np.unique(labels[0]))
+    np.testing.assert_array_equal(first.labels, _mmseg_labels(_label_file(workspace, "img0")))
     # same model and pipeline as the file-based store, so the same logits
     result = _inference(model, root / "img" / f"{IMAGE_NAMES[0]}.png")
     np.testing.assert_allclose(first.logits, result.seg_logits.data.numpy(), rtol=2e-3, atol=2e-3)
@@ -364,7 +432,7 @@ def test_extract_arrays(mm, workspace, tmp_path):
 
 # ------------------------------------------------------------------------------ inference
 def test_calibrate_model(mm, workspace, calibrator):
-    import joblib
+    from sksegcal.persistence import load
 
     ts, ts_path = calibrator
     assert ts.temperature_ > 0
@@ -380,7 +448,7 @@ def test_calibrate_model(mm, workspace, calibrator):
     # the probabilities are the calibrator's, pixel by pixel
     proba = calibrated.seg_logits.data.numpy()
     table = logits.permute(1, 2, 0).reshape(-1, N_CLASSES).numpy()
-    expected = joblib.load(ts_path).predict_proba(table).reshape(*logits.shape[1:], N_CLASSES)
+    expected = load(ts_path).predict_proba(table).reshape(*logits.shape[1:], N_CLASSES)
     np.testing.assert_allclose(proba, np.moveaxis(expected, -1, 0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(proba.sum(axis=0), 1.0, atol=1e-5)
     torch_logits = calibrated.seg_logits_uncalibrated.data
@@ -431,8 +499,60 @@ def test_calibrate_model_with_selective_scaling(mm, workspace, store):
     table = logits.permute(1, 2, 0).reshape(-1, N_CLASSES).numpy()
     expected = selective.predict_proba(table).T.reshape(logits.shape)
     np.testing.assert_allclose(calibrated.seg_logits.data.numpy(), expected, atol=1e-6)
-    # selective scaling never moves the argmax, so the calibrated argmax is the prediction
-    np.testing.assert_array_equal(expected.argmax(axis=0), raw.pred_sem_seg.data[0].numpy())
+    # selective scaling never moves the argmax: the model's class is always the most probable
+    # (a tie at a huge temperature, where float32 probabilities are all 1/C, included)
+    pred = raw.pred_sem_seg.data[0].numpy()
+    np.testing.assert_array_equal(
+        np.take_along_axis(expected, pred[None], axis=0)[0], expected.max(axis=0)
+    )
+
+
+class _Exploit:
+    """Unpickling it runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def test_saved_calibrators_load_under_the_trust_policy(mm, workspace, calibrator, tmp_path):
+    """A pickle path is refused unless trusted=True: the malicious one runs nothing."""
+    from sksegcal.persistence import load
+
+    ts, skops_path = calibrator
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "calibrator.joblib"
+    with open(evil, "wb") as f:
+        pickle.dump(_Exploit(marker), f)
+    model = copy.deepcopy(workspace["model"])
+
+    for attempt in (
+        lambda: mm.calibrate_model(model, evil),
+        lambda: mm.calibrate_model(model, str(evil), trusted=["os.system"]),
+        lambda: mm.CalibrationMetric(calibrator=str(evil)),
+    ):
+        with pytest.raises(ValueError, match=re.escape(str(evil)) + ".*trusted=True"):
+            attempt()
+        assert not marker.exists()
+    assert "postprocess_result" not in model.__dict__  # not calibrated by a failed call
+
+    # skops files load by default, in both places
+    assert mm.calibrate_model(model, skops_path).postprocess_result.calibrator.temperature_ == (
+        pytest.approx(ts.temperature_)
+    )
+    metric = mm.CalibrationMetric(calibrator=str(skops_path))
+    assert metric.calibrator.temperature_ == pytest.approx(ts.temperature_)
+    # trusted=True opens a pickle: a calibrator saved with joblib ...
+    joblib_path = workspace["root"] / "ts.joblib"
+    metric = mm.CalibrationMetric(calibrator=str(joblib_path), trusted=True)
+    assert metric.calibrator.temperature_ == load(joblib_path, trusted=True).temperature_
+    mm.calibrate_model(model, joblib_path, trusted=True)
+    # ... and really unpickles (so the refusal above is what kept the exploit from running)
+    with pytest.raises(TypeError, match="not a sksegcal calibrator"):
+        mm.calibrate_model(model, evil, trusted=True)
+    assert marker.exists()
 
 
 # ------------------------------------------------------------------------------ the metric
@@ -495,7 +615,7 @@ def test_calibration_metric_streams_and_reads_calibrated_models(mm, workspace, c
         out = []
         for img in images:
             sample = _inference(m, img)
-            label = _reduced(workspace["raw_labels"][img.stem])
+            label = _mmseg_labels(_label_file(workspace, img.stem)).astype(np.int64)
             sample.gt_sem_seg = PixelData(data=torch.from_numpy(label)[None])
             # what mmengine's Evaluator hands to a metric: the sample as a dict
             out.append(sample.to_dict() if as_dicts else sample)
@@ -558,3 +678,109 @@ def test_cli_extract_from_config(workspace, store, tmp_path):
     # a missing checkpoint is a one-line error, not a traceback
     assert main(["extract", "--store", str(tmp_path / "x"), "--config",
                  str(workspace["config_file"]), "--checkpoint", str(tmp_path / "no.pth")]) == 1
+
+
+# ------------------------------------------------------------------------------ distributed
+@pytest.mark.parametrize(
+    "counts, size",
+    [([3, 3], 6), ([3, 3], 5), ([2, 2, 2, 2], 5), ([1, 1], 1), ([3, 2], 5), ([0, 0], 0),
+     ([4, 4, 3], 11), ([2, 2, 2], 4)],
+)
+def test_kept_counts_follow_mmengine_collect_results(counts, size):
+    """_n_kept says how many of each process's results mmengine's gathering keeps."""
+    from itertools import chain, zip_longest
+
+    from sksegcal.integrations.mmseg._evaluator import _n_kept
+
+    # mmengine.dist.collect_results_cpu: interleave, drop the None fill, keep `size`
+    parts = [[(rank, k) for k in range(n)] for rank, n in enumerate(counts)]
+    ordered = [i for i in chain.from_iterable(zip_longest(*parts)) if i is not None][:size]
+    for rank in range(len(counts)):
+        assert _n_kept(counts, rank, size) == sum(r == rank for r, _ in ordered)
+
+
+_DIST_WORKER = """
+import os, pickle, sys
+import torch
+torch.set_num_threads(1)
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method="env://")
+from mmengine.config import Config
+from mmengine.runner import Runner
+cfg = Config.fromfile(sys.argv[1])  # custom_imports: sksegcal.integrations.mmseg
+cfg.launcher = "pytorch"  # distributed (the process group exists: not initialised again)
+cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None)  # CPU DDP
+metrics = Runner.from_cfg(cfg).test()
+with open(sys.argv[2].format(rank=dist.get_rank()), "wb") as f:
+    pickle.dump({k: float(v) for k, v in metrics.items()}, f)
+dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_calibration_metric_distributed_equals_one_process(workspace, tmp_path):
+    """Two gloo processes in mmengine's distributed test loop give the one-process numbers.
+
+    Five images on two processes: mmengine's DefaultSampler pads process 1 with
+    image 0 again; that repeat must not be counted (as IoUMetric does not count it).
+    """
+    from mmengine.runner import Runner
+
+    from sksegcal.integrations.mmseg._loading import _sync_bn_to_bn
+
+    cfg = copy.deepcopy(workspace["cfg"])
+    cfg.load_from = str(workspace["checkpoint"])
+    # DistributedDataParallel refuses SyncBatchNorm on CPU (the one-process Runner reverts it)
+    _sync_bn_to_bn(cfg.model)
+    cfg.test_dataloader.dataset.indices = 5
+    cfg.test_evaluator = [
+        dict(type="IoUMetric", iou_metrics=["mIoU"]),
+        dict(type="CalibrationMetric", metrics="all", classwise=True),
+    ]
+    config_file = tmp_path / "dist_config.py"
+    cfg.work_dir = str(tmp_path / "dist_work")
+    cfg.dump(str(config_file))
+
+    script = tmp_path / "worker.py"
+    script.write_text(_DIST_WORKER)
+    out = str(tmp_path / "rank{rank}.pkl")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(config_file), out],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    logs = []
+    try:
+        # meanwhile (the workers spend most of their time importing), the one-process run
+        one = copy.deepcopy(cfg)
+        one.work_dir = str(tmp_path / "one_work")
+        expected = {k: float(v) for k, v in Runner.from_cfg(one).test().items()}
+        for proc in procs:
+            logs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    per_rank = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    assert per_rank[0] == per_rank[1]  # broadcast to every process
+
+    dist = per_rank[0]
+    assert dist.keys() == expected.keys()
+    assert dist["n_pixels"] == expected["n_pixels"]  # the repeated image is not counted
+    assert dist["mIoU"] == expected["mIoU"]
+    for key in expected:
+        # the same tallies, added in another order: equal up to float64 rounding
+        assert dist[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key

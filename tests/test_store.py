@@ -258,12 +258,12 @@ WRITER = textwrap.dedent(
     import os, signal, sys
     import numpy as np
     sys.path.insert(0, {repo!r})
-    from sksegcal import store as store_module
+    from sksegcal import _files as files_module
     from sksegcal.store import LogitStore
 
     path, kill_after = sys.argv[1], int(sys.argv[2])
     written = [0]
-    write = store_module._HashingWriter.write
+    write = files_module.HashingWriter.write
 
     def dying_write(self, data):
         # SIGKILL (no cleanup, no atexit) once kill_after bytes have gone out:
@@ -275,7 +275,7 @@ WRITER = textwrap.dedent(
         written[0] += len(data)
         return write(self, data)
 
-    store_module._HashingWriter.write = dying_write
+    files_module.HashingWriter.write = dying_write
     store = LogitStore.create(path, n_classes=4, exist_ok=True)
     for name in store.missing(range(8)):
         rng = np.random.default_rng(name)  # an image's arrays depend on its name only
@@ -562,9 +562,8 @@ def test_predict_store_writes_calibrated_maps(store, fitted_ts, tmp_path):
     assert again.missing(range(6)) == []
     with pytest.raises(ValueError, match="new directory"):
         predict_store(None, store, tmp_path / "proba")
-    assert os.path.getmtime(again.path / "images" / "0.logits.npy") <= os.path.getmtime(
-        again.path / "images" / "3.json"
-    )
+    logits_file = again.path / "images" / again.record(0)["files"]["logits"]["file"]
+    assert os.path.getmtime(logits_file) <= os.path.getmtime(again.path / "images" / "3.json")
 
 
 def test_evaluate_store_rejects_wrong_class_count(store):
@@ -574,3 +573,340 @@ def test_evaluate_store_rejects_wrong_class_count(store):
         evaluate_store(store, {"ts": ts})
     with pytest.raises(ValueError, match="empty"):
         evaluate_store(store, {})
+
+
+# ----------------------------------------------------------------------------- layout, pickles
+def test_public_names_and_pickles_use_the_public_module_path(store):
+    import sksegcal.store as store_module
+
+    for name in store_module.__all__:
+        assert hasattr(store_module, name)
+    assert LogitStore.__module__ == "sksegcal.store"
+    data = pickle.dumps(store)
+    assert b"sksegcal.store" in data and b"_logit_store" not in data
+    img = store.load_image(0)
+    assert b"_logit_store" not in pickle.dumps(img)
+    # a pickle written by the release before the package split (protocol 2, as
+    # joblib workers send it): the class path and the state are unchanged
+    old = (
+        b"\x80\x02csksegcal.store\nLogitStore\nq\x00)\x81q\x01}q\x02(X\x04\x00\x00\x00path"
+        b"q\x03X\x06\x00\x00\x00/x/oldq\x04X\x08\x00\x00\x00manifestq\x05}q\x06(X\t\x00\x00"
+        b"\x00n_classesq\x07K\x03X\x06\x00\x00\x00valuesq\x08X\x06\x00\x00\x00logitsq\tuX"
+        b"\x07\x00\x00\x00recordsq\n}q\x0bub."
+    )
+    loaded = pickle.loads(old)
+    assert isinstance(loaded, LogitStore) and loaded.n_classes == 3 and len(loaded) == 0
+
+
+def test_stores_written_before_the_token_names_open_unchanged(store, images):
+    # the release before this one named the arrays <stem>.logits.npy / <stem>.labels.npy
+    folder = store.path / "images"
+    for i in range(len(store)):
+        rec_path = folder / f"{i}.json"
+        record = json.loads(rec_path.read_text())
+        for kind in ("logits", "labels"):
+            old = f"{i}.{kind}.npy"
+            (folder / record["files"][kind]["file"]).rename(folder / old)
+            record["files"][kind]["file"] = old
+        rec_path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    reopened = LogitStore.open(store.path)
+    assert reopened.verify()["stray_files"] == []
+    np.testing.assert_array_equal(table(reopened)[0], table(store.refresh())[0])
+    # overwriting an old-style image replaces it and removes its old files
+    logits, labels = images
+    reopened.add_image(0, logits[1], labels[1], overwrite=True)
+    assert not (folder / "0.logits.npy").exists()
+    assert LogitStore.open(store.path).verify()["stray_files"] == []
+
+
+# ----------------------------------------------------------------------------- several writers
+CONCURRENCY = REPO / "benchmarks" / "store_concurrency.py"
+
+
+def run_concurrency(tmp_path, *args):
+    proc = subprocess.run(
+        [sys.executable, str(CONCURRENCY), "--json", "--dir", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.stdout, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["n_failures"] == 0, report["failures"]
+    return report
+
+
+@pytest.mark.parametrize("mode", ["same", "overwrite", "disjoint"])
+def test_concurrent_writers_never_mix_an_image(tmp_path, mode):
+    # two processes released by one barrier add images at the same moment: the same
+    # names (exactly one commits each, the other is refused by name), the same names
+    # with overwrite=True (all succeed, last wins) or their own names (none blocks)
+    report = run_concurrency(tmp_path, "--mode", mode, "--rounds", "2", "--names", "30")
+    if mode == "same":
+        assert report["refused"] == report["images"] == 60
+    else:
+        assert report["refused"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["same", "overwrite"])
+def test_concurrent_writers_never_mix_an_image_many_rounds(tmp_path, mode):
+    report = run_concurrency(tmp_path, "--mode", mode, "--rounds", "200", "--names", "60")
+    assert report["images"] == 200 * 60
+
+
+def test_losing_writer_is_refused_and_leaves_nothing(store, images, monkeypatch):
+    # the commit itself is exclusive: a writer that passed every early check (here,
+    # by force) and finds the record taken at commit time is refused
+    logits, labels = images
+    other = LogitStore.open(store.path)
+    store.add_image("x", logits[0], labels[0])
+    monkeypatch.setattr(LogitStore, "_existing", lambda self, name, path, ow: (False, None))
+    with pytest.raises(ValueError, match=r"Image 'x' was added to the store .* by another writer"):
+        other.add_image("x", logits[1], labels[1])
+    monkeypatch.undo()
+    reopened = LogitStore.open(store.path)
+    assert reopened.verify()["stray_files"] == []  # the loser's files are gone
+    np.testing.assert_array_equal(
+        reopened.load_image(reopened.image_id("x")).logits, logits[0].astype(np.float16)
+    )
+
+
+def test_record_names_its_exact_files(store):
+    rec = store.record(0)
+    files = {rec["files"][k]["file"] for k in ("logits", "labels")}
+    assert all(f.startswith("0.") and f.count(".") == 3 for f in files)  # 0.<token>.<kind>.npy
+    store.add_image(0, *[a[0] for a in make_images(1, seed=3)], overwrite=True)
+    new = {store.record(0)["files"][k]["file"] for k in ("logits", "labels")}
+    assert not new & files  # a new write never reuses a file name
+    assert not any((store.path / "images" / f).exists() for f in files)  # old ones removed
+
+
+def test_clean_removes_old_strays_only(store, tmp_path):
+    folder = store.path / "images"
+    old_time = time.time() - 7200
+    strays = [folder / ".tmp-abc.part", folder / "9.0123456789abcdef.logits.npy",
+              store.path / ".tmp-manifest.part"]
+    for f in strays:
+        f.write_bytes(b"x")
+        os.utime(f, (old_time, old_time))
+    young = folder / ".tmp-young.part"
+    young.write_bytes(b"x")
+    assert set(store.verify()["stray_files"]) >= {".tmp-abc.part", ".tmp-young.part"}
+    assert store.clean(dry_run=True) == sorted(
+        ["images/.tmp-abc.part", "images/9.0123456789abcdef.logits.npy", ".tmp-manifest.part"]
+    )
+    assert all(f.exists() for f in strays)
+    removed = store.clean()
+    assert len(removed) == 3 and not any(f.exists() for f in strays)
+    assert young.exists() and store.verify()["stray_files"] == [".tmp-young.part"]
+    assert len(LogitStore.open(store.path)) == 6  # files that records name are kept
+    assert store.clean(grace_seconds=0) == ["images/.tmp-young.part"]
+    with pytest.raises(ValueError, match="grace_seconds"):
+        store.clean(grace_seconds=-1)
+
+
+def test_killed_writer_strays_are_cleaned(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(repo=str(REPO)))
+    path = tmp_path / "store"
+    kill_after = 3 * (4 * 64 * 64 * 2) + 3 * 64 * 64 + 1000 + 4 * 64 * 64
+    subprocess.run([sys.executable, str(script), str(path), str(kill_after)])
+    store = LogitStore.open(path)
+    assert store.verify()["stray_files"]
+    assert store.clean() == []  # younger than the grace period: perhaps a live writer's
+    assert store.clean(grace_seconds=0)
+    assert store.verify()["stray_files"] == [] and len(store) == 3
+
+
+# ----------------------------------------------------------------------------- calibrator identity
+def test_predict_store_refuses_to_resume_with_another_fit(store, tmp_path):
+    X, y, _ = table(store)
+    cold = TemperatureScaling().fit(X, y)
+    cold.temperature_ = 0.26
+    warm = clone(cold).fit(X, y)
+    warm.temperature_ = 2.61
+    assert repr(cold) == repr(warm)  # what the old guard compared
+    out = predict_store(cold, store, tmp_path / "proba", images=[0, 1])
+    assert len(out) == 2
+    with pytest.raises(ValueError, match=r"calibrator_sha256.*different fits"):
+        predict_store(warm, store, tmp_path / "proba")
+    assert len(LogitStore.open(tmp_path / "proba")) == 2  # nothing mixed in
+    # the same fit, even after a round trip through pickle, resumes
+    again = predict_store(pickle.loads(pickle.dumps(cold)), store, tmp_path / "proba")
+    assert len(again) == 6
+
+
+def test_calibrator_fingerprint_sees_fitted_state_only():
+    from sksegcal.store import calibrator_fingerprint
+
+    X = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
+    a = TemperatureScaling().fit(X, X.argmax(1))
+    b = pickle.loads(pickle.dumps(a))
+    b.predict_proba(X)  # using a calibrator does not change its identity
+    assert calibrator_fingerprint(a) == calibrator_fingerprint(b)
+    b.temperature_ = a.temperature_ * 1.5
+    assert calibrator_fingerprint(a) != calibrator_fingerprint(b)
+    assert calibrator_fingerprint(None) is None
+    assert calibrator_fingerprint(VectorScaling().fit(X, X.argmax(1))) != (
+        calibrator_fingerprint(a)
+    )
+
+
+# ----------------------------------------------------------------------------- damaged stores
+def test_a_corrupt_record_is_reported_and_left_out(store, images):
+    logits, labels = images
+    old_files = {store.record(3)["files"][k]["file"] for k in ("logits", "labels")}
+    (store.path / "images" / "3.json").write_text("{garbage")
+    with pytest.raises(ValueError, match=r"damaged image 3: .*3\.json is corrupt"):
+        LogitStore.open(store.path)
+    damaged = LogitStore.open(store.path, on_damaged="missing")
+    assert damaged.damaged == [3] and list(damaged.damaged_records) == ["3.json"]
+    assert damaged.image_names == [0, 1, 2, 4, 5] and damaged.missing(range(6)) == [3]
+    assert len(list(damaged.iter_chunks())) > 0  # the rest stays usable
+    with pytest.warns(UserWarning, match=r"3\.json"):
+        resumed = LogitStore.create(store.path, n_classes=N_CLASSES, exist_ok=True)
+    assert resumed.damaged == [3]
+    with pytest.raises(ValueError, match=r"3\.json"):
+        resumed.verify()  # a damaged record is a problem, even when left out
+    resumed.add_image(3, logits[3], labels[3])  # a damaged record is replaced
+    # a record too broken to name its files leaves them to clean()
+    assert set(LogitStore.open(store.path).verify()["stray_files"]) == old_files
+    assert len(resumed.clean(grace_seconds=0)) == 2
+
+
+def _edit_record(store, image, edit):
+    rec_path = store.path / "images" / f"{image}.json"
+    record = json.loads(rec_path.read_text())
+    edit(record)
+    rec_path.write_text(json.dumps(record))
+    return rec_path
+
+
+def _outside(record, path):
+    record["files"]["logits"]["file"] = path
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda r: r.pop("files"), "'files' is missing"),
+        (lambda r: r.pop("height"), "'height' is missing"),
+        (lambda r: r.update(height="12"), "'height' must be an integer"),
+        (lambda r: r.update(width=0), "'width' must be an integer >= 1"),
+        (lambda r: r.update(n_valid=10**9), "'n_valid' must be an integer in"),
+        (lambda r: r.update(n_correct=-1), "'n_correct' must be"),
+        (lambda r: r.update(name=[1]), "'name' is not an image name"),
+        (lambda r: r["files"].pop("labels"), "'files' must have exactly"),
+        (lambda r: r["files"]["labels"].update(bytes="12"), "'files.labels.bytes'"),
+        (lambda r: r["files"]["labels"].update(sha256="xyz"), "'files.labels.sha256'"),
+        (lambda r: _outside(r, "../../x.npy"), "'files.logits.file'.*never a path"),
+        (lambda r: _outside(r, "/etc/passwd"), "'files.logits.file'.*never a path"),
+        (lambda r: _outside(r, "1.logits.npy"), "'files.logits.file'"),  # another image's
+    ],
+)
+def test_invalid_record_fields_are_named(store, edit, field):
+    rec_path = _edit_record(store, 2, edit)
+    with pytest.raises(ValueError, match=field) as info:
+        LogitStore.open(store.path)
+    assert str(rec_path) in str(info.value)
+    damaged = LogitStore.open(store.path, on_damaged="missing")
+    assert damaged.damaged == [2] and len(damaged) == 5
+
+
+def test_records_pointing_outside_the_store_are_refused(store, tmp_path):
+    # a file outside with the right size and content: the old checks all passed
+    rec = store.record(1)
+    src = store.path / "images" / rec["files"]["logits"]["file"]
+    (tmp_path / "x.npy").write_bytes(src.read_bytes())
+    for target in ["../../x.npy", str(tmp_path / "x.npy")]:
+        _edit_record(store, 1, lambda r, t=target: _outside(r, t))
+        with pytest.raises(ValueError, match="never a path"):
+            LogitStore.open(store.path)
+        with pytest.raises(ValueError, match="never a path"):
+            store.verify()
+
+
+def test_a_duplicated_record_cannot_hide_an_image(store):
+    folder = store.path / "images"
+    (folder / "7.json").write_text((folder / "1.json").read_text())  # a copy named 1
+    with pytest.raises(ValueError, match=r"7\.json: field 'name' is 1, whose record is 1\.json"):
+        LogitStore.open(store.path)
+    damaged = LogitStore.open(store.path, on_damaged="missing")
+    assert damaged.image_names == list(range(6)) and damaged.damaged == [7]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.pop("n_classes"), "field 'n_classes' is missing"),
+        (lambda m: m.update(n_classes="3"), "field 'n_classes' must be an integer"),
+        (lambda m: m.update(n_classes=True), "field 'n_classes' must be an integer"),
+        (lambda m: m.update(ignore_index="255"), "field 'ignore_index'"),
+        (lambda m: m.update(values="logit"), "field 'values'"),
+        (lambda m: m.update(class_names=["a"]), "field 'class_names'"),
+        (lambda m: m["dtypes"].update(labels="<i8"), "field 'dtypes'"),
+        (lambda m: m.update(source=[1]), "field 'source'"),
+        (lambda m: m.update(split={"train": [0], "test": [1]}), "field 'split.validation'"),
+        (lambda m: m.update(format_version=2), "field 'format_version'"),
+    ],
+)
+def test_invalid_manifest_fields_are_named(store, edit, message):
+    path = store.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=message) as info:
+        LogitStore.open(store.path, on_damaged="missing")
+    assert str(path) in str(info.value)
+
+
+def test_a_manifest_without_optional_fields_opens(store):
+    path = store.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key in ("class_names", "source", "split", "checksum", "created"):
+        manifest.pop(key)
+    path.write_text(json.dumps(manifest))
+    reopened = LogitStore.open(store.path)
+    assert reopened.source == {} and reopened.split is None and len(reopened) == 6
+
+
+# ----------------------------------------------------------------------------- input checks
+def test_empty_images_are_rejected(store):
+    with pytest.raises(ValueError, match="at least one row and one column"):
+        store.add_image("empty", np.zeros((N_CLASSES, 0, 0)), np.zeros((0, 0), int))
+    with pytest.raises(ValueError, match="at least one row"):
+        store.add_image("thin", np.zeros((N_CLASSES, 0, 5)), np.zeros((0, 5), int))
+    assert "empty" not in LogitStore.open(store.path)
+
+
+def test_duplicate_image_ids_are_rejected(store, fitted_ts):
+    for call in (
+        lambda: list(store.iter_chunks(images=[0, 2, 0])),
+        lambda: store.sample(10, images=[1, 1]),
+        lambda: evaluate_store(store, {"u": None}, images=[3, 3]),
+    ):
+        with pytest.raises(ValueError, match=r"image id\(s\) \[\d\] more than once"):
+            call()
+
+
+def test_counts_must_be_whole_numbers(store):
+    from sksegcal.pixels import split_images
+
+    with pytest.raises(TypeError, match="max_pixels must be an integer"):
+        store.sample(10.5)
+    with pytest.raises(TypeError, match="max_per_image must be an integer"):
+        store.sample(10, max_per_image=2.5)
+    with pytest.raises(TypeError, match="whole number"):
+        split_images(10.5)
+    with pytest.raises(ValueError, match="max_pixels must be >= 1"):
+        store.sample(0)
+    assert len(store.sample(np.int64(10), random_state=0)[1]) == 10
+    assert sum(len(p) for p in split_images(np.int64(8), random_state=0)) == 8
+
+
+def test_unfitted_calibrators_raise_not_fitted(store, tmp_path):
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError, match="calibrator 'ts' \\(TemperatureScaling\\)"):
+        evaluate_store(store, {"ts": TemperatureScaling()})
+    with pytest.raises(NotFittedError, match="not fitted"):
+        predict_store(TemperatureScaling(), store, tmp_path / "out")

@@ -1,0 +1,199 @@
+"""The subcommands for your own data: extract, fit, evaluate, report."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .._progress import progress
+from ._calibrate import (
+    fit_selective,
+    output_format,
+    parse_temperature,
+    save_calibrator,
+    selective_info,
+)
+from ._common import (
+    UNCALIBRATED,
+    CommandError,
+    calibrator_names,
+    check_output_dir,
+    check_output_file,
+    fmt_value,
+    image_ids,
+    load_calibrator,
+    load_npy,
+    need_file,
+    open_store,
+    say,
+)
+from ._report import format_table, load_results, save_results, summaries, write_metrics
+
+# what must match when `extract` resumes a store (not the sksegcal version)
+_EXTRACT_SOURCE_KEYS = ("logits", "labels", "dataset", "subset", "net")
+
+
+# --------------------------------------------------------------------------- extract
+def extract(args) -> int:
+    """``extract``: a store from .npy arrays, an mmseg config, or the demo's network."""
+    from ..store import LogitStore
+
+    if args.config is not None:
+        return _extract_mmseg(args)
+    if args.logits is not None:
+        if args.labels is None:
+            raise CommandError("--logits needs --labels (an (N, H, W) integer .npy file).")
+        logits = load_npy(args.logits, "the logits file", "(N, C, H, W) float logits")
+        labels = load_npy(args.labels, "the labels file", "(N, H, W) integer labels")
+        if logits.ndim != 4:
+            raise CommandError(f"{args.logits} must hold (N, C, H, W) logits, got shape "
+                               f"{logits.shape}.")
+        if labels.shape != (logits.shape[0],) + logits.shape[2:]:
+            raise CommandError(f"{args.labels} has shape {labels.shape} but the logits need "
+                               f"{(logits.shape[0],) + logits.shape[2:]} (N, H, W).")
+        class_names = args.class_names.split(",") if args.class_names else None
+        source = {"logits": str(args.logits), "labels": str(args.labels)}
+        n_classes = logits.shape[1]
+        names = list(range(len(logits)))
+
+        def get(i):
+            return np.asarray(logits[i], dtype=np.float32), np.asarray(labels[i])
+    else:
+        from .. import __version__
+        from .._segnet import predict_logits
+        from ._demo import _demo_network, demo_data
+
+        data = demo_data(args)
+        model, net_info = _demo_network(args, data)
+        part = data.select(args.subset)
+        class_names = list(data.class_names)
+        n_classes = data.n_classes
+        source = {"dataset": args.dataset, "subset": args.subset, "sksegcal": __version__,
+                  "net": net_info["config"]}
+        names = [f"z{part.slice_index[i]:03d}-{i:04d}" for i in range(len(part))]
+
+        def get(i):
+            return predict_logits(model, part.images[i:i + 1])[0], part.labels[i]
+
+    store = LogitStore.create(args.store, n_classes=n_classes, class_names=class_names,
+                              ignore_index=args.ignore_index, source=source, exist_ok=True,
+                              match_source=_EXTRACT_SOURCE_KEYS)
+    todo = store.missing(names)  # resumable: images already written are skipped
+    position = {name: i for i, name in enumerate(names)}
+    for name in progress(todo, enabled=not args.quiet, desc="extract", unit="image"):
+        z, t = get(position[name])
+        store.add_image(name, z, t)
+    print(f"{args.store}: {len(store.refresh())} images, {n_classes} classes, "
+          f"{store.n_pixels:,} labelled pixels ({len(todo)} written now)")
+    return 0
+
+
+def _extract_mmseg(args) -> int:
+    """``extract --config``: an mmsegmentation model over its own test (or val) set."""
+    try:
+        from ..integrations.mmseg import extract_logits
+    except ImportError as exc:
+        raise CommandError(
+            f"--config needs mmsegmentation ({exc}); install it with "
+            "pip install -c constraints.txt 'sksegcal[mmseg]'."
+        ) from None
+    need_file(args.config, "the mmsegmentation config")
+    if args.checkpoint is not None:
+        need_file(args.checkpoint, "the checkpoint")
+    store = extract_logits(
+        args.config, args.split, args.store, checkpoint=args.checkpoint, device=args.device,
+        size=tuple(args.size) if args.size else None, batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(f"{args.store}: {store.n_images} images, {store.n_classes} classes, "
+          f"{store.n_pixels:,} labelled pixels")
+    return 0
+
+
+# --------------------------------------------------------------------------- fit
+def fit(args) -> int:
+    """``fit``: temperature or selective scaling on a store's train + validation images."""
+    from ..scaling import TemperatureScaling
+    from ..store import fit_store
+
+    # check the arguments and the output before anything is fitted or written into the store
+    grid = [parse_temperature(v) for v in args.t2]
+    t1_grid = [parse_temperature(v, "--t1") for v in args.t1]
+    output = check_output_file(args.output)
+    fmt = output_format(output)
+    store = open_store(args.store, n_classes=args.n_classes)
+    split = store.split
+    if split is None or args.resplit:
+        split = store.make_split(validation_size=args.validation_size,
+                                 test_size=args.test_size, random_state=args.seed)
+        say(args, f"recorded a split of {store.n_images} images: {len(split.train)} train / "
+                  f"{len(split.validation)} validation / {len(split.test)} test")
+    fit_ids = np.concatenate([split.train, split.validation])
+    t0 = time.perf_counter()
+    if args.method == "temperature":
+        est = fit_store(TemperatureScaling(), store, images=fit_ids, max_pixels=args.max_pixels,
+                        random_state=args.seed)
+        info = {"temperature": round(float(est.temperature_), 4)}
+    else:
+        est, search = fit_selective(store, split, max_pixels=args.max_pixels, seed=args.seed,
+                                    quick=False, classifier=args.classifier, t2_grid=grid,
+                                    t1_grid=t1_grid, features=args.features)
+        info = selective_info(est, search)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_calibrator(est, output, fmt)
+    print(f"{args.method}: " + ", ".join(f"{k} = {fmt_value(v)}" for k, v in info.items())
+          + f" ({time.perf_counter() - t0:.1f} s); saved to {output} ({fmt})")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate(args) -> int:
+    """``evaluate``: metrics of the uncalibrated model and each calibrator on a store."""
+    from ..store import evaluate_store
+
+    output = check_output_dir(args.output)  # before the (long) evaluation
+    store = open_store(args.store)
+    paths = args.calibrator or []
+    names = calibrator_names(paths)
+    calibrators = {UNCALIBRATED: None}
+    for name, path in zip(names, paths):
+        est = load_calibrator(path, trusted=args.trusted)
+        n_features = getattr(est, "n_features_in_", None)
+        if n_features is not None and n_features != store.n_classes:
+            raise CommandError(
+                f"the calibrator {path} was fitted on {n_features} classes but the store "
+                f"{store.path} has {store.n_classes}; fit it on logits of the same model.")
+        calibrators[name] = est
+    ids = image_ids(store, args.images)
+    split_name = args.images if args.images != "all" else "all images"
+    say(args, f"evaluating {len(calibrators)} methods on {len(ids)} images of {store.path}")
+    accumulators = {split_name: evaluate_store(store, calibrators, images=ids,
+                                               n_jobs=args.n_jobs)}
+    meta = {"store": str(store.path), "images": args.images,
+            "calibrators": {name: str(p) for name, p in zip(names, paths)},
+            "dataset": store.source.get("dataset", str(store.path)),
+            "class_names": list(store.class_names) if store.class_names else None}
+    results = summaries(accumulators)
+    output.mkdir(parents=True, exist_ok=True)
+    written = write_metrics(output, results, meta) + save_results(output, accumulators, meta)
+    print(format_table(results))
+    print(f"\nwritten: {output}/ ({', '.join(written)}); make figures with: "
+          f"sksegcal report {output}")
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+def report(args) -> int:
+    """``report``: figures, metrics and report.md from ``evaluate`` results."""
+    from ._report import write_report
+
+    output = check_output_dir(args.output) if args.output else None
+    accumulators, meta, path = load_results(args.results, trusted=args.trusted)
+    output = output or path.parent
+    output.mkdir(parents=True, exist_ok=True)
+    written = write_report(output, accumulators, meta)
+    print(format_table(summaries(accumulators)))
+    print(f"\nreport: {output}/ ({', '.join(written)})")
+    return 0
+

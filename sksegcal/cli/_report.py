@@ -1,0 +1,309 @@
+"""The report: tables, metrics files, figures, report.md, and the saved evaluation results.
+
+Every file goes through :mod:`sksegcal._files` (written to a temporary name,
+then renamed): a reader never sees half a file.
+
+The results of ``sksegcal evaluate`` that ``sksegcal report`` reads back are
+``accumulators.json`` (an index: the metadata and, per split and method, the
+accumulator's scalar state) beside ``accumulators.npz`` (its arrays), read
+with ``allow_pickle=False``: no pickle, so a results folder from anyone is safe
+to open. Older versions wrote ``accumulators.joblib`` (a pickle), which is
+opened only with ``--trusted``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .._files import atomic_write_bytes, atomic_write_via_path
+from ._common import CommandError, fmt_value, need_file
+
+METRICS = ("ece", "mce", "nll", "brier", "accuracy", "miou")
+HEADERS = {"ece": "ECE", "mce": "MCE", "nll": "NLL", "brier": "Brier", "accuracy": "accuracy",
+           "miou": "mIoU"}
+SPLIT_NAMES = {"test": "test (in-domain)", "shifted-test": "shifted test (acquisition shift)"}
+
+RESULTS_INDEX = "accumulators.json"
+RESULTS_ARRAYS = "accumulators.npz"
+LEGACY_RESULTS = "accumulators.joblib"
+_RESULTS_FORMAT = "sksegcal.evaluate-results"
+_RESULTS_VERSION = 1
+
+
+# --------------------------------------------------------------------------- tables
+def summaries(accumulators: dict) -> dict:
+    """{split: {method: summary dict}} from {split: {method: CalibrationAccumulator}}."""
+    return {split: {name: {k: float(v) for k, v in acc.summary().items()}
+                    for name, acc in accs.items()}
+            for split, accs in accumulators.items()}
+
+
+def format_table(results: dict, *, extra: dict | None = None) -> str:
+    """Plain-text tables, one per evaluated split, methods as rows."""
+    lines = []
+    width = max(len(m) for split in results.values() for m in split) + 2
+    for split, methods in results.items():
+        first = next(iter(methods.values()))
+        head = f"{SPLIT_NAMES.get(split, split)}: {int(first['n_pixels']):,} pixels"
+        if extra and split in extra:
+            head += f", {extra[split]}"
+        lines.append(head)
+        lines.append("method".ljust(width) + "".join(f"{HEADERS[k]:>10}" for k in METRICS))
+        for name, summary in methods.items():
+            lines.append(name.ljust(width) + "".join(f"{summary[k]:>10.4f}" for k in METRICS))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def _markdown_table(methods: dict) -> str:
+    rows = ["| method | " + " | ".join(HEADERS[k] for k in METRICS) + " |",
+            "|---|" + "---:|" * len(METRICS)]
+    for name, s in methods.items():
+        rows.append(f"| {name} | " + " | ".join(f"{s[k]:.4f}" for k in METRICS) + " |")
+    return "\n".join(rows)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (Path, tuple)):
+        return str(obj) if isinstance(obj, Path) else list(obj)
+    return repr(obj)
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, default=_json_default) + "\n").encode()
+
+
+def write_metrics(output: Path, results: dict, meta: dict) -> list[str]:
+    """metrics.json (metadata + every summary) and metrics.csv (one row per split and method)."""
+    atomic_write_bytes(output / "metrics.json", _json_bytes({**meta, "results": results}))
+    keys = sorted({k for methods in results.values() for s in methods.values() for k in s},
+                  key=lambda k: (k not in METRICS, METRICS.index(k) if k in METRICS else 0, k))
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["split", "method", *keys])
+    for split, methods in results.items():
+        for name, s in methods.items():
+            writer.writerow([split, name, *(s.get(k, "") for k in keys)])
+    atomic_write_bytes(output / "metrics.csv", text.getvalue().encode())
+    return ["metrics.json", "metrics.csv"]
+
+
+# --------------------------------------------------------------------------- report
+_PREDICTION_NOTE = (
+    "ECE and MCE: top-label, 15 equal-width bins. Accuracy and mIoU score each method's "
+    "predicted class: for the uncalibrated model and every temperature-based calibrator "
+    "(temperature scaling, selective scaling) that is the network's own argmax, so their "
+    "accuracy and mIoU are the network's; vector and Dirichlet scaling can change the "
+    "predicted class and are scored with their own.")
+
+
+def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None) -> list[str]:
+    """Reliability diagrams (PNG), metrics (JSON, CSV) and a Markdown page; returns file names."""
+    results = summaries(accumulators)
+    written = write_metrics(output, results, meta)
+    figures = {}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plots_note = "matplotlib is not installed (pip install 'sksegcal[plots]'): no figures."
+    else:
+        from ..plotting import plot_reliability_diagram
+
+        plots_note = ""
+        for split, accs in accumulators.items():
+            name = f"reliability_{split}.png"
+            fig = plot_reliability_diagram(
+                accs, title=f"{meta.get('dataset', '')} - {SPLIT_NAMES.get(split, split)}")
+            _save_figure(fig, output / name, dpi=150)
+            figures[split] = name
+            written.append(name)
+        if examples is not None:
+            _save_figure(_plot_examples(**examples), output / "examples.png", dpi=110)
+            written.append("examples.png")
+    md = [f"# sksegcal calibration report: {meta.get('dataset', 'your data')}", ""]
+    if meta.get("description"):
+        md += [meta["description"], ""]
+    if meta.get("command"):
+        md += ["Made by:", "", f"    {meta['command']}", ""]
+    for split, methods in results.items():
+        first = next(iter(methods.values()))
+        md += [f"## {SPLIT_NAMES.get(split, split)}", "",
+               f"{int(first['n_pixels']):,} pixels. {_PREDICTION_NOTE}",
+               "", _markdown_table(methods), ""]
+        if split in figures:
+            md += [f"![reliability diagrams]({figures[split]})", ""]
+    if "examples.png" in written:
+        md += ["## Example slices", "", "![examples](examples.png)", ""]
+    if meta.get("calibrators"):
+        md += ["## Calibrators", ""]
+        for name, info in meta["calibrators"].items():
+            if isinstance(info, dict):
+                info = ", ".join(f"{k} = {fmt_value(v)}" for k, v in info.items())
+            md += [f"- **{name}**: {info}"]
+        md += [""]
+    if meta.get("timings"):
+        md += ["## Timings (seconds)", ""]
+        md += [f"- {k}: {v:.1f}" for k, v in meta["timings"].items()] + [""]
+    if plots_note:
+        md += [plots_note, ""]
+    atomic_write_bytes(output / "report.md", "\n".join(md).encode())
+    written.append("report.md")
+    return written
+
+
+def _save_figure(fig, path: Path, *, dpi: int) -> None:
+    try:
+        atomic_write_via_path(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        with contextlib.suppress(Exception):
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+
+def _plot_examples(*, images, labels, probs, class_names, rows=3):
+    """A few test slices: image, labels, prediction, confidence before and after calibration."""
+    from matplotlib.figure import Figure
+
+    n = min(rows, len(images))
+    cols = ["image", "labels", "prediction"] + [f"confidence: {m}" for m in probs]
+    fig = Figure(figsize=(2.2 * len(cols), 2.4 * n + 0.4), layout="constrained")
+    axes = fig.subplots(n, len(cols), squeeze=False)
+    n_classes = len(class_names)
+    cmap = "tab20" if n_classes > 10 else "viridis"
+    first = next(iter(probs.values()))
+    for r in range(n):
+        pred = first[r].argmax(axis=0)
+        panels = [(images[r, 0], "gray", None), (labels[r], cmap, (0, n_classes - 1)),
+                  (pred, cmap, (0, n_classes - 1))]
+        panels += [(p[r].max(axis=0), "magma", (1.0 / n_classes, 1.0)) for p in probs.values()]
+        for c, (img, cm, lim) in enumerate(panels):
+            ax = axes[r, c]
+            im = ax.imshow(img, cmap=cm, interpolation="nearest",
+                           **({} if lim is None else {"vmin": lim[0], "vmax": lim[1]}))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=8)
+            if r == n - 1 and c >= 3:
+                fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
+    return fig
+
+
+# --------------------------------------------------------------------------- saved results
+def save_results(output: Path, accumulators: dict, meta: dict) -> list[str]:
+    """Write {split: {method: accumulator}} and ``meta`` as accumulators.json + .npz."""
+    arrays, entries = {}, []
+    for split, accs in accumulators.items():
+        for method, acc in accs.items():
+            prefix = f"a{len(entries)}"
+            values, refs = {}, {}
+            for key, value in acc.state_dict().items():
+                if isinstance(value, np.ndarray):
+                    refs[key] = f"{prefix}.{key}"
+                    arrays[refs[key]] = value
+                elif isinstance(value, np.generic):
+                    values[key] = value.item()
+                elif value is None or isinstance(value, (str, int, float, bool)):
+                    values[key] = value
+                else:
+                    raise TypeError(f"accumulator state {key!r} is a {type(value).__name__}; "
+                                    "expected arrays, str, int, float, bool or None.")
+            entries.append({"split": split, "method": method, "values": values,
+                            "arrays": refs})
+    atomic_write_via_path(output / RESULTS_ARRAYS, lambda tmp: np.savez(tmp, **arrays))
+    index = {"format": _RESULTS_FORMAT, "version": _RESULTS_VERSION, "arrays": RESULTS_ARRAYS,
+             "meta": meta, "accumulators": entries}
+    # the index last: a folder with an index always has the arrays it names
+    atomic_write_bytes(output / RESULTS_INDEX, _json_bytes(index))
+    return [RESULTS_INDEX, RESULTS_ARRAYS]
+
+
+def results_path(results) -> Path:
+    """The results file of ``sksegcal report RESULTS`` (a folder or one of its files)."""
+    results = Path(results)
+    if not results.is_dir():
+        return need_file(results, "the evaluation results")
+    for name in (RESULTS_INDEX, LEGACY_RESULTS):
+        if (results / name).is_file():
+            return results / name
+    raise CommandError(f"the evaluation results {results / RESULTS_INDEX} do not exist; "
+                       f"write them with 'sksegcal evaluate STORE -o {results}'.")
+
+
+def load_results(results, *, trusted: bool = False) -> tuple[dict, dict, Path]:
+    """({split: {method: accumulator}}, meta, the file read) of an evaluate results folder."""
+    path = results_path(results)
+    if path.suffix == ".json":
+        return (*_load_index(path), path)
+    from ..persistence import detect_format
+
+    try:
+        is_pickle = detect_format(path) == "joblib"
+    except ValueError:
+        is_pickle = False
+    if not is_pickle:
+        raise CommandError(f"{path} is not an 'sksegcal evaluate' result (expected its "
+                           f"{RESULTS_INDEX}).")
+    if not trusted:
+        raise CommandError(
+            f"{path} is an 'sksegcal evaluate' result of an older version, a joblib/pickle "
+            "file, and loading a pickle runs any code it contains: pass --trusted if you made "
+            "it or trust its source, or rerun 'sksegcal evaluate' (it now writes "
+            f"{RESULTS_INDEX} + {RESULTS_ARRAYS}).")
+    import joblib
+
+    try:
+        saved = joblib.load(path)
+        accumulators, meta = saved["accumulators"], saved["meta"]
+    except Exception as exc:  # unpickling garbage can raise nearly anything
+        raise CommandError(f"{path} is not an 'sksegcal evaluate' result "
+                           f"({type(exc).__name__}: {exc}).") from None
+    return accumulators, meta, path
+
+
+def _load_index(path: Path) -> tuple[dict, dict]:
+    def bad(why: str):
+        return CommandError(f"{path} is not a readable 'sksegcal evaluate' result: {why}.")
+
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise bad(f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(index, dict) or index.get("format") != _RESULTS_FORMAT:
+        raise bad(f"no \"format\": \"{_RESULTS_FORMAT}\" entry")
+    if index.get("version") != _RESULTS_VERSION:
+        raise bad(f"version {index.get('version')!r}, this sksegcal reads "
+                  f"{_RESULTS_VERSION}")
+    arrays_name = str(index.get("arrays", RESULTS_ARRAYS))
+    arrays_path = path.parent / Path(arrays_name).name  # only a file beside the index
+    if not arrays_path.is_file():
+        raise bad(f"its arrays {arrays_path} do not exist")
+    from ..metrics import CalibrationAccumulator
+
+    accumulators: dict = {}
+    try:
+        with np.load(arrays_path, allow_pickle=False) as arrays:
+            for entry in index["accumulators"]:
+                state = dict(entry["values"])
+                state.update({key: arrays[ref] for key, ref in entry["arrays"].items()})
+                accumulators.setdefault(str(entry["split"]), {})[str(entry["method"])] = \
+                    CalibrationAccumulator.from_state_dict(state)
+    except CommandError:
+        raise
+    except Exception as exc:  # a corrupt archive or a state that does not validate
+        raise bad(f"{type(exc).__name__}: {exc}") from None
+    if not accumulators:
+        raise bad("it holds no accumulators")
+    meta = index.get("meta")
+    return accumulators, meta if isinstance(meta, dict) else {}

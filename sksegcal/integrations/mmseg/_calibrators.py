@@ -1,0 +1,49 @@
+"""The calibrator a user names: loaded under the one trust policy, checked against the model.
+
+Used by calibrated inference and by the evaluator metric. A path goes
+through :func:`sksegcal.persistence.load` with the caller's ``trusted``: a
+skops file loads safely by default, a joblib/pickle file only with
+``trusted=True`` (unpickling runs whatever code the file holds). Imports
+nothing else of the bridge.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["check_calibrator_classes", "load_calibrator"]
+
+
+def load_calibrator(calibrator: Any, trusted: bool | Iterable[str] | None = None) -> Any:
+    """``calibrator`` itself, or the calibrator saved at that path; it must have predict_proba.
+
+    Parameters
+    ----------
+    calibrator : estimator, str or path-like
+    trusted : None, True or iterable of str
+        Passed to :func:`sksegcal.persistence.load` for a path; ignored for an
+        estimator.
+    """
+    if isinstance(calibrator, (str, os.PathLike)):
+        from ...persistence import load
+
+        calibrator = load(calibrator, trusted=trusted)
+    if not hasattr(calibrator, "predict_proba"):
+        raise TypeError(
+            f"The calibrator must be a fitted estimator with predict_proba (or the path of "
+            "one saved with sksegcal.persistence.save); got "
+            f"{type(calibrator).__name__}."
+        )
+    return calibrator
+
+
+def check_calibrator_classes(calibrator: Any, n_classes: int) -> None:
+    """Refuse a calibrator fitted on another number of classes than the model predicts."""
+    n_features = getattr(calibrator, "n_features_in_", None)
+    if n_features is not None and n_features != n_classes:
+        raise ValueError(
+            f"The calibrator was fitted on {n_features} classes but the model predicts "
+            f"{n_classes}."
+        )

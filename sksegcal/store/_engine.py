@@ -1,0 +1,568 @@
+"""The engine that fits, evaluates and predicts over a LogitStore, in bounded memory.
+
+Work is cut into blocks of consecutive images (:func:`image_blocks`, depending
+on the store only), run as joblib tasks on any backend, and merged in block
+order, so every backend gives the same floating-point sums.
+
+May import: numpy, joblib, scikit-learn, :mod:`sksegcal.metrics`,
+:mod:`sksegcal._kernels`, :mod:`sksegcal._base`, :mod:`sksegcal.features`
+(lazily where heavy) and the store's ``._logit_store`` and ``._format``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import pickle
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._files import atomic_write_json
+from .._kernels import argmax_rows
+from ..features import softmax
+from ._format import MANIFEST, SPLIT_PARTS, VALUE_DTYPE
+from ._logit_store import LogitStore
+
+DEFAULT_TASK_PIXELS = 4_000_000
+
+def image_blocks(store: LogitStore, ids: np.ndarray, task_pixels: int) -> list[np.ndarray]:
+    """Consecutive image blocks of about ``task_pixels`` pixels each.
+
+    The partition depends on the store only (not on n_jobs or the backend),
+    and results are merged in block order, so every backend gives the same
+    floating-point sums.
+    """
+    blocks, current, size = [], [], 0
+    for i in ids:
+        r = store._records[store._names[i]]
+        current.append(int(i))
+        size += r["height"] * r["width"]
+        if size >= task_pixels:
+            blocks.append(np.array(current))
+            current, size = [], 0
+    if current:
+        blocks.append(np.array(current))
+    return blocks
+
+
+def _make_accumulator(store: LogitStore, params: dict | None = None):
+    from ..metrics import CalibrationAccumulator
+
+    return CalibrationAccumulator(
+        store.n_classes, ignore_index=store.ignore_index, **(params or {})
+    )
+
+
+def _check_calibrator(name, estimator, store: LogitStore) -> None:
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    if estimator is None:
+        return
+    if not hasattr(estimator, "predict_proba"):
+        raise TypeError(f"calibrator {name!r} has no predict_proba: {estimator!r}.")
+    try:
+        check_is_fitted(estimator)
+    except NotFittedError:
+        raise NotFittedError(
+            f"calibrator {name!r} ({type(estimator).__name__}) is not fitted; fit it first "
+            "(e.g. fit_store(estimator, store)) or pass None for the uncalibrated model."
+        ) from None
+    except TypeError:  # not a scikit-learn estimator: its own predict_proba will tell
+        pass
+    n_features = getattr(estimator, "n_features_in_", None)
+    if n_features is not None and n_features != store.n_classes:
+        raise ValueError(
+            f"calibrator {name!r} was fitted on {n_features} classes but the store "
+            f"{store.path} has {store.n_classes}."
+        )
+
+
+def calibrator_fingerprint(estimator) -> str | None:
+    """sha256 of an estimator's class, parameters and fitted state (None for None).
+
+    Two calibrators with equal ``repr`` (``TemperatureScaling()`` fitted to
+    T=0.26 and to T=2.61) differ here: the parameters (``get_params``) and
+    every fitted attribute (public, ending in ``_``) are hashed, arrays by
+    dtype, shape and bytes, nested estimators and torch modules recursively.
+    The same fitted object gives the same hash in every process (after a
+    joblib or skops round trip too), which is what resuming needs.
+    """
+    if estimator is None:
+        return None
+    h = hashlib.sha256()
+    _feed(h, estimator, set())
+    return h.hexdigest()
+
+
+def _feed(h, obj, active: set) -> None:
+    """Add a canonical byte form of ``obj`` to the hash ``h``."""
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+        return
+    if isinstance(obj, (np.ndarray, np.generic)):
+        a = np.asarray(obj)
+        if a.dtype.hasobject:
+            h.update(b"objarray:")
+            h.update(repr(a.shape).encode())
+            for item in a.ravel():
+                _feed(h, item, active)
+            return
+        a = np.ascontiguousarray(a)
+        h.update(f"array:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+        return
+    if id(obj) in active:  # a cycle
+        h.update(b"cycle;")
+        return
+    active.add(id(obj))
+    try:
+        cls = type(obj)
+        if isinstance(obj, (list, tuple)):
+            h.update(f"{cls.__name__}[{len(obj)}]:".encode())
+            for item in obj:
+                _feed(h, item, active)
+        elif isinstance(obj, dict):
+            h.update(f"dict[{len(obj)}]:".encode())
+            for key in sorted(obj, key=repr):
+                _feed(h, key, active)
+                _feed(h, obj[key], active)
+        elif isinstance(obj, (set, frozenset)):
+            h.update(f"set[{len(obj)}]:".encode())
+            for item in sorted(obj, key=repr):
+                _feed(h, item, active)
+        elif _is_torch(obj, "Tensor"):
+            _feed(h, obj.detach().cpu().numpy(), active)
+        elif _is_torch(obj, "nn.Module"):
+            h.update(f"module:{cls.__module__}.{cls.__qualname__};".encode())
+            _feed(h, dict(obj.state_dict()), active)
+        elif hasattr(obj, "get_params") and not isinstance(obj, type):
+            # an estimator: its parameters and its public fitted attributes (ending
+            # in "_"), not private caches that a first predict may fill
+            h.update(f"estimator:{cls.__module__}.{cls.__qualname__};".encode())
+            fitted = {
+                k: v
+                for k, v in vars(obj).items()
+                if k.endswith("_") and not k.startswith("_")
+            }
+            _feed(h, {"params": obj.get_params(deep=False), "fitted": fitted}, active)
+        elif hasattr(obj, "__dict__") and not callable(obj):
+            h.update(f"object:{cls.__module__}.{cls.__qualname__};".encode())
+            _feed(h, dict(vars(obj)), active)
+        elif callable(obj):
+            h.update(f"callable:{getattr(obj, '__module__', '')}."
+                     f"{getattr(obj, '__qualname__', repr(obj))};".encode())
+        else:
+            try:
+                h.update(b"pickle:" + pickle.dumps(obj, protocol=4))
+            except Exception:  # noqa: BLE001 - last resort for exotic objects
+                h.update(f"repr:{obj!r};".encode())
+    finally:
+        active.discard(id(obj))
+
+
+def _is_torch(obj, what: str) -> bool:
+    torch = __import__("sys").modules.get("torch")
+    if torch is None:
+        return False
+    cls = torch.Tensor if what == "Tensor" else torch.nn.Module
+    return isinstance(obj, cls)
+
+
+def _uncalibrated(store: LogitStore, x: np.ndarray) -> np.ndarray:
+    if store.values == "logits":
+        return softmax(x)
+    # float16 rounding leaves stored probabilities a little off the simplex
+    return x / x.sum(axis=1, keepdims=True)
+
+
+def _keeps_prediction(estimator) -> bool:
+    """Whether the calibrated argmax is, by construction, the argmax of the input.
+
+    True for our calibrators that keep ``BaseLogitCalibrator.predict`` (every
+    temperature-based one); an affine map, a pipeline or a foreign estimator
+    may move the argmax, so its own probabilities decide.
+    """
+    from .._base import BaseLogitCalibrator
+
+    return estimator is None or (
+        isinstance(estimator, BaseLogitCalibrator)
+        and type(estimator).predict is BaseLogitCalibrator.predict
+    )
+
+
+def _softmax_temperatures(store: LogitStore, estimator, x: np.ndarray):
+    """T with probabilities ``softmax(x / T)`` (uncalibrated: 1), or None.
+
+    Only with numba: NumPy alone is faster through torch's softmax and a
+    probability table (its row argmax and sums cost more than they save).
+    """
+    from .. import _kernels
+    from .._base import BaseLogitCalibrator
+
+    if store.values != "logits" or not _kernels.HAVE_NUMBA:
+        return None
+    if estimator is None:
+        return 1.0
+    if isinstance(estimator, BaseLogitCalibrator):
+        return estimator._softmax_temperatures(x)
+    return None
+
+
+def _evaluate_block(store: LogitStore, calibrators: dict, ids, chunk_pixels: int, acc_params):
+    accs = {name: _make_accumulator(store, acc_params) for name in calibrators}
+    timings = dict.fromkeys(
+        ["read", "argmax"]
+        + [f"predict:{n}" for n in calibrators]
+        + [f"metrics:{n}" for n in calibrators],
+        0.0,
+    )
+    keeps = {name: _keeps_prediction(est) for name, est in calibrators.items()}
+    n_keeping = sum(keeps.values())
+    for image_id in ids:
+        t0 = time.perf_counter()
+        # ignored pixels stay in (the accumulators skip their labels): compacting
+        # every block would cost a copy of it
+        for x, y in store._iter_image_tables(image_id, chunk_pixels, drop_ignored=False):
+            t1 = time.perf_counter()
+            timings["read"] += t1 - t0
+            # The model's prediction, once per chunk, for every method that keeps it:
+            # one argmax pass, and accuracy/mIoU that tied near-uniform calibrated rows
+            # (very large temperatures) cannot change.
+            model_pred = argmax_rows(x) if n_keeping > 1 else None
+            t2 = time.perf_counter()
+            timings["argmax"] += t2 - t1
+            t1 = t2
+            for name, est in calibrators.items():
+                # Temperature-based methods (and the uncalibrated model) are scored
+                # straight from the logits: no probability table, one exp pass.
+                temperature = _softmax_temperatures(store, est, x)
+                if temperature is not None:
+                    t2 = time.perf_counter()
+                    accs[name].update_logits(
+                        y, x, temperature=temperature, image_id=int(image_id), y_pred=model_pred
+                    )
+                else:
+                    proba = _uncalibrated(store, x) if est is None else est.predict_proba(x)
+                    t2 = time.perf_counter()
+                    if keeps[name] and model_pred is None:
+                        model_pred = argmax_rows(x)
+                    accs[name].update(
+                        y,
+                        proba,
+                        image_id=int(image_id),
+                        y_pred=model_pred if keeps[name] else None,
+                    )
+                t3 = time.perf_counter()
+                timings[f"predict:{name}"] += t2 - t1
+                timings[f"metrics:{name}"] += t3 - t2
+                t1 = t3
+            t0 = time.perf_counter()
+    return accs, timings
+
+
+def evaluate_store(
+    store: LogitStore,
+    calibrators: Mapping[str, Any],
+    *,
+    images=None,
+    n_jobs: int | None = 1,
+    backend=None,
+    chunk_pixels: int | None = None,
+    task_pixels: int = DEFAULT_TASK_PIXELS,
+    accumulator_params: Mapping[str, Any] | None = None,
+    return_timings: bool = False,
+):
+    """Calibration metrics of several calibrators over a store, in bounded memory.
+
+    Each image block is read once; each chunk goes through every calibrator
+    and into one :class:`~sksegcal.metrics.CalibrationAccumulator` per method.
+    Blocks run as joblib tasks (threads, processes, or a dask cluster through
+    ``joblib.parallel_backend("dask")``) and their accumulators are merged in
+    block order, so the result does not depend on ``n_jobs`` or the backend.
+
+    With numba installed (the ``fast`` extra), the uncalibrated model and
+    temperature-based calibrators (temperature scaling, selective scaling,
+    Meta-Cal: probabilities ``softmax(z / T)`` with one or a per-pixel ``T``)
+    are scored straight from the logits with
+    :meth:`~sksegcal.metrics.CalibrationAccumulator.update_logits`, without
+    a probability table. Other calibrators that keep the model's prediction
+    (ensemble temperature scaling) are scored with the argmax of the logits,
+    computed once per chunk and passed as ``y_pred``; the rest (vector and
+    Dirichlet scaling, pipelines, foreign estimators) with the argmax of
+    their own probabilities.
+
+    Parameters
+    ----------
+    store : LogitStore
+    calibrators : mapping of str to estimator or None
+        Fitted objects with ``predict_proba`` on (n, C) float32 rows of the
+        store's values; None means uncalibrated (softmax of the logits).
+    images : None, "train", "validation", "test", array of ids or mask
+    n_jobs : int or None, default=1
+        joblib's ``n_jobs``; -1 uses every worker of the backend.
+    backend : str or None
+        joblib backend ("loky", "threading", "dask", ...); None uses the
+        active ``joblib.parallel_backend`` context, else loky.
+    chunk_pixels : int, optional
+        Pixels per chunk; memory per worker is a few times
+        ``chunk_pixels * n_classes * 4`` bytes. Default: ``4194304 // n_classes``
+        (16 MB per float32 chunk whatever C).
+    task_pixels : int, default=4000000
+        Pixels per joblib task (consecutive images).
+    accumulator_params : mapping, optional
+        Keyword arguments of every
+        :class:`~sksegcal.metrics.CalibrationAccumulator` (e.g.
+        ``classwise=True``, ``n_base_bins``).
+    return_timings : bool, default=False
+        Also return seconds spent reading, taking the model's argmax,
+        predicting and accumulating (summed over workers).
+
+    Returns
+    -------
+    accumulators : dict of str to CalibrationAccumulator
+        Call ``.summary()`` on each for the metrics.
+    timings : dict of str to float
+        Only with ``return_timings``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from sksegcal.store import LogitStore, evaluate_store
+    >>> rng = np.random.default_rng(0)
+    >>> store = LogitStore.create(tempfile.mkdtemp() + "/s", n_classes=3)
+    >>> for name in range(3):
+    ...     _ = store.add_image(name, rng.normal(size=(3, 10, 10)),
+    ...                         rng.integers(0, 3, size=(10, 10)))
+    >>> accs = evaluate_store(store, {"uncalibrated": None})
+    >>> sorted(accs)
+    ['uncalibrated']
+    """
+    from joblib import Parallel, delayed
+
+    calibrators = dict(calibrators)
+    if not calibrators:
+        raise ValueError("calibrators is empty; pass e.g. {'uncalibrated': None}.")
+    for name, est in calibrators.items():
+        _check_calibrator(name, est, store)
+    chunk_pixels = store._chunk_pixels(chunk_pixels)
+    blocks = image_blocks(store, store._as_ids(images), task_pixels)
+    results = Parallel(n_jobs=n_jobs, backend=backend)(
+        delayed(_evaluate_block)(store, calibrators, ids, chunk_pixels, accumulator_params)
+        for ids in blocks
+    )
+    accs = {name: _make_accumulator(store, accumulator_params) for name in calibrators}
+    timings = dict.fromkeys(
+        ["read", "argmax"]
+        + [f"predict:{n}" for n in calibrators]
+        + [f"metrics:{n}" for n in calibrators],
+        0.0,
+    )
+    for block_accs, block_timings in results:
+        for name in calibrators:
+            accs[name].merge(block_accs[name])  # in place, in block order
+        for key, seconds in block_timings.items():
+            timings[key] += seconds
+    return (accs, timings) if return_timings else accs
+
+
+def _predict_block(calibrator, store: LogitStore, out: LogitStore, ids, chunk_pixels):
+    # a private handle: threads of one process must not share the records cache
+    out = LogitStore(out.path, out._manifest, {})
+    c = store.n_classes
+    for image_id in ids:
+        record = store._records[store._names[image_id]]
+        h, w = record["height"], record["width"]
+        proba = np.empty((c, h, w), dtype=VALUE_DTYPE)
+        labels = []
+        r0 = 0
+        for z, t in store._iter_blocks(image_id, chunk_pixels):
+            rows = z.shape[1]
+            x = np.ascontiguousarray(z.reshape(c, -1).T, dtype=np.float32)
+            p = _uncalibrated(store, x) if calibrator is None else calibrator.predict_proba(x)
+            proba[:, r0 : r0 + rows] = np.asarray(p).T.reshape(c, rows, w)
+            labels.append(t)
+            r0 += rows
+        out.add_image(record["name"], proba, np.concatenate(labels), overwrite=True)
+
+
+def predict_store(
+    calibrator,
+    store: LogitStore,
+    out_path: str | os.PathLike,
+    *,
+    images=None,
+    n_jobs: int | None = 1,
+    backend=None,
+    chunk_pixels: int | None = None,
+    task_pixels: int = DEFAULT_TASK_PIXELS,
+) -> LogitStore:
+    """Write calibrated probability maps of every image as a new store.
+
+    The output holds float16 probabilities (C, H, W) of every pixel (ignored
+    ones included, for inference) and the labels, with ``values=
+    "probabilities"``, the same classes and split. An interrupted run resumes:
+    images already in the output are skipped. The output's manifest records
+    the input store, ``repr(calibrator)`` and a sha256 of the calibrator's
+    fitted state (:func:`calibrator_fingerprint`); resuming with another input
+    or another fit (even one with the same repr) is refused.
+
+    Parameters
+    ----------
+    calibrator : estimator or None
+        Fitted, with ``predict_proba``; None writes the softmax of the logits.
+    store : LogitStore
+    out_path : str or path-like
+    images, n_jobs, backend, chunk_pixels, task_pixels
+        As in :func:`evaluate_store`. Memory per worker is about one image
+        in float16 plus a few chunks.
+
+    Returns
+    -------
+    LogitStore
+        The output store.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from sksegcal.store import LogitStore, predict_store
+    >>> rng = np.random.default_rng(0)
+    >>> root = tempfile.mkdtemp()
+    >>> store = LogitStore.create(root + "/logits", n_classes=3)
+    >>> _ = store.add_image(0, rng.normal(size=(3, 4, 4)), rng.integers(0, 3, (4, 4)))
+    >>> out = predict_store(None, store, root + "/proba")
+    >>> out.values, bool(np.allclose(out.load_image(0).logits.sum(axis=0), 1, atol=1e-2))
+    ('probabilities', True)
+    """
+    from joblib import Parallel, delayed
+
+    _check_calibrator("calibrator", calibrator, store)
+    source = {
+        "calibrated_from": str(Path(store.path).resolve()),
+        "calibrator": None if calibrator is None else repr(calibrator),
+        # repr holds no fitted state: the hash of it tells two fits apart
+        "calibrator_sha256": calibrator_fingerprint(calibrator),
+        "source": store.source,
+    }
+    out = LogitStore.create(
+        out_path,
+        n_classes=store.n_classes,
+        class_names=store.class_names,
+        ignore_index=store.ignore_index,
+        values="probabilities",
+        source=source,
+        exist_ok=True,
+        match_source=False,  # compared below, with a message that says what differs
+    )
+    recorded = out.source
+    keys = ("calibrated_from", "calibrator_sha256")
+    if any(recorded.get(key) != source[key] for key in keys):
+        # resuming with another calibrator (or input) would mix two calibrations
+        if recorded.get("calibrator_sha256") != source["calibrator_sha256"]:
+            what = (
+                "no fingerprint of its calibrator (written by an older sksegcal)"
+                if "calibrator_sha256" not in recorded
+                else f"calibrator {recorded.get('calibrator')} with fitted state sha256 "
+                f"{str(recorded.get('calibrator_sha256'))[:16]}..."
+            )
+            raise ValueError(
+                f"{out.path / MANIFEST} (field source.calibrator_sha256) holds the output of "
+                f"{what}, but this call's calibrator {source['calibrator']} has fitted state "
+                f"sha256 {str(source['calibrator_sha256'])[:16]}... (same repr or not, they "
+                "are different fits); resuming would mix two calibrations. Write to a new "
+                "directory, or resume with the calibrator that started it."
+            )
+        raise ValueError(
+            f"{out.path / MANIFEST} (field source.calibrated_from) holds the output of a "
+            f"calibrator on {recorded.get('calibrated_from')!r}, not on "
+            f"{source['calibrated_from']!r}; write to a new directory."
+        )
+    ids = [i for i in store._as_ids(images) if store._names[i] not in out]
+    chunk_pixels = store._chunk_pixels(chunk_pixels)
+    blocks = image_blocks(store, np.asarray(ids, dtype=np.int64), task_pixels)
+    Parallel(n_jobs=n_jobs, backend=backend)(
+        delayed(_predict_block)(calibrator, store, out, block, chunk_pixels) for block in blocks
+    )
+    out.refresh()
+    split = store._manifest["split"]
+    if split is not None and all(n in out for p in SPLIT_PARTS for n in split[p]):
+        manifest = out.manifest
+        manifest["split"] = split
+        atomic_write_json(out.path / MANIFEST, manifest)
+        out._manifest = manifest
+    return out
+
+
+def fit_store(
+    estimator,
+    store: LogitStore,
+    *,
+    images="train",
+    max_pixels: int = 1_000_000,
+    stratify_by_correctness: bool = True,
+    max_per_image: int | None = None,
+    random_state=None,
+    **fit_params,
+):
+    """Fit ``estimator`` on a seeded pixel sample of a store (see :meth:`LogitStore.sample`).
+
+    Parameters
+    ----------
+    estimator : estimator
+        Anything with ``fit(X, y, **fit_params)`` on (n, C) logits.
+    store : LogitStore
+    images : default="train"
+        The recorded split's training images by default.
+    max_pixels, stratify_by_correctness, max_per_image, random_state
+        Passed to :meth:`LogitStore.sample`.
+    **fit_params
+        Passed to ``estimator.fit``; the sample's image ids go as ``groups``
+        when ``fit`` takes a ``groups`` argument (as
+        :class:`~sksegcal.SelectiveScalingCalibrator` does).
+
+    Returns
+    -------
+    estimator
+        The fitted estimator.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from sksegcal import TemperatureScaling
+    >>> from sksegcal.store import LogitStore, fit_store
+    >>> rng = np.random.default_rng(0)
+    >>> store = LogitStore.create(tempfile.mkdtemp() + "/s", n_classes=3)
+    >>> for name in range(8):
+    ...     _ = store.add_image(name, 3 * rng.normal(size=(3, 10, 10)),
+    ...                         rng.integers(0, 3, size=(10, 10)))
+    >>> split = store.make_split(random_state=0)
+    >>> ts = fit_store(TemperatureScaling(), store, max_pixels=300, random_state=0)
+    >>> bool(ts.temperature_ > 1)  # random labels: the logits are over-confident
+    True
+    """
+    X, y, groups = store.sample(
+        max_pixels,
+        images=images,
+        stratify_by_correctness=stratify_by_correctness,
+        max_per_image=max_per_image,
+        random_state=random_state,
+    )
+    if "groups" not in fit_params and _accepts_groups(estimator):
+        # image ids let the estimator hold out whole images (pixels of one image correlate)
+        fit_params["groups"] = groups
+    return estimator.fit(X, y, **fit_params)
+
+
+def _accepts_groups(estimator) -> bool:
+    try:
+        return "groups" in inspect.signature(estimator.fit).parameters
+    except (TypeError, ValueError):
+        return False
