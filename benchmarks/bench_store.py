@@ -213,8 +213,8 @@ def phase_ratio(args):
     import joblib
 
     from sksegcal import _kernels
-    from sksegcal import store as store_module
     from sksegcal.store import LogitStore, evaluate_store
+    from sksegcal.store import _engine as store_module  # where evaluate_store looks it up
 
     store = LogitStore.open(args.dir)
     calibrators = {"uncalibrated": None, "ts": joblib.load(Path(args.dir) / "ts.joblib")}

@@ -20,12 +20,14 @@ _LAZY = {
     "DirichletScaling": "scaling",
     "EnsembleTemperatureScaling": "scaling",
     "MetaCalScaling": "scaling",
+    "LocalTemperatureScaling": "local_scaling",
     "LogitStore": "store",
     "TorchMLPClassifier": "mlp",
     "flatten_segmentation": "pixels",
     "unflatten_segmentation": "pixels",
 }
 _SUBMODULES = {
+    "context",
     "datasets",
     "features",
     "integrations",

@@ -75,12 +75,15 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
 
     Parameters
     ----------
-    n_classes : int or None, default=None
-        Number of logit columns C (the first C columns of ``X``); the rest
-        are context. None: the last ``sksegcal.context.n_context_features()``
-        (6) columns are the spatial context, i.e. ``X`` is the output of
-        ``flatten_segmentation(..., context="spatial")``. An int allows any
-        context of your own (``n_features - n_classes`` columns, 0 included).
+    n_context : int or None, default=None
+        Number of context columns, the last ones of ``X``; the first
+        ``C = n_features - n_context`` columns are the logits. None: the
+        ``sksegcal.context.n_context_features()`` (6) spatial columns, i.e.
+        ``X`` is the output of ``flatten_segmentation(..., context="spatial")``.
+        An int takes a context of your own (0: no context, the temperature
+        then depends on the confidence features alone). The context width,
+        not the class count, is the parameter: it does not change with the
+        segmentation model, so one configuration serves every model.
     confidence_features : bool, default=True
         Also feed the pixel's max log-probability and entropy to ``beta``.
     l2 : float, default=1e-4
@@ -128,7 +131,7 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
     Examples
     --------
     >>> import numpy as np
-    >>> from sksegcal.local_scaling import LocalTemperatureScaling
+    >>> from sksegcal import LocalTemperatureScaling
     >>> from sksegcal.pixels import flatten_segmentation
     >>> rng = np.random.default_rng(0)
     >>> labels = np.zeros((4, 16, 16), dtype=int)
@@ -144,7 +147,7 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
 
     _parameter_constraints: dict = {
         **BaseLogitCalibrator._parameter_constraints,
-        "n_classes": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "n_context": [Interval(numbers.Integral, 0, None, closed="left"), None],
         "confidence_features": ["boolean"],
         "l2": [Interval(numbers.Real, 0, None, closed="left")],
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -156,7 +159,7 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
     def __init__(
         self,
         *,
-        n_classes: int | None = None,
+        n_context: int | None = None,
         confidence_features: bool = True,
         l2: float = 1e-4,
         max_iter: int = 100,
@@ -165,7 +168,7 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
         ignore_index: int | None = 255,
         chunk_size: int = 65536,
     ):
-        self.n_classes = n_classes
+        self.n_context = n_context
         self.confidence_features = confidence_features
         self.l2 = l2
         self.max_iter = max_iter
@@ -179,22 +182,21 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
 
     # ---------------------------------------------------------------- inputs
     def _split_width(self, n_features: int) -> int:
-        if self.n_classes is None:
-            n_classes = n_features - n_context_features()
-            if n_classes < 2:
-                raise ValueError(
-                    f"X has {n_features} columns but LocalTemperatureScaling(n_classes=None) "
-                    f"expects the C >= 2 logit columns followed by the {n_context_features()} "
-                    "spatial context columns of flatten_segmentation(..., context='spatial'); "
-                    "pass n_classes for another layout."
-                )
-            return n_classes
-        if self.n_classes > n_features:
-            raise ValueError(
-                f"n_classes={self.n_classes} but X has only {n_features} columns; X must hold "
-                "the logit columns first, then any context columns."
+        """The number of logit columns C."""
+        n_context = n_context_features() if self.n_context is None else int(self.n_context)
+        n_classes = n_features - n_context
+        if n_classes < 2:
+            layout = (
+                "the spatial context columns of flatten_segmentation(..., context='spatial')"
+                if self.n_context is None
+                else "the context columns"
             )
-        return int(self.n_classes)
+            raise ValueError(
+                f"X has {n_features} feature(s) (columns) but LocalTemperatureScaling(n_context="
+                f"{self.n_context}) expects C >= 2 logit columns followed by {n_context} "
+                f"context columns ({layout}); set n_context to the number of context columns."
+            )
+        return n_classes
 
     def _inputs(self, X: np.ndarray) -> np.ndarray:
         """Unstandardised inputs of beta for a chunk of rows, (n, n_inputs) float64."""
@@ -246,7 +248,7 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
         n_context = X.shape[1] - n_classes
         names = (
             CONTEXT_FEATURES
-            if self.n_classes is None
+            if self.n_context is None
             else tuple(f"context_{j}" for j in range(n_context))
         )
         self.input_names_ = names + (_CONFIDENCE_NAMES if self.confidence_features else ())

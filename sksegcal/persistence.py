@@ -46,6 +46,7 @@ TRUSTED_TYPES: tuple[str, ...] = (
     "sksegcal.scaling.DirichletScaling",
     "sksegcal.scaling.EnsembleTemperatureScaling",
     "sksegcal.scaling.MetaCalScaling",
+    "sksegcal.local_scaling.LocalTemperatureScaling",
     "sksegcal.mlp.TorchMLPClassifier",
 )
 

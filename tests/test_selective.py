@@ -188,6 +188,8 @@ def test_seed_gives_identical_results(logits_data):
 
 
 # ------------------------------------------------------------- composition
+# worker processes do not see conftest's counting-path switch: run once, on the default path
+@pytest.mark.one_counting_path
 def test_grid_search_by_image_chooses_by_nll(segmentation_data):
     logits, labels = segmentation_data
     X, y, groups = flatten_segmentation(logits, labels)
@@ -242,6 +244,7 @@ def test_clone_get_set_params():
     assert other.t2 == 2.0 and other.classifier.C == 0.1 and cal.classifier.C == 1.0
 
 
+@pytest.mark.one_counting_path  # the fresh process takes the default path
 def test_joblib_round_trip_in_a_fresh_process(tmp_path, logits_data):
     X, y = logits_data
     cal = _cal().fit(X, y)

@@ -165,14 +165,14 @@ def stray_candidates(store_path: Path, grace_seconds: float) -> list[Path]:
     """
     now = time.time()
     found = []
-    for folder in (store_path, store_path / IMAGES):
+    for folder, arrays_too in ((store_path, False), (store_path / IMAGES, True)):
         try:
             entries = list(os.scandir(folder))
         except FileNotFoundError:
             continue
         for entry in entries:
             is_tmp = entry.name.startswith(TMP_PREFIX)
-            if not is_tmp and not (folder.name == IMAGES and entry.name.endswith(".npy")):
+            if not is_tmp and not (arrays_too and entry.name.endswith(".npy")):
                 continue
             try:
                 if not entry.is_file(follow_symlinks=False):

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._files import TMP_PREFIX, atomic_write_json, fsync_dir
+from .._files import atomic_write_json, fsync_dir
 from .._validation import check_finite, check_ignore_index, check_labels
 from ..pixels import ImageSplit, split_images
 from ._commit import ImageConflictError, commit_image, remove_files_of, stray_candidates
@@ -190,6 +190,9 @@ class LogitStore:
         Returns
         -------
         LogitStore
+            A writer's handle: damaged images (see :meth:`open`) are left out
+            with a warning and listed by :meth:`missing`, so a resume writes
+            them again.
         """
         path = Path(path)
         if (
@@ -699,9 +702,7 @@ class LogitStore:
         known = self._referenced_files()  # read after the listing: see the docstring
         removed = []
         for path in candidates:
-            if path.parent.name == IMAGES and path.name in known:
-                continue
-            if path.parent == self.path and not path.name.startswith(TMP_PREFIX):
+            if path.parent == self.path / IMAGES and path.name in known:
                 continue
             if not dry_run:
                 try:

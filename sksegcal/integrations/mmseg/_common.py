@@ -18,7 +18,7 @@ try:
     import mmseg  # noqa: F401
     import torch  # noqa: F401
     from mmengine.evaluator import BaseMetric  # noqa: F401
-    from mmengine.logging import print_log  # noqa: F401
+    from mmengine.logging import print_log
     from mmseg.registry import METRICS  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
