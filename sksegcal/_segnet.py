@@ -212,24 +212,45 @@ def train_unet(
     return model, losses
 
 
+#: Chunks of fewer images are padded to this many: oneDNN picks its convolution kernels by
+#: the batch's shape, and below 16 images (on one thread, AVX-512) it picks others whose
+#: float sums round differently, so an image's logits would depend on its batch-mates.
+_MIN_BATCH = 16
+
+
 def predict_logits(model: nn.Module, images: np.ndarray, *, batch_size: int = 32,
                    num_threads: int = 1) -> np.ndarray:
     """Logits (N, C, H, W) float32 of a model for images (N, 1, H, W).
 
-    Runs on ``num_threads`` torch threads (default 1) with deterministic
-    kernels, the thread count restored afterwards: the logits of an image are
-    then the same bits whatever the machine's core count and whatever batch it
-    is in (checked in ``tests/test_demo_weights.py``). One thread costs little
-    here: the demo's networks are small, and the 2-core machines it targets
-    gain almost nothing from a second thread.
+    Deterministic: runs on ``num_threads`` torch threads (default 1; the
+    previous count is restored after) with deterministic kernels, in chunks of
+    ``batch_size`` images, a chunk of fewer than 16 images padded with blank
+    images to 16. The convolution kernels oneDNN picks (and so the rounding of
+    their sums) depend on the thread count and on the batch's size; with both
+    fixed, an image's logits are the same bits whatever the machine's core
+    count, whatever ``batch_size`` and whatever images it is computed with
+    (``tests/test_demo_weights.py`` checks it). Machines with other vector
+    instructions (AVX2 rather than AVX-512) may still differ in the last bit.
+
+    One thread costs little: the demo's networks are small, and on the 2-core
+    machines the demo targets a second thread gains little. A single image
+    costs as much as 16 (the padding): pass images in batches.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
     model.eval()
     out = []
     with _fixed_threads(num_threads), torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size],
-                                                      dtype=np.float32))
-            out.append(model(x).numpy().astype(np.float32, copy=False))
+            chunk = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
+            n = len(chunk)
+            if n < _MIN_BATCH:
+                chunk = np.concatenate(
+                    [chunk, np.zeros((_MIN_BATCH - n,) + chunk.shape[1:], np.float32)])
+            out.append(model(torch.from_numpy(chunk))[:n].numpy().astype(np.float32,
+                                                                           copy=False))
+    if not out:
+        raise ValueError("predict_logits needs at least one image.")
     return np.concatenate(out)
 
 

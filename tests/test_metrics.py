@@ -770,3 +770,258 @@ def test_update_logits_with_y_pred_given():
     with pytest.raises(ValueError, match="outside"):
         acc.update_logits(y, z, y_pred=np.full(300, 4))
     assert acc.n_pixels_ == 0
+
+
+# ---------------------------------------------------------------------------
+# issue 15: NLL precision, argument checks, bfloat16, y_pred in functions and scorers
+# ---------------------------------------------------------------------------
+
+
+def _over_confident(n=20000, c=2, seed=40):
+    """float64 probabilities of an over-confident model, p(label) down to ~1e-13."""
+    rng = np.random.default_rng(seed)
+    z = np.clip(rng.normal(scale=10.0, size=(n, c)), -15, 15)
+    y = rng.integers(0, c, size=n)  # half the confident predictions are wrong
+    return y, _softmax64(z)
+
+
+def test_nll_of_over_confident_probabilities_equals_log_loss():
+    y, p = _over_confident()
+    keep = y != IGNORE
+    assert p[np.arange(y.size), y].min() < 1e-9  # far below float32's eps (1.2e-7)
+    ref = log_loss(y[keep], p[keep], labels=[0, 1])  # clips at float64 eps: no-op here
+    assert M.negative_log_likelihood(y, p) == pytest.approx(ref, rel=1e-9)
+    acc = CalibrationAccumulator(2).update(y, p)
+    assert acc.negative_log_likelihood() == pytest.approx(ref, rel=1e-9)
+    # (N, C, H, W) and binary 1-D input read p(label) at float64 too
+    p4 = p.reshape(5, 40, 100, 2).transpose(0, 3, 1, 2)
+    assert M.negative_log_likelihood(y.reshape(5, 40, 100), p4) == pytest.approx(ref, rel=1e-9)
+    assert M.negative_log_likelihood(y, p[:, 1]) == pytest.approx(ref, rel=1e-9)
+    # a probability of exactly 0 is clipped at the dtype's smallest normal number
+    zero = np.array([[1.0, 0.0]])
+    assert M.negative_log_likelihood([1], zero) == pytest.approx(
+        -np.log(np.finfo(np.float64).tiny)
+    )
+    assert M.negative_log_likelihood([1], zero.astype(np.float32)) == pytest.approx(
+        -np.log(np.finfo(np.float32).tiny)
+    )
+
+
+def test_nll_from_logits_is_exact_without_clipping():
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(41)
+    z = rng.normal(scale=40.0, size=(5000, 4)).astype(np.float32)
+    y = rng.integers(0, 4, size=5000)
+    y[::10] = IGNORE
+    t = 1.3
+    keep = y != IGNORE
+    z64 = z[keep].astype(np.float64) / t
+    ref = float(np.mean(logsumexp(z64, axis=1) - z64[np.arange(keep.sum()), y[keep]]))
+    assert ref > 20  # many pixels far beyond the old 15.9-nat cap
+    acc = CalibrationAccumulator(4).update_logits(y, z, temperature=t)
+    assert acc.negative_log_likelihood() == pytest.approx(ref, rel=1e-6)
+    per_pixel = CalibrationAccumulator(4, classwise=True).update_logits(
+        y, z, temperature=np.full(5000, t)
+    )
+    assert per_pixel.negative_log_likelihood() == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("n_bins", [0, -3, 10.5, 10.0, True, "10", None])
+def test_n_bins_must_be_a_positive_int(n_bins):
+    y, p = make_data(n=200, c=3, seed=42)
+    acc = CalibrationAccumulator(3, classwise=True).update(y, p)
+    calls = [
+        lambda: M.expected_calibration_error(y, p, n_bins=n_bins),
+        lambda: M.expected_calibration_error(y, p, n_bins=n_bins, strategy="quantile"),
+        lambda: M.maximum_calibration_error(y, p, n_bins=n_bins),
+        lambda: M.classwise_calibration_error(y, p, n_bins=n_bins),
+        lambda: M.reliability_curve(y, p, n_bins=n_bins),
+        lambda: acc.expected_calibration_error(n_bins),
+        lambda: acc.static_calibration_error(n_bins),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="n_bins must be a positive int"):
+            call()
+    assert M.expected_calibration_error(y, p, n_bins=np.int64(10)) == pytest.approx(
+        ref_ce(y, p, 10), abs=1e-9
+    )
+
+
+@pytest.mark.parametrize("c", [2, 19, 150])
+def test_bfloat16_probabilities_are_checked_with_a_bfloat16_tolerance(c):
+    import torch
+
+    g = torch.Generator().manual_seed(c)
+    logits = torch.randn(20000, c, generator=g) * 4
+    p = torch.softmax(logits.to(torch.bfloat16), dim=1)
+    y = torch.randint(0, c, (20000,), generator=g)
+    acc = CalibrationAccumulator(c).update(y, p)
+    ref = CalibrationAccumulator(c, check_input=False).update(y.numpy(), p.float().numpy())
+    assert_same(acc.summary(), ref.summary())
+    with pytest.raises(ValueError, match="sum to 1.*bfloat16"):
+        CalibrationAccumulator(c).update(y, (p.float() * 1.2).to(torch.bfloat16))
+
+
+def test_misprediction_detection_rejects_non_binary_correct_and_bad_weights():
+    rng = np.random.default_rng(43)
+    correct = rng.random(300) < 0.7
+    score = rng.random(300)
+    ref = M.misprediction_detection_scores(correct, score)
+    for same in (correct.astype(int), correct.astype(np.float32), correct.astype(np.uint8)):
+        assert M.misprediction_detection_scores(same, score) == ref
+    with pytest.raises(ValueError, match=r"binary.*\[2, 3\]"):
+        M.misprediction_detection_scores(rng.integers(0, 4, 300), score)
+    with pytest.raises(ValueError, match="binary"):
+        M.misprediction_detection_scores(np.where(correct, "yes", "no"), score)
+    w = rng.random(300)
+    w[5] = -1.0
+    with pytest.raises(ValueError, match="non-negative"):
+        M.misprediction_detection_scores(correct, score, sample_weight=w)
+    with pytest.raises(ValueError, match="sample_weight has 299"):
+        M.misprediction_detection_scores(correct, score, sample_weight=np.ones(299))
+    with pytest.raises(ValueError, match="tpr_level"):
+        M.misprediction_detection_scores(correct, score, tpr_level=1.5)
+
+
+def test_y_pred_keeps_accuracy_of_uniform_rows_in_functions_and_scorers():
+    X, y = _logits(c=4, seed=44)
+    keep = y != IGNORE
+    model_pred = X.argmax(axis=1)
+    model_acc = accuracy_score(y[keep], model_pred[keep])
+    uniform = np.full(X.shape, 0.25, dtype=np.float32)  # a huge temperature's output
+    assert M.pixel_accuracy(y, uniform) != pytest.approx(model_acc)  # argmax: class 0
+    assert M.pixel_accuracy(y, uniform, y_pred=model_pred) == pytest.approx(model_acc)
+    acc = CalibrationAccumulator(4).update(y, uniform, y_pred=model_pred)
+    assert M.mean_iou(y, uniform, y_pred=model_pred) == pytest.approx(acc.mean_iou())
+    for func in (M.expected_calibration_error, M.maximum_calibration_error,
+                 M.rms_calibration_error):
+        norm = {"expected": "l1", "maximum": "max", "rms": "l2"}[func.__name__.split("_")[0]]
+        assert func(y, uniform, y_pred=model_pred) == pytest.approx(
+            acc.calibration_error(15, norm=norm), abs=1e-12
+        )
+    curve = M.reliability_curve(y, uniform, y_pred=model_pred)
+    np.testing.assert_allclose(curve.accuracy, acc.reliability_curve().accuracy)
+    # scorers take the prediction from estimator.predict, the model's argmax
+    hot = SoftmaxTemperature(temperature=1e10).fit(X, y)
+    assert np.all(hot.predict_proba(X) == 0.25)
+    assert M.get_scorer("accuracy")(hot, X, y) == pytest.approx(model_acc)
+    assert M.get_scorer("miou")(hot, X, y) == pytest.approx(acc.mean_iou())
+    assert M.ece_scorer(hot, X, y) == pytest.approx(-acc.expected_calibration_error())
+    assert M.get_scorer("accuracy")(hot, X, y, y_pred=np.zeros_like(y)) == pytest.approx(
+        M.pixel_accuracy(y, uniform)
+    )
+
+
+def test_negative_sample_weight_is_rejected_everywhere():
+    y, p = make_data(n=300, c=3, seed=45)
+    w = np.ones(300)
+    w[7] = -0.5
+    z = np.log(p)
+    calls = [
+        lambda: CalibrationAccumulator(3).update(y, p, sample_weight=w),
+        lambda: CalibrationAccumulator(3).update_logits(y, z, sample_weight=w),
+        lambda: M.expected_calibration_error(y, p, sample_weight=w),
+        lambda: M.negative_log_likelihood(y, p, sample_weight=w),
+        lambda: M.classwise_calibration_error(y, p, sample_weight=w),
+        lambda: M.ece_scorer(SoftmaxTemperature().fit(z, y), z, y, sample_weight=w),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="sample_weight must be finite and non-negative"):
+            call()
+
+
+# ---------------------------------------------------------------------------
+# the pickle-free state dict
+# ---------------------------------------------------------------------------
+
+
+def _through_npz(state):
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **state)
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _filled_accumulators():
+    y, p = make_data(n=2400, c=4, seed=46)
+    a = CalibrationAccumulator(4, classwise=True).update(y[:800], p[:800], image_id=3)
+    a.update(y[800:1600], p[800:1600], image_id=np.where(np.arange(800) % 2, "left", "right"))
+    a.update(y[1600:].reshape(2, 20, 20), p[1600:].reshape(2, 20, 20, 4).transpose(0, 3, 1, 2))
+    b = CalibrationAccumulator(4, ignore_index=None, per_image_n_bins=7, check_input=False)
+    y0 = np.where(y == IGNORE, 0, y)
+    b.update_logits(y0, np.log(p), temperature=1.5, image_id="b-image")
+    return a, b
+
+
+def test_state_dict_round_trip_through_npz_keeps_every_metric_and_merge():
+    for acc in _filled_accumulators():
+        state = acc.state_dict()
+        for key, value in state.items():
+            assert isinstance(value, (np.ndarray, str, int, float, bool)), key
+            assert not isinstance(value, np.ndarray) or value.dtype != object, key
+        for restored in (
+            CalibrationAccumulator.from_state_dict(state),
+            CalibrationAccumulator.from_state_dict(_through_npz(state)),
+        ):
+            assert type(restored) is CalibrationAccumulator
+            assert repr(restored) == repr(acc)
+            assert restored._config() == acc._config()
+            assert restored.check_input == acc.check_input
+            assert_same(all_metrics(restored), all_metrics(acc), rtol=0, atol=0)
+            assert restored.per_image_ece() == acc.per_image_ece()
+            np.testing.assert_array_equal(restored.confusion_matrix_, acc.confusion_matrix_)
+            # still an accumulator: it merges and keeps counting
+            twin = acc.copy()
+            assert_same(
+                restored.merge(twin).summary(), acc.copy().merge(acc).summary(), rtol=0, atol=0
+            )
+    # tuple ids (the automatic ids of (N, C, H, W) chunks) come back as tuples
+    a, _ = _filled_accumulators()
+    keys = set(CalibrationAccumulator.from_state_dict(_through_npz(a.state_dict()))._images)
+    assert keys == set(a._images) and any(isinstance(k, tuple) for k in keys)
+
+
+def _tamper(state, **changes):
+    out = dict(state)
+    for key, value in changes.items():
+        if value is KeyError:
+            out.pop(key)
+        else:
+            out[key] = value
+    return out
+
+
+def test_from_state_dict_rejects_a_tampered_state_naming_the_key():
+    a, _ = _filled_accumulators()
+    s = a.state_dict()
+    top = s["top"]
+    cases = {
+        "top": [top.astype(np.float32), top[:, :10], -top, np.where(top > 0, np.nan, top),
+                top.tolist()],
+        "confusion_matrix": [s["confusion_matrix"] * 2, s["confusion_matrix"][:3]],
+        "n_classes": [5, "4", 1.5, True],
+        "total_weight": [-1.0, np.inf, "x"],
+        "image_keys": ["not json", '{"a": 1}', "[1, 1, 2, 3]", "[[{}]]"],
+        "image_tallies": [s["image_tallies"][:1]],
+        "classwise_tallies": [KeyError, s["classwise_tallies"][:, :, :5]],
+        "format": ["pickle"],
+        "version": [2],
+        "uid": [KeyError, 12],
+        "n_pixels": [-3],
+        "ignore_index": [np.array([255, 0]), 2.5],
+    }
+    for key, values in cases.items():
+        for value in values:
+            with pytest.raises(ValueError, match=repr(key).replace("'", "'?") + "|" + key):
+                CalibrationAccumulator.from_state_dict(_tamper(s, **{key: value}))
+    with pytest.raises(ValueError, match="unknown keys.*'extra'"):
+        CalibrationAccumulator.from_state_dict({**s, "extra": 1})
+    b = CalibrationAccumulator(4).update(*make_data(n=100, c=4)).state_dict()
+    with pytest.raises(ValueError, match="classwise_tallies"):
+        CalibrationAccumulator.from_state_dict({**b, "classwise_tallies": s["classwise_tallies"]})
+    with pytest.raises(TypeError, match="image_id"):
+        CalibrationAccumulator(2).update([0], [[0.5, 0.5]], image_id=b"raw").state_dict()
