@@ -32,6 +32,82 @@ def iter_chunks(n: int, chunk_size: int) -> Iterator[slice]:
         yield slice(start, min(start + chunk_size, n))
 
 
+# log-probabilities are floored here where a model of log-probabilities takes them as input
+# (Dirichlet scaling, entropies): exp(-1e4) is exactly 0 in every float format, so nothing but
+# an overflow (-inf, then 0 * -inf = NaN) changes
+LOG_PROBA_FLOOR = -1e4
+# temperatures above this are capped per row at the flattest value that keeps the predicted
+# class strictly first in the working precision (see flat_temperature_cap)
+FLAT_TEMPERATURE = 1e3
+# the scaled gap between the top two logits that keeps them apart through exp, sum and divide
+_STRICT_GAP_ULPS = 64
+
+
+def make_top_strict(values: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Make ``values[i, top[i]]`` the strict first maximum of each row, in place.
+
+    Rows where rounding tied (or reordered) the class ``top`` with another get
+    it raised to the next representable value above the row's largest other
+    entry: one unit in the last place, so probabilities still sum to one to
+    rounding and ``values.argmax(1) == top``.
+    """
+    first = np.argmax(values, axis=1)
+    bad = np.flatnonzero(first != top)
+    if bad.size:
+        values[bad, top[bad]] = np.nextafter(
+            values[bad, first[bad]], np.asarray(np.inf, dtype=values.dtype)
+        )
+    return values
+
+
+def scale_logits(z: np.ndarray, beta) -> np.ndarray:
+    """``beta * z`` (``beta`` a scalar or one per row) up to a per-row shift, never overflowing.
+
+    Softmax ignores a constant per row. When ``beta * z`` could overflow the
+    chunk's dtype, the row maximum is subtracted first (the top becomes 0 and
+    the rest go to -inf at worst, probability 0, which is right).
+    """
+    b = beta if np.ndim(beta) == 0 else np.asarray(beta)[:, None]
+    if z.size == 0:
+        return z * b
+    big = float(max(abs(float(z.max())), abs(float(z.min()))))
+    if big * float(np.max(beta)) < np.finfo(z.dtype).max / 8:
+        return z * b
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = z - z.max(axis=1, keepdims=True)
+        return d * b
+
+
+def flat_temperature_cap(z: np.ndarray, beta):
+    """Inverse temperatures with every temperature above ``FLAT_TEMPERATURE`` capped.
+
+    A very large temperature (the paper's 1e10) makes a row uniform in exact
+    arithmetic, but in float32 it also rounds the top class into a tie with
+    the others, and the calibrated argmax no longer is the predicted class.
+    So a row's temperature ``T > FLAT_TEMPERATURE`` becomes
+    ``max(FLAT_TEMPERATURE, min(T, g / delta))`` with ``g`` the gap between
+    its two largest logits and ``delta`` 64 units in the last place of 1 in
+    the working precision: the row is as flat as the precision allows while
+    every class keeps its order. (Where even ``FLAT_TEMPERATURE`` cannot keep
+    the top two apart, :func:`make_top_strict` does.)
+    """
+    small = np.asarray(beta) < 1.0 / FLAT_TEMPERATURE
+    if not small.any() or z.shape[1] < 2:
+        return beta
+    delta = _STRICT_GAP_ULPS * float(np.finfo(z.dtype).eps)
+    if np.ndim(beta) == 0:
+        beta, small = np.full(z.shape[0], beta, dtype=z.dtype), np.ones(z.shape[0], bool)
+    rows = np.flatnonzero(small)
+    top2 = np.partition(z[rows], z.shape[1] - 2, axis=1)[:, -2:].astype(np.float64)
+    gap = top2[:, 1] - top2[:, 0]
+    with np.errstate(divide="ignore", over="ignore"):
+        needed = np.minimum(delta / gap, 1.0 / FLAT_TEMPERATURE)
+    beta = np.array(beta, dtype=z.dtype, copy=True)
+    # an exact tie (gap 0) cannot be kept apart by any temperature: left as it is
+    beta[rows] = np.where(gap > 0, np.maximum(beta[rows], needed), beta[rows])
+    return beta
+
+
 class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
     """Shared machinery; not for direct use.
 
@@ -73,7 +149,10 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         n_classes = X.shape[1]
         y = check_labels(y, n_classes, self.ignore_index)
         if sample_weight is not None:
-            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+            # negative weights would reward a worse fit (scikit-learn rejects them the same way)
+            sample_weight = _check_sample_weight(
+                sample_weight, X, dtype=np.float64, ensure_non_negative=True
+            )
         if groups is not None:
             groups = np.asarray(groups).reshape(-1)
             if groups.shape[0] != X.shape[0]:
@@ -164,11 +243,18 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         # to the last bit); everything else, float16 included, in float32 to save memory
         return np.float64 if X.dtype == np.float64 else np.float32
 
-    def _calibrated_log_proba(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def _calibrated_log_proba(self, X: np.ndarray, out: np.ndarray, strict=False) -> np.ndarray:
         for part in iter_chunks(X.shape[0], self.chunk_size):
             z = self._to_logits(X[part]).astype(out.dtype, copy=False)
-            log_softmax(self._scale_chunk(z), out=out[part])
+            scaled = self._scale_chunk(z)
+            log_softmax(scaled, out=out[part])
+            if strict:
+                make_top_strict(out[part], self._top_index(z, scaled))
         return out
+
+    def _top_index(self, z: np.ndarray, scaled: np.ndarray) -> np.ndarray:
+        """The class ``predict`` returns for each row of a chunk (here the input argmax)."""
+        return np.argmax(z, axis=1)
 
     def predict_log_proba(self, X) -> np.ndarray:
         """Calibrated log-probabilities, computed chunk by chunk.
@@ -180,11 +266,12 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         Returns
         -------
         log_proba : ndarray of shape (n_pixels, n_classes)
-            float64 for float64 input, float32 otherwise.
+            float64 for float64 input, float32 otherwise. Its argmax is
+            ``predict(X)`` on every row (see :meth:`predict_proba`).
         """
         X = self._validate_predict_data(X)
         out = np.empty(X.shape, dtype=self._work_dtype(X))
-        return self._calibrated_log_proba(X, out)
+        return self._calibrated_log_proba(X, out, strict=True)
 
     def predict_proba(self, X) -> np.ndarray:
         """Calibrated probabilities, computed chunk by chunk.
@@ -196,17 +283,23 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         Returns
         -------
         proba : ndarray of shape (n_pixels, n_classes)
-            float64 for float64 input, float32 otherwise. Rows sum to one;
-            the argmax of each row is the argmax of ``X`` (ties aside, e.g. a
-            uniform row).
+            float64 for float64 input, float32 otherwise. Rows sum to one
+            (to rounding). The argmax of every row is ``predict(X)``: where
+            rounding in the working precision would tie the predicted class
+            with another (a nearly flat row, a near-tie in the logits), its
+            probability is raised to the next representable value above the
+            other's, so ``predict_proba(X).argmax(1) == predict(X)`` always
+            (exact ties in ``X`` resolve to the first class, as argmax does).
         """
         X = self._validate_predict_data(X)
         out = np.empty(X.shape, dtype=self._work_dtype(X))
         for part in iter_chunks(X.shape[0], self.chunk_size):
             z = self._to_logits(X[part]).astype(out.dtype, copy=False)
+            scaled = self._scale_chunk(z)
             # softmax directly (one exp per entry) rather than exp(log_softmax): this loop is
             # the hot path of evaluating a store
-            softmax(self._scale_chunk(z), out=out[part])
+            softmax(scaled, out=out[part])
+            make_top_strict(out[part], self._top_index(z, scaled))
         return out
 
     def predict(self, X) -> np.ndarray:
@@ -243,7 +336,11 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         y = check_labels(y, X.shape[1], self.ignore_index)
         if y.shape[0] != X.shape[0]:
             raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}.")
-        w = None if sample_weight is None else _check_sample_weight(sample_weight, X)
+        w = (
+            None
+            if sample_weight is None
+            else _check_sample_weight(sample_weight, X, ensure_non_negative=True)
+        )
         keep = np.ones(len(y), bool) if self.ignore_index is None else y != self.ignore_index
         if not keep.any():
             raise ValueError(f"Every pixel has the ignore index {self.ignore_index}.")

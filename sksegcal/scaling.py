@@ -8,11 +8,16 @@ import numpy as np
 from scipy.optimize import minimize
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._base import BaseLogitCalibrator, fit_temperature, iter_chunks, warn_fit
+from ._base import (
+    LOG_PROBA_FLOOR,
+    BaseLogitCalibrator,
+    fit_temperature,
+    flat_temperature_cap,
+    iter_chunks,
+    scale_logits,
+    warn_fit,
+)
 from .features import log_softmax
-
-# log-probabilities below this are probabilities of exactly 0 in float64 (exp(-1e4) == 0)
-_LOG_PROBA_FLOOR = -1e4
 
 __all__ = [
     "DirichletScaling",
@@ -110,10 +115,11 @@ class TemperatureScaling(BaseLogitCalibrator):
         warn_fit(fit, ["the temperature"], (low, high), owner=type(self).__name__, stacklevel=4)
 
     def _row_inverse_temperatures(self, z):
-        return z.dtype.type(1.0 / self.temperature_)
+        # one value, or one per row where a temperature above 1000 is capped
+        return flat_temperature_cap(z, z.dtype.type(1.0 / self.temperature_))
 
     def _scale_chunk(self, z):
-        return z * self._row_inverse_temperatures(z)
+        return scale_logits(z, self._row_inverse_temperatures(z))
 
 
 def _check_bounds(bounds, name: str) -> tuple[float, float]:
@@ -181,11 +187,42 @@ class _AffineLogitCalibrator(BaseLogitCalibrator):
         return 0.0, np.zeros_like(theta)
 
     def _scale_chunk(self, z):
-        return self._apply(self._parameters(), self._inputs(z)).astype(z.dtype)
+        theta = self._parameters()
+        x = self._inputs(z.astype(np.float64))
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = self._apply(theta, x)
+        if not np.isfinite(v).all():
+            # logits near the top of float64: the map of z / 2^k, shifted by its row maximum,
+            # then scaled back (the top is 0, the rest at worst -inf: probability 0)
+            big = float(np.max(np.abs(x)))
+            k = float(2.0 ** np.ceil(np.log2(big)))
+            v = self._apply_scaled(theta, x / k, k)
+            with np.errstate(over="ignore"):
+                v = (v - v.max(axis=1, keepdims=True)) * k
+            if np.isnan(v).any():
+                raise ValueError(
+                    f"{type(self).__name__}: the calibrated logits of these inputs overflow "
+                    "float64; divide the logits by a constant before calibrating."
+                )
+            return v.astype(z.dtype)
+        # shifted by the row maximum in float64, so the cast to float32 cannot overflow
+        v -= v.max(axis=1, keepdims=True)
+        return v.astype(z.dtype)
+
+    def _top_index(self, z, scaled):
+        return np.argmax(scaled, axis=1)
 
     def predict(self, X):
-        """The calibrated argmax. Unlike temperature scaling, an affine map can move it."""
-        return np.argmax(self.predict_log_proba(X), axis=1)
+        """The calibrated argmax. Unlike temperature scaling, an affine map can move it.
+
+        It is the argmax of :meth:`predict_proba` on every row.
+        """
+        X = self._validate_predict_data(X)
+        out = np.empty(X.shape[0], dtype=np.int64)
+        for part in iter_chunks(X.shape[0], self.chunk_size):
+            z = self._to_logits(X[part]).astype(self._work_dtype(X), copy=False)
+            out[part] = np.argmax(self._scale_chunk(z), axis=1)
+        return self.classes_[out]
 
 
 class VectorScaling(_AffineLogitCalibrator):
@@ -240,6 +277,12 @@ class VectorScaling(_AffineLogitCalibrator):
     @staticmethod
     def _parameter_gradient(theta, x, g):
         return np.r_[(g * x).sum(axis=0), g.sum(axis=0)]
+
+    @staticmethod
+    def _apply_scaled(theta, x, k):
+        """``_apply(theta, x * k) / k`` without forming ``x * k``."""
+        c = x.shape[1]
+        return x * theta[:c] + theta[c:] / k
 
     def _store_parameters(self, theta, n_classes):
         self.coef_, self.intercept_ = theta[:n_classes], theta[n_classes:]
@@ -304,7 +347,13 @@ class DirichletScaling(_AffineLogitCalibrator):
         self.chunk_size = chunk_size
 
     def _inputs(self, z):
-        return log_softmax(z)
+        # floored where exp underflows to 0 anyway, so that W @ x stays finite
+        return np.maximum(log_softmax(z), LOG_PROBA_FLOOR)
+
+    @staticmethod
+    def _apply_scaled(theta, x, k):
+        c = x.shape[1]
+        return x @ theta[: c * c].reshape(c, c).T + theta[c * c :] / k
 
     def _initial_parameters(self, n_classes):
         return np.r_[np.eye(n_classes).ravel(), np.zeros(n_classes)]
@@ -511,7 +560,7 @@ class MetaCalScaling(BaseLogitCalibrator):
     @staticmethod
     def _entropy(z):
         # log-probabilities floored where exp underflows to 0 anyway: 0 * log 0 is 0, not NaN
-        lp = np.maximum(log_softmax(z), _LOG_PROBA_FLOOR)
+        lp = np.maximum(log_softmax(z), LOG_PROBA_FLOOR)
         return -(np.exp(lp) * lp).sum(axis=1)
 
     def _fit_calibration(self, X, y, sample_weight, groups=None):
@@ -555,11 +604,13 @@ class MetaCalScaling(BaseLogitCalibrator):
         )
 
     def _row_inverse_temperatures(self, z):
-        return np.where(
+        beta = np.where(
             self._entropy(z) > self.entropy_threshold_,
             1.0 / self.t_reject_,
             1.0 / self.temperature_,
         ).astype(z.dtype)
+        # t_reject=1e10 is "as flat as the precision allows" (flat_temperature_cap)
+        return flat_temperature_cap(z, beta)
 
     def _scale_chunk(self, z):
-        return z * self._row_inverse_temperatures(z)[:, None]
+        return scale_logits(z, self._row_inverse_temperatures(z))

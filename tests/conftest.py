@@ -34,6 +34,9 @@ def segmentation_data():
 # ``sksegcal._kernels.HAVE_NUMBA``, read at call time by every caller (the kernels
 # themselves and sksegcal.store), so patching that one binding switches them all.
 COUNTING_PATH_MODULES = {"test_metrics", "test_store", "test_selective", "test_kernels"}
+# Long tests of those modules that never count (concurrent store writers: ~160 s on
+# two paths for nothing). Better: mark such a test ``one_counting_path`` where it is.
+_NOT_COUNTING = {"test_concurrent_writers_never_mix_an_image_many_rounds"}
 
 
 def pytest_configure(config):
@@ -50,14 +53,34 @@ def pytest_generate_tests(metafunc):
         module in COUNTING_PATH_MODULES
         and "counting_path" in metafunc.fixturenames
         and metafunc.definition.get_closest_marker("one_counting_path") is None
+        and metafunc.function.__name__ not in _NOT_COUNTING
     ):
         metafunc.parametrize("counting_path", ["numba", "numpy"], indirect=True)
+
+
+_workers_env = [None]  # the environment loky's reusable worker processes were started in
+
+
+def _use_workers_of(env):
+    """Shut loky's reusable workers down when they were started in the other environment.
+
+    Workers read SKSEGCAL_DISABLE_NUMBA when they start; reused ones would keep
+    the path of the test that started them ("numpy", or "default" for the rest).
+    """
+    if _workers_env[0] not in (None, env):
+        from joblib.externals.loky import reusable_executor
+
+        executor = getattr(reusable_executor, "_executor", None)  # None when never started
+        if executor is not None:
+            executor.shutdown(wait=True, kill_workers=True)
+    _workers_env[0] = env
 
 
 @pytest.fixture(autouse=True)
 def counting_path(request, monkeypatch):
     """"numba" or "numpy" in the modules above (None elsewhere): the path tallies take."""
     path = getattr(request, "param", None)
+    _use_workers_of("numpy" if path == "numpy" else "default")
     if path is None:
         return None
     from sksegcal import _kernels
@@ -67,4 +90,6 @@ def counting_path(request, monkeypatch):
             pytest.skip("numba is not installed (or SKSEGCAL_DISABLE_NUMBA is set)")
     else:
         monkeypatch.setattr(_kernels, "HAVE_NUMBA", False)
+        # and for worker processes started from here (loky, multiprocessing)
+        monkeypatch.setenv("SKSEGCAL_DISABLE_NUMBA", "1")
     return path

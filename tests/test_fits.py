@@ -102,9 +102,9 @@ def test_soft_fit_beats_coordinate_descent():
     ours = _soft_calibrator(mode="soft")._solve_temperatures(Z, y, None, p)
     a, b = 1.0, 1e-10
     for _ in range(3):
-        b = minimize_scalar(lambda v: _soft_nll([a, v], Z, y, p), bounds=(1e-10, 100),
+        b = minimize_scalar(lambda v, a=a: _soft_nll([a, v], Z, y, p), bounds=(1e-10, 100),
                             method="bounded").x
-        a = minimize_scalar(lambda v: _soft_nll([v, b], Z, y, p), bounds=(1e-10, 100),
+        a = minimize_scalar(lambda v, b=b: _soft_nll([v, b], Z, y, p), bounds=(1e-10, 100),
                             method="bounded").x
     assert ours["nll"] <= _soft_nll([a, b], Z, y, p) + 1e-12
 
@@ -200,8 +200,8 @@ def test_uninformative_logits_warn_at_the_bound():
     assert ets.temperature_ == pytest.approx(100.0)
     # the uniform term explains random labels best
     assert ets.weights_[2] > 0.9
-    with pytest.warns(ConvergenceWarning, match="t_reject stopped at the upper end"):
-        MetaCalScaling(rejection_rate=0.2, t_reject="auto").fit(X, y)
+    with pytest.warns(ConvergenceWarning, match="accepted pixels stopped at the upper end"):
+        MetaCalScaling(rejection_rate=0.2).fit(X, y)
 
 
 def test_interior_fits_are_silent():
