@@ -36,11 +36,6 @@ def iter_chunks(n: int, chunk_size: int) -> Iterator[slice]:
 # (Dirichlet scaling, entropies): exp(-1e4) is exactly 0 in every float format, so nothing but
 # an overflow (-inf, then 0 * -inf = NaN) changes
 LOG_PROBA_FLOOR = -1e4
-# temperatures above this are capped per row at the flattest value that keeps the predicted
-# class strictly first in the working precision (see flat_temperature_cap)
-FLAT_TEMPERATURE = 1e3
-# the scaled gap between the top two logits that keeps them apart through exp, sum and divide
-_STRICT_GAP_ULPS = 64
 
 
 def make_top_strict(values: np.ndarray, top: np.ndarray) -> np.ndarray:
@@ -76,36 +71,6 @@ def scale_logits(z: np.ndarray, beta) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         d = z - z.max(axis=1, keepdims=True)
         return d * b
-
-
-def flat_temperature_cap(z: np.ndarray, beta):
-    """Inverse temperatures with every temperature above ``FLAT_TEMPERATURE`` capped.
-
-    A very large temperature (the paper's 1e10) makes a row uniform in exact
-    arithmetic, but in float32 it also rounds the top class into a tie with
-    the others, and the calibrated argmax no longer is the predicted class.
-    So a row's temperature ``T > FLAT_TEMPERATURE`` becomes
-    ``max(FLAT_TEMPERATURE, min(T, g / delta))`` with ``g`` the gap between
-    its two largest logits and ``delta`` 64 units in the last place of 1 in
-    the working precision: the row is as flat as the precision allows while
-    every class keeps its order. (Where even ``FLAT_TEMPERATURE`` cannot keep
-    the top two apart, :func:`make_top_strict` does.)
-    """
-    small = np.asarray(beta) < 1.0 / FLAT_TEMPERATURE
-    if not small.any() or z.shape[1] < 2:
-        return beta
-    delta = _STRICT_GAP_ULPS * float(np.finfo(z.dtype).eps)
-    if np.ndim(beta) == 0:
-        beta, small = np.full(z.shape[0], beta, dtype=z.dtype), np.ones(z.shape[0], bool)
-    rows = np.flatnonzero(small)
-    top2 = np.partition(z[rows], z.shape[1] - 2, axis=1)[:, -2:].astype(np.float64)
-    gap = top2[:, 1] - top2[:, 0]
-    with np.errstate(divide="ignore", over="ignore"):
-        needed = np.minimum(delta / gap, 1.0 / FLAT_TEMPERATURE)
-    beta = np.array(beta, dtype=z.dtype, copy=True)
-    # an exact tie (gap 0) cannot be kept apart by any temperature: left as it is
-    beta[rows] = np.where(gap > 0, np.maximum(beta[rows], needed), beta[rows])
-    return beta
 
 
 class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):

@@ -240,7 +240,7 @@ def predict_logits(model: nn.Module, images: np.ndarray, *, batch_size: int = 32
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
     model.eval()
     out = []
-    with torch.inference_mode():
+    with _fixed_threads(num_threads), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             chunk = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
             n = len(chunk)

@@ -36,6 +36,12 @@ network) and the held-out slices, which appear twice: as in-domain
 acquisitions (``"calibration"``, for calibrator train / validation / test
 splits) and as shifted acquisitions (``"shifted"``: stronger noise, a strong
 bias field and a contrast change, as from another scanner or protocol).
+
+The demo's segmentation networks, U-Nets trained once on the ``"model"``
+slices of these data with the demo's settings, ship with the package (float16
+weights in ``sksegcal/_weights``, pickle-free, sha256-checked):
+``sksegcal._segnet.load_demo_network(name, quick=...)`` loads them without
+the data, so the AAL network is there even without ``mricron-data``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from ._base import (
     LOG_PROBA_FLOOR,
     BaseLogitCalibrator,
     fit_temperature,
-    flat_temperature_cap,
     iter_chunks,
     scale_logits,
     warn_fit,
@@ -115,8 +114,7 @@ class TemperatureScaling(BaseLogitCalibrator):
         warn_fit(fit, ["the temperature"], (low, high), owner=type(self).__name__, stacklevel=4)
 
     def _row_inverse_temperatures(self, z):
-        # one value, or one per row where a temperature above 1000 is capped
-        return flat_temperature_cap(z, z.dtype.type(1.0 / self.temperature_))
+        return z.dtype.type(1.0 / self.temperature_)
 
     def _scale_chunk(self, z):
         return scale_logits(z, self._row_inverse_temperatures(z))
@@ -160,6 +158,15 @@ class _AffineLogitCalibrator(BaseLogitCalibrator):
 
         def objective(theta):
             return self._loss_and_grad(theta, X, y, sample_weight, total_weight)
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            start_loss, start_grad = objective(theta0)
+        if not (np.isfinite(start_loss) and np.isfinite(start_grad).all()):
+            raise ValueError(
+                f"{type(self).__name__}: the NLL of these logits overflows float64 (largest "
+                f"|logit| {float(np.max(np.abs(X))):.3g}); divide the logits by a constant "
+                "before calibrating."
+            )
 
         result = minimize(
             objective,
@@ -604,13 +611,11 @@ class MetaCalScaling(BaseLogitCalibrator):
         )
 
     def _row_inverse_temperatures(self, z):
-        beta = np.where(
+        return np.where(
             self._entropy(z) > self.entropy_threshold_,
             1.0 / self.t_reject_,
             1.0 / self.temperature_,
         ).astype(z.dtype)
-        # t_reject=1e10 is "as flat as the precision allows" (flat_temperature_cap)
-        return flat_temperature_cap(z, beta)
 
     def _scale_chunk(self, z):
         return scale_logits(z, self._row_inverse_temperatures(z))

@@ -13,10 +13,12 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_memory
 
 from ._base import (
+    LOG_PROBA_FLOOR,
     BaseLogitCalibrator,
     fit_inverse_temperatures,
     iter_chunks,
     nll_derivatives,
+    scale_logits,
     warn_fit,
 )
 from .features import FEATURE_SETS, features_from_logits
@@ -34,6 +36,23 @@ def _fit_classifier(classifier, features, correct, sample_weight):
     if sample_weight is None:
         return classifier.fit(features, correct)
     return classifier.fit(features, correct, sample_weight=sample_weight)
+
+
+def _finite_features(z: np.ndarray, kind: str) -> np.ndarray:
+    """Detector features of logits, finite even for logits near the top of their dtype.
+
+    Logit gaps beyond the float range make log-probabilities -inf (and the
+    entropy 0 * -inf = NaN). Only then are the features recomputed from
+    logits whose distance below the row maximum is capped at 1e4, where every
+    probability is exactly 0 anyway.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = features_from_logits(z, kind)
+    if np.isfinite(out).all():
+        return out
+    with np.errstate(over="ignore", invalid="ignore"):
+        shifted = np.maximum(z - z.max(axis=1, keepdims=True), LOG_PROBA_FLOOR).astype(z.dtype)
+    return features_from_logits(shifted, kind)
 
 
 class _ConstantCorrectness:
@@ -232,7 +251,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
     def _features(self, X: np.ndarray) -> np.ndarray:
         """Classifier features of validated input rows (float64 input stays float64)."""
         z = self._to_logits(X).astype(self._work_dtype(X), copy=False)
-        return features_from_logits(z, self.features)
+        return _finite_features(z, self.features)
 
     def _p_correct(self, features: np.ndarray) -> np.ndarray:
         proba = self.classifier_.predict_proba(features)
@@ -485,12 +504,12 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
     # --------------------------------------------------------------- prediction
     def _row_inverse_temperatures(self, z):
         # features come from the unscaled chunk, which is already logits here
-        features = features_from_logits(z, self.features)
+        features = _finite_features(z, self.features)
         beta = self._inverse_temperature(self._p_correct(features), self.t1_, self.t2_)
         return beta.astype(z.dtype, copy=False)
 
     def _scale_chunk(self, z):
-        return z * self._row_inverse_temperatures(z)[:, None]
+        return scale_logits(z, self._row_inverse_temperatures(z))
 
     def predict_correctness(self, X) -> np.ndarray:
         """The classifier's P(correct) for each pixel.

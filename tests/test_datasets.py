@@ -245,3 +245,15 @@ def test_unet_depth(depth):
     with torch.no_grad():
         out = model(torch.zeros(2, 1, 32, 48))
     assert out.shape == (2, 7, 32, 48)
+
+
+def test_predict_logits_arguments():
+    from sksegcal._segnet import UNet, predict_logits
+
+    model = UNet(3, width=2, depth=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_logits(model, np.zeros((2, 1, 8, 8), np.float32), batch_size=0)
+    with pytest.raises(ValueError, match="at least one image"):
+        predict_logits(model, np.zeros((0, 1, 8, 8), np.float32))
+    # fewer images than the padded batch: only theirs come back
+    assert predict_logits(model, np.zeros((3, 1, 8, 8), np.float32)).shape == (3, 3, 8, 8)

@@ -216,3 +216,19 @@ def test_quick_network_retrains_to_the_same_file():
     name, raw, new = make_one("mni152-tissue", True, verbose=False)
     assert new["data"]["sha256"] == entry["data"]["sha256"]
     assert hashlib.sha256(raw).hexdigest() == entry["sha256"]
+
+
+def test_inference_runs_on_the_pinned_thread_count():
+    """Thread counts change oneDNN's kernels: predict_logits pins them (1 unless told)."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))
+            return x
+
+    threads = torch.get_num_threads()
+    predict_logits(Spy(), _probe(3))
+    predict_logits(Spy(), _probe(3), num_threads=2)
+    assert seen == [(1, True), (2, True)]
+    assert torch.get_num_threads() == threads
