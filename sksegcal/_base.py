@@ -38,16 +38,26 @@ def iter_chunks(n: int, chunk_size: int) -> Iterator[slice]:
 LOG_PROBA_FLOOR = -1e4
 
 
-def make_top_strict(values: np.ndarray, top: np.ndarray) -> np.ndarray:
+def make_top_strict(values: np.ndarray, top: np.ndarray, *, log: bool = False) -> np.ndarray:
     """Make ``values[i, top[i]]`` the strict first maximum of each row, in place.
 
+    ``values`` are probabilities, or log-probabilities with ``log=True``.
     Rows where rounding tied (or reordered) the class ``top`` with another get
     it raised to the next representable value above the row's largest other
     entry: one unit in the last place, so probabilities still sum to one to
     rounding and ``values.argmax(1) == top``.
     """
     first = np.argmax(values, axis=1)
-    bad = np.flatnonzero(first != top)
+    bad = first != top
+    # a tie with a later class leaves argmax right but the class not strictly first; a tie
+    # needs the top value to be at most half the row's mass (a probability <= 1/2)
+    r = np.arange(values.shape[0])
+    half = np.log(0.5) if log else 0.5
+    maybe = np.flatnonzero(~bad & (values[r, top] <= half))
+    if maybe.size:
+        last = values.shape[1] - 1 - np.argmax(values[maybe, ::-1], axis=1)
+        bad[maybe[last != top[maybe]]] = True
+    bad = np.flatnonzero(bad)
     if bad.size:
         values[bad, top[bad]] = np.nextafter(
             values[bad, first[bad]], np.asarray(np.inf, dtype=values.dtype)
@@ -102,15 +112,18 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
 
     def _validate_fit_data(self, X, y, sample_weight=None, groups=None):
         """Validated X, y, sample_weight and groups with ignored pixels removed."""
-        X, y = validate_data(
-            self,
-            X,
-            y,
-            dtype=[np.float32, np.float64],
-            ensure_min_features=2,
-            ensure_min_samples=1,
-            y_numeric=False,
-        )
+        # scikit-learn's finiteness test sums X: logits near the float maximum overflow in that
+        # sum (a warning, then an exact element-wise test), which is no fault of the data
+        with np.errstate(over="ignore", invalid="ignore"):
+            X, y = validate_data(
+                self,
+                X,
+                y,
+                dtype=[np.float32, np.float64],
+                ensure_min_features=2,
+                ensure_min_samples=1,
+                y_numeric=False,
+            )
         n_classes = X.shape[1]
         y = check_labels(y, n_classes, self.ignore_index)
         if sample_weight is not None:
@@ -143,7 +156,8 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
 
     def _validate_predict_data(self, X) -> np.ndarray:
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        with np.errstate(over="ignore", invalid="ignore"):  # as in _validate_fit_data
+            X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
         return X
 
     # ------------------------------------------------------------------ fitting
@@ -214,7 +228,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
             scaled = self._scale_chunk(z)
             log_softmax(scaled, out=out[part])
             if strict:
-                make_top_strict(out[part], self._top_index(z, scaled))
+                make_top_strict(out[part], self._top_index(z, scaled), log=True)
         return out
 
     def _top_index(self, z: np.ndarray, scaled: np.ndarray) -> np.ndarray:

@@ -571,7 +571,7 @@ class MetaCalScaling(BaseLogitCalibrator):
         return -(np.exp(lp) * lp).sum(axis=1)
 
     def _fit_calibration(self, X, y, sample_weight, groups=None):
-        Z = self._to_logits(X).astype(np.float32)
+        Z = self._to_logits(X).astype(self._work_dtype(X), copy=False)
         entropy = np.concatenate(
             [self._entropy(Z[p]) for p in iter_chunks(len(y), self.chunk_size)]
         )
@@ -605,7 +605,8 @@ class MetaCalScaling(BaseLogitCalibrator):
         X = self._validate_predict_data(X)
         return np.concatenate(
             [
-                self._entropy(self._to_logits(X[p]).astype(np.float32)) > self.entropy_threshold_
+                self._entropy(self._to_logits(X[p]).astype(self._work_dtype(X)))
+                > self.entropy_threshold_
                 for p in iter_chunks(X.shape[0], self.chunk_size)
             ]
         )

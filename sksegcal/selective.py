@@ -44,15 +44,15 @@ def _finite_features(z: np.ndarray, kind: str) -> np.ndarray:
     Logit gaps beyond the float range make log-probabilities -inf (and the
     entropy 0 * -inf = NaN). Only then are the features recomputed from
     logits whose distance below the row maximum is capped at 1e4, where every
-    probability is exactly 0 anyway.
+    probability is exactly 0 anyway; every feature is floored at -1e4.
     """
     with np.errstate(over="ignore", invalid="ignore"):
         out = features_from_logits(z, kind)
-    if np.isfinite(out).all():
-        return out
-    with np.errstate(over="ignore", invalid="ignore"):
-        shifted = np.maximum(z - z.max(axis=1, keepdims=True), LOG_PROBA_FLOOR).astype(z.dtype)
-    return features_from_logits(shifted, kind)
+        if not np.isfinite(out).all():
+            shifted = np.maximum(z - z.max(axis=1, keepdims=True), LOG_PROBA_FLOOR)
+            out = features_from_logits(shifted.astype(z.dtype), kind)
+    # and no log-probability below the floor (float64 ones would overflow a float32 detector)
+    return np.maximum(out, LOG_PROBA_FLOOR, out=out)
 
 
 class _ConstantCorrectness:
@@ -385,7 +385,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         return cached_fit(self._make_classifier(seed), features, target, weight)
 
     def _fit_temperatures(self, X, y, correct, sample_weight, holdout_idx):
-        Z = self._to_logits(X[holdout_idx]).astype(np.float32)
+        Z = self._to_logits(X[holdout_idx]).astype(self._work_dtype(X), copy=False)
         y_hold = y[holdout_idx]
         w = None if sample_weight is None else sample_weight[holdout_idx]
         p = self._holdout_p_correct(X, holdout_idx)

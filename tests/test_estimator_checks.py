@@ -283,7 +283,7 @@ def test_flat_rows_are_uniform_to_the_precision():
 # extreme but finite logits
 # ------------------------------------------------------------------------------------------
 def _extreme(dtype):
-    X, y = make_logits(n=600, n_classes=4, seed=5)
+    X, y = make_logits(n=600, n_classes=4, seed=5, dtype=np.float64)
     big = 3e38 if dtype == np.float32 else 1e307
     X = (np.sign(X) * big * np.minimum(np.abs(X) / np.abs(X).max(), 1)).astype(dtype)
     return X, y
