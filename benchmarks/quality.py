@@ -33,8 +33,8 @@ from sksegcal import (
     TorchMLPClassifier,
     VectorScaling,
 )
+from sksegcal._segnet import DEMO_SETTINGS as _DEMO_SETTINGS
 from sksegcal._segnet import SegNetConfig, cache_dir, load_or_train, predict_logits
-from sksegcal.cli._demo import _DEMO_SETTINGS
 from sksegcal.datasets import load_dataset
 from sksegcal.features import softmax
 from sksegcal.metrics import CalibrationAccumulator, misprediction_detection_scores

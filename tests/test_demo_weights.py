@@ -92,10 +92,8 @@ def test_files_are_plain_float16_arrays(dataset, quick):
 
 
 def test_settings_are_the_demos():
-    try:
-        from sksegcal.cli._demo import _DEMO_SETTINGS
-    except ImportError:
-        from sksegcal.cli import _DEMO_SETTINGS
+    from sksegcal._segnet import DEMO_SETTINGS as _DEMO_SETTINGS
+
     networks = _manifest()["networks"]
     for (dataset, quick), settings in _DEMO_SETTINGS.items():
         entry = networks[demo_network_name(dataset, quick)]

@@ -8,7 +8,7 @@ installed for the AAL networks)::
     python -m sksegcal._weights.make_weights --check      # retrain, compare, write nothing
 
 Each network is trained exactly as ``sksegcal demo`` would train it (the
-settings are read from the demo itself, ``_DEMO_SETTINGS``): the demo's data
+settings are those the demo reads, ``sksegcal._segnet.DEMO_SETTINGS``): the demo's data
 settings with ``random_state=0``, its :class:`~sksegcal._segnet.SegNetConfig`
 (seeded, one torch thread, deterministic kernels), on CPU. The float32 weights
 are rounded to float16 and written as an uncompressed ``.npz`` with fixed zip
@@ -37,6 +37,7 @@ import torch
 
 from .._segnet import (
     DEMO_NETWORKS,
+    DEMO_SETTINGS,
     SegNetConfig,
     _data_fingerprint,
     demo_network_name,
@@ -50,12 +51,8 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 def demo_settings() -> dict:
-    """The demo's per-(dataset, quick) settings, from wherever the CLI keeps them."""
-    try:
-        from ..cli._demo import _DEMO_SETTINGS
-    except ImportError:
-        from ..cli import _DEMO_SETTINGS
-    return _DEMO_SETTINGS
+    """The demo's per-(dataset, quick) data and network settings (``DEMO_SETTINGS``)."""
+    return DEMO_SETTINGS
 
 
 def npz_bytes(state: dict[str, np.ndarray]) -> bytes:

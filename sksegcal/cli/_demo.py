@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .._progress import progress
+from .._segnet import DEMO_SETTINGS
 from ._calibrate import fit_selective, save_calibrator, selective_info
 from ._common import UNCALIBRATED, CommandError, check_output_dir, say, threads
 from ._report import format_table, summaries, write_metrics, write_report
@@ -33,36 +34,9 @@ _SUBSETS = ("calibration", "shifted")
 # seconds instead of minutes.
 _FEATURES = "agnostic"
 
-# Training settings of the demo's network per dataset; "quick" is for tests and smoke runs.
-# The full settings train to a small training loss on one acquisition of each model slice,
-# so the network overfits a little and is over-confident, as trained segmentation nets are.
-_DEMO_SETTINGS = {
-    ("mni152-tissue", False): {
-        # 150 epochs: the training loss falls to 0.04 and the network ends over-confident on
-        # held-out slices (temperature about 1.3 in-domain, 2 under the shift); at 60 epochs it
-        # was nearly calibrated (1.06), unlike the segmentation networks users bring
-        "data": {"n_model_acquisitions": 1, "n_calibration_acquisitions": 2,
-                 "n_shifted_acquisitions": 2},
-        "net": {"width": 16, "epochs": 150},
-    },
-    ("aal", False): {
-        # atlas regions are defined by position more than by intensity: a 5-level U-Net sees
-        # the whole slice (a 3-level one reached an mIoU of 0.01, this one about 0.1-0.2)
-        "data": {"n_model_acquisitions": 1, "n_calibration_acquisitions": 2,
-                 "n_shifted_acquisitions": 2},
-        "net": {"width": 12, "depth": 5, "epochs": 100},
-    },
-    ("mni152-tissue", True): {
-        "data": {"n_model_acquisitions": 1, "n_calibration_acquisitions": 1,
-                 "n_shifted_acquisitions": 1, "slice_step": 3},
-        "net": {"width": 8, "epochs": 15},
-    },
-    ("aal", True): {
-        "data": {"n_model_acquisitions": 1, "n_calibration_acquisitions": 1,
-                 "n_shifted_acquisitions": 1, "slice_step": 3},
-        "net": {"width": 8, "epochs": 15},
-    },
-}
+# the demo's data and network settings live with the network (sksegcal._segnet), so that
+# the script that made the shipped weights and the demo read the same ones
+_DEMO_SETTINGS = DEMO_SETTINGS
 
 
 def demo(args) -> int:
@@ -85,7 +59,7 @@ def demo_data(args):
     """The embedded dataset of ``args.dataset`` at the demo's settings."""
     from ..datasets import load_dataset
 
-    settings = _DEMO_SETTINGS[(args.dataset, args.quick)]
+    settings = DEMO_SETTINGS[(args.dataset, args.quick)]
     return load_dataset(args.dataset, random_state=0, cache_dir=_data_cache(args),
                         **settings["data"])
 
@@ -93,26 +67,32 @@ def demo_data(args):
 def _demo_network(args, data):
     """The demo's segmentation network for ``data``: (model, info).
 
-    A small U-Net trained on the model slices, once; later runs load it from the
-    cache (``--cache-dir``; ``--no-cache`` trains afresh and writes nothing).
-    ``info`` holds ``cached``, ``path``, ``config``, ``train_seconds`` and
-    ``losses``. This is the one place the demo and ``extract --dataset`` get
-    their network from.
+    By default the network shipped in the package (trained once with the demo's
+    settings, see :func:`sksegcal._segnet.load_demo_network`): every machine
+    computes the same logits, so the demo prints the README's numbers. With
+    ``--retrain`` a U-Net is trained on the model slices (cached in
+    ``--cache-dir``; ``--no-cache`` writes nothing); its numbers then depend on
+    the machine's threads. ``info`` holds ``shipped``, ``cached``, ``path``,
+    ``config``, ``train_seconds`` and ``losses``. This is the one place the demo
+    and ``extract --dataset`` get their network from.
     """
-    from .._segnet import SegNetConfig, load_or_train
+    from .._segnet import SegNetConfig, load_demo_network, load_or_train
 
+    config = SegNetConfig(**DEMO_SETTINGS[(args.dataset, args.quick)]["net"])
+    if not getattr(args, "retrain", False):
+        return load_demo_network(args.dataset, quick=args.quick, config=config)
     train = data.select("model")
-    config = SegNetConfig(**_DEMO_SETTINGS[(args.dataset, args.quick)]["net"])
     with progress(total=config.epochs, enabled=not args.quiet, desc="training",
                   unit="epoch") as bar:
         def on_epoch(epoch, loss):
             bar.update(1)
             bar.set_postfix_str(f"loss {loss:.4f}")
 
-        return load_or_train(
+        model, info = load_or_train(
             args.dataset, train.images, train.labels, data.n_classes, config,
             cache=args.cache_dir, use_cache=not getattr(args, "no_cache", False),
             progress=on_epoch)
+    return model, {**info, "shipped": False}
 
 
 def _demo_stores(args, data, model, net_info, store_root: Path) -> dict:
@@ -168,12 +148,17 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     data = demo_data(args)
     timings["data"] = time.perf_counter() - t0
 
-    say(args, "[2/6] segmentation network (a small U-Net; trained once, then cached)")
+    say(args, "[2/6] segmentation network (a small U-Net)")
     t0 = time.perf_counter()
     model, net_info = _demo_network(args, data)
-    say(args, "      " + (f"loaded from {net_info['path']}" if net_info["cached"] else
-                        f"trained in {net_info['train_seconds']:.0f} s"
-                        + (f", cached at {net_info['path']}" if net_info["path"] else "")))
+    if net_info.get("shipped"):
+        say(args, f"      the network shipped in the package ({net_info['name']}, "
+                  "sksegcal demo --retrain trains one)")
+    elif net_info["cached"]:
+        say(args, f"      loaded from {net_info['path']}")
+    else:
+        say(args, f"      trained in {net_info['train_seconds']:.0f} s"
+                  + (f", cached at {net_info['path']}" if net_info["path"] else ""))
     timings["network"] = time.perf_counter() - t0
 
     say(args, "[3/6] logits of the held-out slices into LogitStores")
@@ -247,7 +232,8 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
         "sksegcal": __version__,
         "seed": args.seed,
         "quick": args.quick,
-        "network": {"cached": net_info["cached"], "config": net_info["config"],
+        "network": {"shipped": bool(net_info.get("shipped")), "cached": net_info["cached"],
+                    "config": net_info["config"],
                     "train_seconds": round(net_info["train_seconds"], 1),
                     "final_train_loss": (round(net_info["losses"][-1], 4)
                                          if net_info["losses"] else None)},

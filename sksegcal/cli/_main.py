@@ -58,7 +58,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo", help="the whole job on the embedded brain-MRI default (no GPU, no internet)",
-        description="Train (once; cached) a small U-Net on MNI152 slices, calibrate it with "
+        description="Load the small U-Net shipped for the MNI152 slices (or train one with "
+                    "--retrain), calibrate it with "
                     "temperature scaling and selective scaling, evaluate in-domain and under "
                     "an acquisition shift, print a table and write a report folder.")
     p.add_argument("--output", "-o", default="sksegcal-report",
@@ -70,8 +71,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="a small, fast version (fewer slices, a tiny network) for smoke tests")
     p.add_argument("--cache-dir", default=None,
                    help="network cache (default: $SKSEGCAL_CACHE or ~/.cache/sksegcal)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the network on this machine instead of loading the one shipped "
+                        "in the package (minutes; the numbers then depend on the machine's "
+                        "threads and differ from the README's)")
     p.add_argument("--no-cache", action="store_true",
-                   help="train the network afresh and do not write the cache")
+                   help="with --retrain: train afresh and do not write the cache")
     p.add_argument("--dataset", choices=DATASETS, default="mni152-tissue",
                    help="mni152-tissue (3 classes, from nilearn) or aal (117 classes; needs "
                         "'apt-get install mricron-data') (default: mni152-tissue)")
@@ -114,6 +119,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    default="calibration", help="without --logits: which slices "
                                                 "(default: calibration)")
     p.add_argument("--quick", action="store_true", help="without --logits: the small version")
+    p.add_argument("--retrain", action="store_true",
+                   help="without --logits: train the network instead of the shipped one")
     p.add_argument("--cache-dir", default=None, help="network cache (as in demo)")
     common(p)
     p.set_defaults(func=extract)
