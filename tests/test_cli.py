@@ -432,7 +432,7 @@ def test_demo_quick(tmp_path, capsys):
         for method in ("temperature scaling", "selective scaling"):
             for key in ("accuracy", "miou"):
                 assert split[method][key] == pytest.approx(split["uncalibrated"][key])
-    assert not metrics["network"]["cached"]
+    assert metrics["network"]["shipped"] and not metrics["network"]["cached"]
     assert "class 0" not in (out / "report.md").read_text()
 
     from sksegcal.persistence import load
@@ -440,11 +440,11 @@ def test_demo_quick(tmp_path, capsys):
     cal = load(out / "calibrator.joblib", trusted=True)
     assert cal.n_features_in_ == 3
 
-    # second run: the network comes from the cache, and the numbers are the same
+    # second run: the same shipped network, the same numbers
     assert main(args + ["--keep-stores"]) == 0
     capsys.readouterr()
     again = json.loads((out / "metrics.json").read_text())
-    assert again["network"]["cached"]
+    assert again["network"]["shipped"]
     assert again["results"] == metrics["results"]
 
     # the kept store (split recorded) works with the other subcommands and the saved calibrator
@@ -460,3 +460,19 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["extract", "--dataset", "mni152-tissue", "--quick", "--subset", "shifted",
                  "--store", str(store), "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
     assert "3 classes" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_retrain_trains_once_then_uses_the_cache(tmp_path, capsys):
+    pytest.importorskip("nilearn")
+    out = tmp_path / "report"
+    args = ["demo", "--quick", "--retrain", "-o", str(out), "--cache-dir",
+            str(tmp_path / "cache"), "-q", "--classifier", "logistic"]
+    assert main(args) == 0
+    first = json.loads((out / "metrics.json").read_text())["network"]
+    assert not first["shipped"] and not first["cached"] and first["train_seconds"] > 0
+    assert main(args) == 0
+    second = json.loads((out / "metrics.json").read_text())["network"]
+    assert second["cached"] and not second["shipped"]
+    capsys.readouterr()
