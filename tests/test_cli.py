@@ -476,3 +476,39 @@ def test_demo_retrain_trains_once_then_uses_the_cache(tmp_path, capsys):
     second = json.loads((out / "metrics.json").read_text())["network"]
     assert second["cached"] and not second["shipped"]
     capsys.readouterr()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_report_explains_the_maps_and_where_selective_is_worse(tmp_path, capsys):
+    pytest.importorskip("nilearn")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    assert main(["demo", "--quick", "-o", str(out), "--cache-dir", str(tmp_path / "cache"),
+                 "-q"]) == 0
+    capsys.readouterr()
+    report = (out / "report.md").read_text()
+    assert (out / "examples.png").is_file()
+    for text in ("**Errors**", "**Detector P(correct)**", "**Temperature**",
+                 "of the flagged pixels are errors of the network", "median T"):
+        assert text in report, text
+    lower_is_better = {"ece": True, "mce": True, "nll": True, "brier": True,
+                       "accuracy": False, "miou": False}
+    headers = {"ece": "ECE", "mce": "MCE", "nll": "NLL", "brier": "Brier",
+               "accuracy": "accuracy", "miou": "mIoU"}
+    split_titles = {"test": "## test (in-domain)",
+                    "shifted-test": "## shifted test (acquisition shift)"}
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    for split, methods in results.items():
+        # the section of this split: from its heading to the next one
+        section = report.split(split_titles[split], 1)[1].split("\n## ", 1)[0]
+        sel, ts = methods["selective scaling"], methods["temperature scaling"]
+        for key, lower in lower_is_better.items():
+            diff = (sel[key] - ts[key]) if lower else (ts[key] - sel[key])
+            para = f"Why selective scaling's {headers[key]} is worse"
+            if diff > 1e-6 * max(1.0, abs(ts[key])):
+                assert para in section, (split, key)
+                if key == "mce":
+                    assert "pixels" in section and "bin [" in section
+            elif diff < 0:
+                assert para not in section, (split, key)

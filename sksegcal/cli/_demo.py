@@ -121,6 +121,29 @@ def _demo_stores(args, data, model, net_info, store_root: Path) -> dict:
     return stores
 
 
+def _selective_maps(selective, logits, calibrated) -> dict:
+    """The detector's P(correct) and the per-pixel temperature T = 1/beta, as (N, H, W) maps."""
+    n, c, h, w = logits.shape
+    X = np.ascontiguousarray(logits.transpose(0, 2, 3, 1).reshape(-1, c), dtype=np.float32)
+    p_correct = selective.predict_correctness(X).reshape(n, h, w)
+    beta = None
+    hook = getattr(selective, "_row_inverse_temperatures", None)
+    if hook is not None:
+        try:
+            beta = np.asarray(hook(X), dtype=np.float64)
+        except Exception:  # a private hook: fall back on the spreads below
+            beta = None
+    if beta is None or beta.size != X.shape[0]:
+        # log-softmax of beta * z is beta * z minus a constant: the spreads give beta
+        log_q = np.log(np.maximum(calibrated.astype(np.float64), 1e-300))
+        z = logits.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            beta = (log_q.std(axis=1) / z.std(axis=1)).reshape(-1)
+    with np.errstate(divide="ignore"):
+        temperature = 1.0 / np.maximum(beta, 1e-300)
+    return {"p_correct": p_correct, "temperature": temperature.reshape(n, h, w)}
+
+
 def _image_name(part, i: int) -> str:
     return f"z{part.slice_index[i]:03d}-{i:04d}"
 
@@ -214,6 +237,7 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
         "probs": {UNCALIBRATED: softmax(example_logits),
                   SELECTIVE: predict_proba_maps(selective, example_logits)},
     }
+    examples.update(_selective_maps(selective, example_logits, examples["probs"][SELECTIVE]))
     calibrator_info = {
         TS: {"temperature": round(float(ts.temperature_), 4)},
         SELECTIVE: selective_info(selective, search),

@@ -142,8 +142,10 @@ def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None)
                "", _markdown_table(methods), ""]
         if split in figures:
             md += [f"![reliability diagrams]({figures[split]})", ""]
+        md += _worse_notes(accumulators.get(split, {}), methods)
     if "examples.png" in written:
         md += ["## Example slices", "", "![examples](examples.png)", ""]
+        md += _example_notes(**examples)
     if meta.get("calibrators"):
         md += ["## Calibrators", ""]
         for name, info in meta["calibrators"].items():
@@ -171,33 +173,207 @@ def _save_figure(fig, path: Path, *, dpi: int) -> None:
             plt.close(fig)
 
 
-def _plot_examples(*, images, labels, probs, class_names, rows=3):
-    """A few test slices: image, labels, prediction, confidence before and after calibration."""
+IGNORE_INDEX = 255
+FLAG_BELOW = 0.5  # a pixel is "flagged" by the detector when its P(correct) is below this
+# a method is "worse" on a metric when it differs by more than this (relative, at least 1e-6)
+WORSE_TOL = 1e-6
+_LOWER_IS_BETTER = {"ece": True, "mce": True, "nll": True, "brier": True, "accuracy": False,
+                    "miou": False}
+
+
+def _error_map(labels, pred):
+    """0: correct, 1: error (argmax differs from the label), 2: ignored pixel."""
+    out = (pred != labels).astype(np.int8)
+    out[labels == IGNORE_INDEX] = 2
+    return out
+
+
+def _plot_examples(*, images, labels, probs, class_names, p_correct=None, temperature=None,
+                   rows=3):
+    """A few test slices, one row each.
+
+    Columns: image, labels, the network's prediction, the top-label confidence
+    of each method, the error map (argmax != label; ignored pixels grey), the
+    detector's P(correct) and selective scaling's per-pixel temperature (log scale).
+    """
+    from matplotlib.colors import ListedColormap, LogNorm
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     n = min(rows, len(images))
-    cols = ["image", "labels", "prediction"] + [f"confidence: {m}" for m in probs]
-    fig = Figure(figsize=(2.2 * len(cols), 2.4 * n + 0.4), layout="constrained")
-    axes = fig.subplots(n, len(cols), squeeze=False)
     n_classes = len(class_names)
     cmap = "tab20" if n_classes > 10 else "viridis"
     first = next(iter(probs.values()))
+    preds = first[:n].argmax(axis=1)
+    cols = ["image", "labels", "prediction"] + [f"confidence: {m}" for m in probs]
+    cols.append("errors (argmax != label)")
+    if p_correct is not None:
+        cols.append(f"detector P(correct) (flag < {FLAG_BELOW:g})")
+    t_norm = None
+    if temperature is not None:
+        cols.append("temperature T = 1/beta (log)")
+        t = np.asarray(temperature[:n], dtype=np.float64)
+        t = t[np.isfinite(t) & (t > 0)]
+        lo, hi = (float(t.min()), float(t.max())) if t.size else (1.0, 10.0)
+        t_norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.01))
+    error_cmap = ListedColormap(["#1b1b1b", "#e8432e", "#a0a0a0"])
+    fig = Figure(figsize=(2.1 * len(cols), 2.3 * n + 0.8), layout="constrained")
+    axes = fig.subplots(n, len(cols), squeeze=False)
+    n_conf = len(probs)
     for r in range(n):
-        pred = first[r].argmax(axis=0)
-        panels = [(images[r, 0], "gray", None), (labels[r], cmap, (0, n_classes - 1)),
-                  (pred, cmap, (0, n_classes - 1))]
-        panels += [(p[r].max(axis=0), "magma", (1.0 / n_classes, 1.0)) for p in probs.values()]
-        for c, (img, cm, lim) in enumerate(panels):
+        pred = preds[r]
+        panels = [(images[r, 0], "gray", {}), (labels[r], cmap, dict(vmin=0, vmax=n_classes - 1)),
+                  (pred, cmap, dict(vmin=0, vmax=n_classes - 1))]
+        panels += [(p[r].max(axis=0), "magma", dict(vmin=1.0 / n_classes, vmax=1.0))
+                   for p in probs.values()]
+        panels.append((_error_map(labels[r], pred), error_cmap, dict(vmin=-0.5, vmax=2.5)))
+        if p_correct is not None:
+            panels.append((p_correct[r], "RdYlGn", dict(vmin=0.0, vmax=1.0)))
+        if temperature is not None:
+            panels.append((np.clip(temperature[r], t_norm.vmin, t_norm.vmax), "cividis",
+                           dict(norm=t_norm)))
+        for c, (img, cm, kw) in enumerate(panels):
             ax = axes[r, c]
-            im = ax.imshow(img, cmap=cm, interpolation="nearest",
-                           **({} if lim is None else {"vmin": lim[0], "vmax": lim[1]}))
+            im = ax.imshow(img, cmap=cm, interpolation="nearest", **kw)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(cols[c], fontsize=8)
             if r == n - 1 and c >= 3:
-                fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
+                bar = fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
+                bar.ax.tick_params(labelsize=7)
+                if c == 3 + n_conf:
+                    bar.set_ticks([0, 1, 2], labels=["correct", "error", "ignored"])
+                if kw.get("norm") is t_norm and t_norm is not None:
+                    bar.ax.xaxis.set_minor_formatter(NullFormatter())
+                    bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+                    bar.set_ticks(np.geomspace(t_norm.vmin, t_norm.vmax, 4))
     return fig
+
+
+def _pct(part, whole) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "n/a"
+
+
+def _example_notes(*, images, labels, probs, class_names, p_correct=None, temperature=None,
+                   rows=3) -> list[str]:
+    """One sentence per map of the example figure, with its numbers on the example slices."""
+    n = min(rows, len(images))
+    first = next(iter(probs.values()))
+    labels = np.asarray(labels[:n])
+    valid = labels != IGNORE_INDEX
+    errors = (first[:n].argmax(axis=1) != labels) & valid
+    n_valid, n_err = int(valid.sum()), int(errors.sum())
+    where = f"the {n} example slices"
+    lines = [
+        f"- **Errors**: pixels where the network's argmax differs from the label (red; ignored "
+        f"pixels grey): {n_err:,} of the {n_valid:,} labelled pixels of {where} "
+        f"({_pct(n_err, n_valid)}).",
+    ]
+    flagged = None
+    if p_correct is not None:
+        flagged = (np.asarray(p_correct[:n]) < FLAG_BELOW) & valid
+        n_flag = int(flagged.sum())
+        n_flag_err = int((flagged & errors).sum())
+        lines.append(
+            f"- **Detector P(correct)**: the correctness detector's probability that the "
+            f"network is right, pixel by pixel (red: likely wrong). It flags (P(correct) < "
+            f"{FLAG_BELOW:g}) {n_flag:,} pixels ({_pct(n_flag, n_valid)} of {where}); "
+            f"{_pct(n_flag_err, n_flag)} of the flagged pixels are errors of the network, "
+            f"against {_pct(n_err, n_valid)} of all pixels, and the flagged pixels hold "
+            f"{_pct(n_flag_err, n_err)} of the errors."
+        )
+    if temperature is not None:
+        t = np.asarray(temperature[:n], dtype=np.float64)
+        sentence = (
+            "- **Temperature**: the temperature T = 1/beta that selective scaling divides "
+            "each pixel's logits by (log colour scale; T > 1 softens, T < 1 sharpens); "
+            f"median T {np.median(t[valid]):.3g} over the labelled pixels of {where}"
+        )
+        if flagged is not None and flagged.any() and (valid & ~flagged).any():
+            sentence += (f", {np.median(t[flagged]):.3g} on the flagged pixels and "
+                         f"{np.median(t[valid & ~flagged]):.3g} on the others")
+        lines.append(sentence + ".")
+    return lines + [""]
+
+
+def _find_method(methods, word: str):
+    return next((m for m in methods if word in m.lower()), None)
+
+
+def _worse(metric: str, sel: float, ts: float) -> bool:
+    diff = (sel - ts) if _LOWER_IS_BETTER[metric] else (ts - sel)
+    return diff > WORSE_TOL * max(1.0, abs(ts))
+
+
+def worse_metrics(methods: dict) -> list[str]:
+    """The metrics of one split where selective scaling is worse than temperature scaling."""
+    sel, ts = _find_method(methods, "selective"), _find_method(methods, "temperature")
+    if sel is None or ts is None:
+        return []
+    return [k for k in METRICS if _worse(k, methods[sel][k], methods[ts][k])]
+
+
+def _bin_text(curve, b: int) -> str:
+    lo, hi = curve.bin_edges[b], curve.bin_edges[b + 1]
+    return f"[{lo:.3f}, {hi:.3f})"
+
+
+def _worse_notes(accs: dict, methods: dict, n_bins: int = 15) -> list[str]:
+    """A paragraph per metric where selective scaling is worse than temperature scaling."""
+    worse = worse_metrics(methods)
+    if not worse:
+        return []
+    sel, ts = _find_method(methods, "selective"), _find_method(methods, "temperature")
+    lines = []
+    for k in worse:
+        a, b = methods[sel][k], methods[ts][k]
+        head = (f"**Why {sel}'s {HEADERS[k]} is worse than {ts}'s here.** {HEADERS[k]} "
+                f"{a:.4f} against {b:.4f} ({a - b:+.4f}).")
+        have_bins = sel in accs and ts in accs and k in ("ece", "mce")
+        if have_bins:
+            cs, ct = (accs[m].reliability_curve(n_bins) for m in (sel, ts))
+            gs = np.where(cs.count > 0, np.abs(cs.accuracy - cs.confidence), 0.0)
+            gt = np.where(ct.count > 0, np.abs(ct.accuracy - ct.confidence), 0.0)
+            total = float(cs.count.sum())
+        if k == "mce" and have_bins:
+            i, j = int(np.argmax(gs)), int(np.argmax(gt))
+            text = (
+                f"MCE is the largest |accuracy - confidence| over the {n_bins} confidence bins, "
+                f"whatever the bin holds. For {sel} it is bin {_bin_text(cs, i)}: "
+                f"{cs.count[i]:,.0f} pixels ({_pct(cs.count[i], total)} of {total:,.0f}), "
+                f"accuracy {cs.accuracy[i]:.3f} against mean confidence "
+                f"{cs.confidence[i]:.3f}, a gap of {gs[i]:.4f}. "
+            )
+            if i == j:
+                text += (f"It is also {ts}'s largest gap, {gt[j]:.4f}, on {ct.count[j]:,.0f} "
+                         "pixels there.")
+            else:
+                text += (f"The same bin holds {ct.count[i]:,.0f} pixels under {ts} (gap "
+                         f"{gt[i]:.4f}); {ts}'s largest gap is in bin {_bin_text(ct, j)}: "
+                         f"{ct.count[j]:,.0f} pixels ({_pct(ct.count[j], total)}), gap "
+                         f"{gt[j]:.4f}.")
+            text += (" So the worse MCE rests on a bin of "
+                     f"{_pct(cs.count[i], total)} of the pixels; ECE weights every bin by "
+                     f"its pixels (here {methods[sel]['ece']:.4f} for {sel} against "
+                     f"{methods[ts]['ece']:.4f}).")
+        elif k == "ece" and have_bins:
+            contrib = (cs.count * gs - ct.count * gt) / total
+            i = int(np.argmax(contrib))
+            text = (
+                f"ECE is the pixel-weighted mean of |accuracy - confidence| over the {n_bins} "
+                f"bins. The bin adding most to the difference is {_bin_text(cs, i)} "
+                f"(+{contrib[i]:.4f}): {cs.count[i]:,.0f} pixels with a gap of {gs[i]:.4f} "
+                f"under {sel}, against {ct.count[i]:,.0f} pixels with a gap of {gt[i]:.4f} "
+                f"under {ts}."
+            )
+        else:
+            text = (
+                f"{HEADERS[k]} is a mean over all pixels and does not split into confidence "
+                "bins; the reliability diagrams above show where the two calibrations differ."
+            )
+        lines += [head + " " + text, ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- saved results
