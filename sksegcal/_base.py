@@ -527,15 +527,15 @@ def fit_inverse_temperatures(
     """Minimise the mean NLL over inverse temperatures in a box: bounded Newton.
 
     ``beta_i = offset_i + basis_i . x`` as in :func:`nll_derivatives`, each
-    ``x_j`` in ``bounds`` (inverse temperatures). The NLL is convex in ``x``;
-    each iteration takes the Newton step on the parameters not held by a
-    bound (a parameter is held when it rests on a bound and the gradient
-    points out of the box), with an Armijo backtracking line search and a
-    diagonally scaled gradient step as the fallback. It stops when the
-    proposed step moves no parameter by more than ``rtol`` relative to its
-    value (about the distance to the minimum: Newton converges
-    quadratically), or when every parameter is held by a bound. One pass
-    over the data per iteration; typically 4-8.
+    ``x_j`` in ``bounds`` (inverse temperatures). The NLL is convex in ``x``.
+    Each iteration minimises the quadratic model (analytic gradient and
+    Hessian) exactly over the box intersected with a one-sided trust region
+    (no parameter falls by more than a factor of 8), then backtracks along
+    that step (Armijo). It stops when the next step moves no parameter by
+    more than ``rtol`` relative to its value (about the distance to the
+    minimum: Newton converges quadratically), or when every parameter rests
+    on a bound the NLL would cross. One pass over the data per iteration;
+    typically 4-8 from ``x0`` (default 1, i.e. T = 1), 1-3 from a warm start.
     """
     check_finite(Z, where="logits")
     k = 1 if basis is None else basis.shape[1]
@@ -578,74 +578,85 @@ def fit_inverse_temperatures(
     converged, n_iter = False, 0
     while n_iter < max_iter:
         n_iter += 1
-        free = ~held(x, g)
-        if not free.any():
+        if not (~held(x, g)).any():
             converged = True
             break
-        directions = []
-        Hf, gf = H[np.ix_(free, free)], g[free]
-        try:
-            d = np.linalg.solve(Hf, gf)
-            if np.all(np.isfinite(d)) and d @ gf > 0:
-                directions.append(d)
-        except np.linalg.LinAlgError:
-            pass
-        diag = np.diag(Hf)
-        directions.append(gf / np.where(diag > 0, diag, 1.0))
-        # the proposed full step: below the tolerance, x is the minimum to within it
-        first = x.copy()
-        first[free] = x[free] - directions[0]
-        first = np.clip(first, lo, hi)
-        if np.all(np.abs(first - x) <= rtol * np.abs(x)):
+        # the Newton step of the box-constrained quadratic model; the box is the bounds and a
+        # one-sided trust region: no inverse temperature falls by more than a factor of
+        # _MAX_RATIO per iteration (far from the minimum an over-confident model's NLL has
+        # little curvature and a full Newton step overshoots to the bound); rises are left
+        # to the line search (the NLL grows at most linearly there)
+        step = _box_newton_step(g, H, np.maximum(lo, x / _MAX_RATIO) - x, hi - x)
+        if np.all(np.abs(step) <= rtol * np.abs(x)):
+            # the next step is below the tolerance: x is the minimum to within it (Newton
+            # converges quadratically, so the step is about the remaining distance)
             converged = True
             break
-        accepted = False
-        for d in directions:
-            # a trust region in ratio: no inverse temperature moves by more than a factor
-            # of _MAX_RATIO per iteration (far from the minimum, the curvature of an
-            # over-confident model's NLL is small and a full Newton step overshoots)
-            xf = x[free]
-            target = xf - d
-            with np.errstate(divide="ignore", invalid="ignore"):
-                limit = np.where(
-                    target < xf / _MAX_RATIO,
-                    (xf - xf / _MAX_RATIO) / d,
-                    np.where(target > xf * _MAX_RATIO, (xf - xf * _MAX_RATIO) / d, 1.0),
-                )
-            t = float(min(1.0, np.min(limit)))
-            while t > 1e-12:
-                trial = x.copy()
-                trial[free] = x[free] - t * d
-                trial = np.clip(trial, lo, hi)
-                if np.array_equal(trial, x):
-                    break
-                with np.errstate(over="ignore", invalid="ignore"):
-                    f_new, g_new, H_new = evaluate(trial)
-                if np.isfinite(f_new) and (
-                    f_new <= f + 1e-4 * (g @ (trial - x))
-                    # near the minimum the decrease of f drowns in its rounding: a full
-                    # Newton step that shrinks the gradient is then the better test
-                    or (t == 1.0 and np.all(np.isfinite(g_new))
-                        and np.linalg.norm(g_new[free]) < np.linalg.norm(g[free]))
-                ):
-                    accepted = True
-                    break
-                t *= 0.5
-            if accepted:
+        accepted, t = False, 1.0
+        pg = np.where(held(x, g), 0.0, g)
+        while t > 1e-12:
+            trial = np.clip(x + t * step, lo, hi)
+            with np.errstate(over="ignore", invalid="ignore"):
+                f_new, g_new, H_new = evaluate(trial)
+            if np.isfinite(f_new) and (
+                f_new <= f + 1e-4 * t * (g @ step)
+                # near the minimum the decrease of f drowns in its rounding: a full step
+                # that shrinks the (projected) gradient is then the better test
+                or (t == 1.0 and np.all(np.isfinite(g_new))
+                    and np.linalg.norm(np.where(held(trial, g_new), 0.0, g_new))
+                    < np.linalg.norm(pg))
+            ):
+                accepted = True
                 break
+            t *= 0.5
         if not accepted:
             # no decrease is representable any more: x is the minimum to rounding
             converged = True
             break
-        step = np.abs(trial - x)
+        moved = np.abs(trial - x)
         x, f, g, H = trial, f_new, g_new, H_new
-        if np.all(step <= rtol * np.abs(x)):
+        if np.all(moved <= rtol * np.abs(x)):
             converged = True
             break
     at_bound = [
         (j, "lower" if x[j] <= lo[j] else "upper") for j in np.flatnonzero(held(x, g))
     ]
     return TemperatureFit(x / scale, float(f), n_iter, converged, at_bound, g * scale)
+
+
+def _box_newton_step(g, H, lo, hi) -> np.ndarray:
+    """The minimiser of ``g.s + s.H.s / 2`` over the box ``lo <= s <= hi`` (``lo <= 0 <= hi``).
+
+    Exact for the one or two parameters of a temperature fit: every choice of
+    each parameter at its lower bound, its upper bound or free is tried (3^k
+    faces), the free ones solved on their face, and the best feasible point
+    kept. ``H`` is positive semi-definite, so that point is the box minimum.
+    """
+    k = len(g)
+    best, best_q = np.zeros(k), 0.0
+    for pattern in np.ndindex(*(3,) * k):
+        state = np.array(pattern)
+        s = np.where(state == 1, lo, np.where(state == 2, hi, 0.0))
+        free = state == 0
+        if free.any():
+            rhs = -(g[free] + H[np.ix_(free, ~free)] @ s[~free])
+            Hf = H[np.ix_(free, free)]
+            if not np.all(np.isfinite(Hf)) or np.linalg.det(Hf) <= 1e-300 * max(
+                np.abs(Hf).max(), 1.0
+            ):
+                continue
+            s[free] = np.linalg.solve(Hf, rhs)
+        if np.any(s < lo - 1e-15 * np.abs(lo)) or np.any(s > hi + 1e-15 * np.abs(hi)):
+            continue
+        s = np.clip(s, lo, hi)
+        q = g @ s + 0.5 * s @ H @ s
+        if np.isfinite(q) and q < best_q:
+            best, best_q = s, q
+    if best_q == 0.0 and np.any(g != 0):
+        # a singular quadratic model: a scaled gradient step, clipped to the box
+        diag = np.diag(H)
+        best = np.clip(-g / np.where(diag > 0, diag, 1.0), lo, hi)
+    return best
 
 
 def warn_fit(fit: TemperatureFit, names, bounds, *, owner: str, stacklevel: int = 3) -> None:

@@ -567,7 +567,8 @@ class MetaCalScaling(BaseLogitCalibrator):
     @staticmethod
     def _entropy(z):
         # log-probabilities floored where exp underflows to 0 anyway: 0 * log 0 is 0, not NaN
-        lp = np.maximum(log_softmax(z), LOG_PROBA_FLOOR)
+        with np.errstate(over="ignore"):  # float32 logit gaps beyond 3e38 become -inf
+            lp = np.maximum(log_softmax(z), LOG_PROBA_FLOOR)
         return -(np.exp(lp) * lp).sum(axis=1)
 
     def _fit_calibration(self, X, y, sample_weight, groups=None):

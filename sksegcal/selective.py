@@ -10,7 +10,7 @@ from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.validation import check_memory
+from sklearn.utils.validation import check_is_fitted, check_memory
 
 from ._base import (
     LOG_PROBA_FLOOR,
@@ -29,6 +29,13 @@ __all__ = ["SelectiveScalingCalibrator"]
 # the paper's "uniform" temperature; also the top of the 'auto' search range
 UNIFORM_TEMPERATURE = 1e10
 _AUTO_BOUNDS = (1e-2, UNIFORM_TEMPERATURE)
+# folds of the held-out pixels on which the guard compares selective scaling with TS
+_GUARD_FOLDS = 5
+
+
+def _guard_keeps(improvement: np.ndarray) -> bool:
+    """The guard's rule: selective scaling wins on average and in a strict majority of folds."""
+    return bool(improvement.mean() > 0 and (improvement > 0).sum() * 2 > len(improvement))
 
 
 def _fit_classifier(classifier, features, correct, sample_weight):
@@ -136,6 +143,23 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         At most this many pixels train the classifier, and at most this many
         fit the temperatures; sampled with the seed, stratified by
         correctness so that rare mispredictions keep their share.
+    guard : {"ts"} or None, default="ts"
+        Never do worse than temperature scaling. With both temperatures
+        "auto", the held-out pixels are cut into 5 folds (by image when
+        ``groups`` is given to ``fit``, else into contiguous blocks of rows,
+        which in a pixel table are runs of whole images); on each fold the
+        selective temperatures and a single TS temperature are fitted on the
+        other folds and scored by NLL on it. Selective scaling is kept only
+        when its mean fold improvement over TS is positive and it wins in a
+        strict majority of the folds; otherwise ``t1_ = t2_ =`` the TS
+        temperature of the held-out pixels (the detector stays fitted, but no
+        longer changes any probability). Only the cheap temperature step is
+        cross-fitted: the detector is trained once, on the pixels that are
+        not held out, so its scores on every held-out fold are already out of
+        sample and the guard costs a few passes over the held-out pixels, not
+        five detector fits. In hard mode the threshold stays the one chosen
+        on all held-out pixels. ``None`` switches the guard off. The evidence
+        is in ``guard_scores_`` and :meth:`summary`.
     on_single_class : {"raise", "constant"}, default="raise"
         What to do when every fit pixel is correct (or every one wrong):
         raise a ValueError, or use a constant classifier (everything gets
@@ -170,6 +194,19 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
     detection_auroc_ : float or None
         AUROC of P(correct) for the correct/mispredicted split on the
         held-out pixels (None without a hold-out or with one class).
+    n_iter_ : int
+        Newton iterations of the temperature fit (0 without "auto" ones).
+    converged_ : bool
+        Whether the temperature fit met its tolerance.
+    guard_choice_ : {"selective", "ts"} or None
+        What the guard kept; None when it did not run (``guard=None``, a
+        fixed temperature, or too few held-out pixels for two folds).
+    guard_scores_ : dict or None
+        The guard's evidence: per fold, the held-out NLL of selective scaling
+        (``"nll_selective"``) and of TS (``"nll_ts"``), their difference
+        (``"improvement"``, positive where selective scaling is better), the
+        fold sizes, the TS temperature of the fallback (``"ts_temperature"``)
+        and the selective temperatures it replaced, if it did.
 
     See Also
     --------
@@ -193,10 +230,14 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
     >>> logits = 4.0 * (np.eye(3)[y] + rng.normal(size=(3000, 3)))
     >>> cal = SelectiveScalingCalibrator(LogisticRegression(), random_state=0)
     >>> cal = cal.fit(logits, y)
-    >>> bool(cal.t2_ > cal.t1_)
-    True
     >>> bool((cal.predict(logits) == logits.argmax(axis=1)).all())
     True
+
+    Here the logits' errors are noise a detector can hardly see, so the
+    guard finds no held-out gain over temperature scaling and keeps TS:
+
+    >>> cal.guard_choice_, bool(cal.t1_ == cal.t2_)
+    ('ts', True)
     """
 
     _parameter_constraints: dict = {
@@ -209,6 +250,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         "mode": [StrOptions({"hard", "soft"})],
         "holdout_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "max_fit_pixels": [Interval(numbers.Integral, 2, None, closed="left")],
+        "guard": [StrOptions({"ts"}), None],
         "on_single_class": [StrOptions({"raise", "constant"})],
         "memory": [None, str, HasMethods(["cache"])],
         "random_state": ["random_state"],
@@ -226,6 +268,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         mode: str = "soft",
         holdout_fraction: float = 0.25,
         max_fit_pixels: int = 500_000,
+        guard: str | None = "ts",
         on_single_class: str = "raise",
         ignore_index: int | None = 255,
         memory=None,
@@ -241,6 +284,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         self.mode = mode
         self.holdout_fraction = holdout_fraction
         self.max_fit_pixels = max_fit_pixels
+        self.guard = guard
         self.on_single_class = on_single_class
         self.ignore_index = ignore_index
         self.memory = memory
@@ -324,6 +368,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         self.t2_ = UNIFORM_TEMPERATURE if self.t2 == "auto" else float(self.t2)
         self.detection_auroc_ = None
         self.n_iter_, self.converged_ = 0, True
+        self.guard_choice_, self.guard_scores_ = None, None
         if needs_holdout:
             holdout_idx = holdout_idx[
                 sample_pixels(
@@ -333,7 +378,10 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                     random_state=rng,
                 )
             ]
-            self._fit_temperatures(X, y, correct, sample_weight, holdout_idx)
+            fitted = self._fit_temperatures(X, y, correct, sample_weight, holdout_idx)
+            if self.guard == "ts" and self.t1 == "auto" and self.t2 == "auto":
+                hold_groups = None if groups is None else groups[holdout_idx]
+                self._apply_guard(*fitted, hold_groups, rng)
         return self
 
     def _split_fit_rows(self, correct, groups, needs_holdout, rng):
@@ -423,7 +471,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             ]
         )
 
-    def _solve_temperatures(self, Z, y, w, p, rows=None):
+    def _solve_temperatures(self, Z, y, w, p, rows=None, start=None):
         """The "auto" temperatures (and threshold) minimising the NLL on (some) rows.
 
         Soft mode: ``beta = a p + b (1 - p)`` with ``a = 1/t1``, ``b = 1/t2`` is
@@ -450,8 +498,11 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                 nll = nll_derivatives(Z, y, np.ones(1), basis=beta[:, None], **common)[0]
                 return {"t1": t1, "t2": t2, "threshold": self._fixed_threshold(), "nll": nll,
                         "fits": []}
+            x0 = None
+            if start is not None:
+                x0 = [1.0 / start[name] for name in names]
             fit = fit_inverse_temperatures(
-                Z, y, basis=basis, offset=offset, bounds=bounds, **common
+                Z, y, basis=basis, offset=offset, bounds=bounds, x0=x0, **common
             )
             inverse = dict(zip(names, fit.x.tolist()))
             t1 = 1.0 / inverse["t1"] if "t1" in inverse else t1
@@ -463,7 +514,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         weights = np.ones(len(p)) if w is None else w
         total_weight = float(weights[in_rows].sum())
 
-        def group(mask, auto, fixed_t):
+        def group(mask, auto, fixed_t, name):
             """(temperature, weighted NLL sum, fit or None) of one group."""
             mass = float(weights[mask].sum())
             if not mask.any() or mass <= 0:
@@ -472,15 +523,17 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                 nll = nll_derivatives(Z, y, np.array([1.0 / fixed_t]), sample_weight=w,
                                       rows=mask, chunk_size=self.chunk_size)[0]
                 return fixed_t, nll * mass, None
+            x0 = None if start is None else [1.0 / start[name]]
             fit = fit_inverse_temperatures(
-                Z, y, sample_weight=w, rows=mask, bounds=bounds, chunk_size=self.chunk_size
+                Z, y, sample_weight=w, rows=mask, bounds=bounds, x0=x0,
+                chunk_size=self.chunk_size,
             )
             return 1.0 / fit.x[0], fit.nll * mass, fit
 
         def fit_split(threshold):
             called = p >= threshold
-            ta, nll_a, fit_a = group(in_rows & called, self.t1 == "auto", t1)
-            tb, nll_b, fit_b = group(in_rows & ~called, self.t2 == "auto", t2)
+            ta, nll_a, fit_a = group(in_rows & called, self.t1 == "auto", t1, "t1")
+            tb, nll_b, fit_b = group(in_rows & ~called, self.t2 == "auto", t2, "t2")
             # a group no pixel reaches takes the other group's (fitted) temperature
             ta = (tb if self.t1 == "auto" else t1) if ta is None else ta
             tb = (ta if self.t2 == "auto" else t2) if tb is None else tb
@@ -489,7 +542,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             )
             return (nll_a + nll_b) / total_weight, ta, tb, fits
 
-        if self.threshold == "auto":
+        if start is not None:
+            candidates = [start["threshold"]]
+        elif self.threshold == "auto":
             candidates = _candidate_thresholds(p[in_rows])
         else:
             candidates = [float(self.threshold)]
@@ -497,6 +552,109 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         nll, t1, t2, fits, threshold = best
         return {"t1": float(t1), "t2": float(t2), "threshold": float(threshold), "nll": nll,
                 "fits": fits}
+
+    # -------------------------------------------------------------------- guard
+    def _inverse_temperature_rows(self, p, t1, t2, threshold):
+        return self._inverse_temperature(np.asarray(p, np.float64), t1, t2, threshold)
+
+    def _guard_folds(self, n, groups, rng):
+        """Fold id of each held-out row: by image when groups are known, else row blocks."""
+        if groups is not None:
+            images = np.unique(groups)
+            if len(images) >= 2:
+                k = min(_GUARD_FOLDS, len(images))
+                order = rng.permutation(len(images))
+                image_fold = np.empty(len(images), np.int64)
+                image_fold[order] = np.arange(len(images)) % k
+                return image_fold[np.searchsorted(images, groups)], k
+        k = min(_GUARD_FOLDS, n)
+        return (np.arange(n) * k) // max(n, 1), k
+
+    def _apply_guard(self, Z, y, w, p, groups, rng):
+        """Cross-fit the temperatures against TS on the held-out folds; fall back to TS."""
+        folds, k = self._guard_folds(len(y), groups, rng)
+        if k < 2:
+            return
+        bounds = (1.0 / _AUTO_BOUNDS[1], 1.0 / _AUTO_BOUNDS[0])
+        full = {"t1": self.t1_, "t2": self.t2_, "threshold": self.threshold_}
+        ts_all = fit_inverse_temperatures(
+            Z, y, sample_weight=w, bounds=bounds, chunk_size=self.chunk_size
+        )
+        weights = np.ones(len(y)) if w is None else w
+        nll_sel, nll_ts, sizes = [], [], []
+        for fold in range(k):
+            test = folds == fold
+            train = ~test
+            if not (weights[test].sum() > 0 and weights[train].sum() > 0):
+                continue
+            solved = self._solve_temperatures(Z, y, w, p, rows=train, start=full)
+            beta = self._inverse_temperature_rows(
+                p, solved["t1"], solved["t2"], solved["threshold"]
+            )
+            nll_sel.append(nll_derivatives(
+                Z, y, np.ones(1), basis=beta[:, None], sample_weight=w, rows=test,
+                chunk_size=self.chunk_size,
+            )[0])
+            ts = fit_inverse_temperatures(
+                Z, y, sample_weight=w, rows=train, bounds=bounds, x0=ts_all.x,
+                chunk_size=self.chunk_size,
+            )
+            nll_ts.append(nll_derivatives(
+                Z, y, ts.x, sample_weight=w, rows=test, chunk_size=self.chunk_size
+            )[0])
+            sizes.append(int(test.sum()))
+        if len(nll_sel) < 2:
+            return
+        nll_sel, nll_ts = np.array(nll_sel), np.array(nll_ts)
+        improvement = nll_ts - nll_sel
+        wins = int((improvement > 0).sum())
+        keep = _guard_keeps(improvement)
+        t_ts = float(1.0 / ts_all.x[0])
+        self.guard_scores_ = {
+            "nll_selective": nll_sel,
+            "nll_ts": nll_ts,
+            "improvement": improvement,
+            "mean_improvement": float(improvement.mean()),
+            "wins": wins,
+            "n_folds": len(improvement),
+            "fold_sizes": np.array(sizes),
+            "by": "image" if groups is not None and len(np.unique(groups)) >= 2 else "rows",
+            "ts_temperature": t_ts,
+            "rule": "keep selective scaling if the mean fold improvement > 0 and it wins "
+                    "in a strict majority of folds",
+        }
+        if keep:
+            self.guard_choice_ = "selective"
+            return
+        self.guard_choice_ = "ts"
+        self.guard_scores_["replaced"] = {"t1": self.t1_, "t2": self.t2_}
+        self.t1_ = self.t2_ = t_ts
+
+    def summary(self) -> str:
+        """A few lines on what was fitted and what the guard chose, with its evidence."""
+        check_is_fitted(self)
+        lines = [
+            f"{type(self).__name__}: mode={self.mode}, t1={self.t1_:.4g}, t2={self.t2_:.4g}"
+            + (f", threshold={self.threshold_:.4g}" if self.mode == "hard" else ""),
+            f"  fit accuracy {self.fit_accuracy_:.4f}; detector AUROC on held-out pixels "
+            + ("n/a" if self.detection_auroc_ is None else f"{self.detection_auroc_:.4f}"),
+        ]
+        if self.guard_choice_ is None:
+            lines.append("  guard: did not run"
+                         + (" (guard=None)" if self.guard is None else ""))
+        else:
+            g = self.guard_scores_
+            kept = "selective" if self.guard_choice_ == "selective" else "temperature"
+            lines.append(
+                f"  guard: kept {kept} scaling"
+                f" ({g['n_folds']} folds by {g['by']}: selective better in {g['wins']}, mean "
+                f"held-out NLL improvement {g['mean_improvement']:+.5f} nats/pixel over TS "
+                f"T={g['ts_temperature']:.4g})"
+            )
+            if self.guard_choice_ == "ts":
+                r = g["replaced"]
+                lines.append(f"  replaced t1={r['t1']:.4g}, t2={r['t2']:.4g} by TS's T")
+        return "\n".join(lines)
 
     def _fixed_threshold(self) -> float:
         return 0.5 if self.threshold == "auto" else float(self.threshold)

@@ -96,6 +96,19 @@ def test_soft_fit_is_the_joint_nll_minimum(weighted):
     assert fit.converged and fit.at_bound == [] and 2 <= fit.n_iter < 30
 
 
+def test_ill_conditioned_soft_fit_leaving_a_bound():
+    # a detector whose scores barely vary (p in [0.35, 0.53]) makes the two columns of the
+    # problem nearly collinear; the Newton step then points out of the box at b ~ 1e-10 while
+    # the NLL falls into it (an earlier projected Newton crawled there for 100 iterations)
+    Z, y, _ = _overconfident(n=6000, seed=11)
+    p = np.random.default_rng(3).uniform(0.35, 0.53, len(y))
+    solved = _soft_calibrator(mode="soft")._solve_temperatures(Z, y, None, p)
+    fit = solved["fits"][0][1]
+    assert fit.converged and fit.n_iter < 20
+    np.testing.assert_allclose([1 / solved["t1"], 1 / solved["t2"]], _scipy_soft(Z, y, p),
+                               atol=1e-6)
+
+
 def test_soft_fit_beats_coordinate_descent():
     # the three rounds of coordinate descent shipped before stopped far from the minimum
     Z, y, p = _overconfident(seed=3)
@@ -128,7 +141,7 @@ def test_soft_fit_with_one_fixed_temperature(which):
 
 def test_end_to_end_soft_fit_solves_the_held_out_problem():
     X, y = make_logits(n=8000, seed=8)
-    cal = _soft_calibrator(random_state=0).fit(X, y)
+    cal = _soft_calibrator(random_state=0, guard=None).fit(X, y)
     assert cal.converged_ and cal.n_iter_ >= 2
     # recompute the hold-out problem from the fitted classifier and check optimality (KKT):
     # the gradient of the NLL on the hold-out in (1/t1, 1/t2) vanishes at the fit

@@ -102,7 +102,7 @@ def test_score_is_negative_log_loss(logits_data):
 def test_fitted_t2_beats_paper_recipe_on_overconfident_logits():
     X, y = make_logits(n=20_000, seed=2)
     Xt, yt = make_logits(n=20_000, seed=3)
-    auto = _cal().fit(X, y)
+    auto = _cal(guard=None).fit(X, y)
     assert auto.t1_ < auto.t2_ < 1e10
     assert auto.detection_auroc_ > 0.6
     paper = _cal(t1=1.0, t2=1e10, threshold=0.5, mode="hard").fit(X, y)
@@ -394,3 +394,73 @@ def test_empty_t2_group_falls_back_to_t1():
         cal.fit(X, y)
     assert cal.t2_ == cal.t1_
     np.testing.assert_allclose(cal.predict_proba(X), softmax(X / cal.t1_, axis=1), rtol=1e-5)
+
+
+# -------------------------------------------------------------------- the TS guard
+class _NoSkill(LogisticRegression):
+    """A detector trained on shuffled correctness labels: no skill at all."""
+
+    def fit(self, X, y, sample_weight=None):
+        return super().fit(X, np.random.default_rng(0).permutation(y))
+
+
+def _two_populations(n=12_000, seed=0):
+    """Clean confident pixels, and a visible population of confident-looking errors."""
+    rng = np.random.default_rng(seed)
+    c = 5
+    y = rng.integers(0, c, n)
+    bad = rng.random(n) < 0.3
+    X = 8.0 * np.eye(c)[y] + rng.normal(size=(n, c))
+    shown = np.where(bad, rng.integers(0, c, n), y)  # bad pixels point at a random class
+    X[bad] = 3.0 * np.eye(c)[shown[bad]] + 0.3 * rng.normal(size=(bad.sum(), c))
+    groups = np.repeat(np.arange(n // 400), 400)
+    return X.astype(np.float32), y, groups
+
+
+def test_guard_falls_back_to_ts_for_a_detector_without_skill():
+    X, y = make_logits(n=12_000, seed=2)
+    groups = np.repeat(np.arange(30), 400)
+    cal = SelectiveScalingCalibrator(_NoSkill(), random_state=0).fit(X, y, groups=groups)
+    assert cal.guard_choice_ == "ts"
+    scores = cal.guard_scores_
+    assert scores["by"] == "image" and scores["n_folds"] == 5
+    assert scores["mean_improvement"] < 0
+    assert cal.t1_ == cal.t2_ == scores["ts_temperature"]
+    np.testing.assert_allclose(cal.predict_proba(X), softmax(X / cal.t1_, axis=1),
+                               rtol=1e-5, atol=1e-7)
+    assert "kept temperature scaling" in cal.summary()
+    # without the guard the same fit keeps its (over-fitted) selective temperatures
+    raw = SelectiveScalingCalibrator(_NoSkill(), random_state=0, guard=None)
+    raw.fit(X, y, groups=groups)
+    assert raw.guard_choice_ is None and raw.t1_ != raw.t2_
+    assert "guard: did not run (guard=None)" in raw.summary()
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_guard_keeps_selective_scaling_where_it_wins(mode):
+    X, y, groups = _two_populations()
+    cal = _cal(mode=mode).fit(X, y, groups=groups)
+    assert cal.guard_choice_ == "selective"
+    scores = cal.guard_scores_
+    assert (scores["improvement"] > 0).all() and scores["wins"] == scores["n_folds"]
+    assert cal.t2_ > 2 * cal.t1_
+    assert "kept selective scaling" in cal.summary()
+    # and it is better than TS on new images
+    Xt, yt, _ = _two_populations(seed=1)
+    assert cal.score(Xt, yt) > TemperatureScaling().fit(X, y).score(Xt, yt) + 0.01
+
+
+def test_guard_by_rows_without_groups_and_not_with_fixed_temperatures():
+    X, y, _ = _two_populations(n=6000)
+    cal = _cal().fit(X, y)
+    assert cal.guard_scores_["by"] == "rows" and cal.guard_choice_ == "selective"
+    fixed = _cal(t2=4.0).fit(X, y)
+    assert fixed.guard_choice_ is None and fixed.t2_ == 4.0
+
+
+def test_guard_rule():
+    from sksegcal.selective import _guard_keeps
+
+    assert _guard_keeps(np.array([0.01, 0.02, -0.001, 0.03, 0.01]))
+    assert not _guard_keeps(np.array([0.5, -0.01, -0.01, -0.01, -0.01]))  # one lucky fold
+    assert not _guard_keeps(np.array([0.001, 0.001, 0.001, -0.01, -0.01]))  # mean < 0
