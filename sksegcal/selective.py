@@ -382,7 +382,27 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             if self.guard == "ts" and self.t1 == "auto" and self.t2 == "auto":
                 hold_groups = None if groups is None else groups[holdout_idx]
                 self._apply_guard(*fitted, hold_groups, rng)
+                if self.guard_choice_ == "ts":
+                    self._refit_fallback_on_all_rows(X, y, correct, sample_weight, rng)
         return self
+
+    def _refit_fallback_on_all_rows(self, X, y, correct, sample_weight, rng):
+        """The fallback is plain TS: one parameter, so fit it on every fit row.
+
+        The guard compares the two on the held-out rows only (the detector must
+        not have seen them); once TS is chosen, the detector plays no part, and
+        the held-out rows alone would give a noisier temperature than the
+        ``TemperatureScaling`` a user would fit on the same data.
+        """
+        rows = sample_pixels(len(y), self.max_fit_pixels, strata=correct, random_state=rng)
+        Z = self._to_logits(X[rows]).astype(self._work_dtype(X), copy=False)
+        w = None if sample_weight is None else sample_weight[rows]
+        bounds = (1.0 / _AUTO_BOUNDS[1], 1.0 / _AUTO_BOUNDS[0])
+        fit = fit_inverse_temperatures(Z, y[rows], sample_weight=w, bounds=bounds,
+                                       chunk_size=self.chunk_size)
+        warn_fit(fit, ("t1", "t2"), _AUTO_BOUNDS, owner=type(self).__name__, stacklevel=5)
+        self.guard_scores_["ts_temperature_all_rows"] = float(1.0 / fit.x[0])
+        self.t1_ = self.t2_ = float(1.0 / fit.x[0])
 
     def _split_fit_rows(self, correct, groups, needs_holdout, rng):
         n = correct.shape[0]

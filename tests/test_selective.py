@@ -425,7 +425,7 @@ def test_guard_falls_back_to_ts_for_a_detector_without_skill():
     scores = cal.guard_scores_
     assert scores["by"] == "image" and scores["n_folds"] == 5
     assert scores["mean_improvement"] < 0
-    assert cal.t1_ == cal.t2_ == scores["ts_temperature"]
+    assert cal.t1_ == cal.t2_ == scores["ts_temperature_all_rows"]
     np.testing.assert_allclose(cal.predict_proba(X), softmax(X / cal.t1_, axis=1),
                                rtol=1e-5, atol=1e-7)
     assert "kept temperature scaling" in cal.summary()
@@ -464,3 +464,21 @@ def test_guard_rule():
     assert _guard_keeps(np.array([0.01, 0.02, -0.001, 0.03, 0.01]))
     assert not _guard_keeps(np.array([0.5, -0.01, -0.01, -0.01, -0.01]))  # one lucky fold
     assert not _guard_keeps(np.array([0.001, 0.001, 0.001, -0.01, -0.01]))  # mean < 0
+
+
+def test_guard_fallback_is_the_temperature_scaling_of_all_fit_rows():
+    """Once the guard picks TS, the temperature is TS fitted on every row, not the hold-out's."""
+    from sksegcal import TemperatureScaling
+
+    X, y = make_logits(n=6000, n_classes=4, seed=5)
+    groups = np.repeat(np.arange(30), 200)
+    noise = SelectiveScalingCalibrator(
+        _NoSkill(), random_state=0, max_fit_pixels=10**6
+    ).fit(X, y, groups=groups)
+    assert noise.guard_choice_ == "ts"
+    ts = TemperatureScaling().fit(X, y)
+    assert noise.t1_ == noise.t2_
+    np.testing.assert_allclose(noise.t1_, ts.temperature_, rtol=1e-6)
+    # the held-out-only temperature the guard compared with is kept as evidence
+    assert noise.guard_scores_["ts_temperature_all_rows"] == pytest.approx(noise.t1_)
+    np.testing.assert_allclose(noise.predict_proba(X), ts.predict_proba(X), rtol=1e-5, atol=1e-7)

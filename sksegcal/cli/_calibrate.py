@@ -106,6 +106,13 @@ def selective_info(selective, search) -> dict:
     auroc = getattr(selective, "detection_auroc_", None)
     if auroc is not None:
         info["misprediction AUROC"] = round(float(auroc), 4)
+    choice = getattr(selective, "guard_choice_", None)
+    if choice is not None:  # what the cross-fitted guard against losing to TS decided
+        scores = selective.guard_scores_
+        info["guard"] = (f"kept {'selective scaling' if choice == 'selective' else 'TS'}: "
+                         f"held-out NLL better than TS in {scores['wins']} of "
+                         f"{scores['n_folds']} folds by {scores['by']}, mean "
+                         f"{scores['mean_improvement']:+.5f}")
     return info
 
 
