@@ -214,14 +214,16 @@ def _softmax_temperatures(store: LogitStore, estimator, x: np.ndarray):
     return None
 
 
+def _zero_timings(calibrators) -> dict:
+    """Seconds per step of an evaluation: reading, the model's argmax, and per calibrator."""
+    steps = ["read", "argmax"] + [f"{step}:{n}" for step in ("predict", "metrics")
+                                  for n in calibrators]
+    return dict.fromkeys(steps, 0.0)
+
+
 def _evaluate_block(store: LogitStore, calibrators: dict, ids, chunk_pixels: int, acc_params):
     accs = {name: _make_accumulator(store, acc_params) for name in calibrators}
-    timings = dict.fromkeys(
-        ["read", "argmax"]
-        + [f"predict:{n}" for n in calibrators]
-        + [f"metrics:{n}" for n in calibrators],
-        0.0,
-    )
+    timings = _zero_timings(calibrators)
     keeps = {name: _keeps_prediction(est) for name, est in calibrators.items()}
     n_keeping = sum(keeps.values())
     for image_id in ids:
@@ -358,12 +360,7 @@ def evaluate_store(
         for ids in blocks
     )
     accs = {name: _make_accumulator(store, accumulator_params) for name in calibrators}
-    timings = dict.fromkeys(
-        ["read", "argmax"]
-        + [f"predict:{n}" for n in calibrators]
-        + [f"metrics:{n}" for n in calibrators],
-        0.0,
-    )
+    timings = _zero_timings(calibrators)
     for block_accs, block_timings in results:
         for name in calibrators:
             accs[name].merge(block_accs[name])  # in place, in block order
