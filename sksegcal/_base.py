@@ -98,6 +98,24 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
     }
 
     # ----------------------------------------------------------- input handling
+    def _n_extra_columns(self) -> int:
+        """Columns after the C class columns of X that only the calibrator reads (context).
+
+        0 for every calibrator but those given spatial context columns: X is then
+        (n, C + K), the probabilities (n, C), and only ``_scale_chunk`` sees the K columns.
+        """
+        return 0
+
+    def _split_chunk(self, X: np.ndarray):
+        """(class columns, extra columns or None) of a validated chunk."""
+        k = self._n_extra_columns()
+        if not k:
+            return X, None
+        return X[:, : X.shape[1] - k], X[:, X.shape[1] - k:]
+
+    def _scale_with(self, z: np.ndarray, extra) -> np.ndarray:
+        return self._scale_chunk(z) if extra is None else self._scale_chunk(z, extra)
+
     def _to_logits(self, X: np.ndarray) -> np.ndarray:
         """Logits from the input chunk, as float32 or float64."""
         if self.input_type == "logits":
@@ -124,7 +142,12 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
                 ensure_min_samples=1,
                 y_numeric=False,
             )
-        n_classes = X.shape[1]
+        n_classes = X.shape[1] - self._n_extra_columns()
+        if n_classes < 2:
+            raise ValueError(
+                f"X has {X.shape[1]} columns, {self._n_extra_columns()} of them context: "
+                "fewer than 2 class columns are left."
+            )
         y = check_labels(y, n_classes, self.ignore_index)
         if sample_weight is not None:
             # negative weights would reward a worse fit (scikit-learn rejects them the same way)
@@ -205,7 +228,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
 
         ``X`` is a validated (n, C) float chunk of logits.
         """
-        if self.input_type != "logits":
+        if self.input_type != "logits" or self._n_extra_columns():
             return None
         parts = iter_chunks(len(X), self.chunk_size)
         betas = [self._row_inverse_temperatures(X[part]) for part in parts]
@@ -224,8 +247,9 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
 
     def _calibrated_log_proba(self, X: np.ndarray, out: np.ndarray, strict=False) -> np.ndarray:
         for part in iter_chunks(X.shape[0], self.chunk_size):
-            z = self._to_logits(X[part]).astype(out.dtype, copy=False)
-            scaled = self._scale_chunk(z)
+            cols, extra = self._split_chunk(X[part])
+            z = self._to_logits(cols).astype(out.dtype, copy=False)
+            scaled = self._scale_with(z, extra)
             log_softmax(scaled, out=out[part])
             if strict:
                 make_top_strict(out[part], self._top_index(z, scaled), log=True)
@@ -249,7 +273,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
             ``predict(X)`` on every row (see :meth:`predict_proba`).
         """
         X = self._validate_predict_data(X)
-        out = np.empty(X.shape, dtype=self._work_dtype(X))
+        out = np.empty((X.shape[0], len(self.classes_)), dtype=self._work_dtype(X))
         return self._calibrated_log_proba(X, out, strict=True)
 
     def predict_proba(self, X) -> np.ndarray:
@@ -271,10 +295,11 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
             (exact ties in ``X`` resolve to the first class, as argmax does).
         """
         X = self._validate_predict_data(X)
-        out = np.empty(X.shape, dtype=self._work_dtype(X))
+        out = np.empty((X.shape[0], len(self.classes_)), dtype=self._work_dtype(X))
         for part in iter_chunks(X.shape[0], self.chunk_size):
-            z = self._to_logits(X[part]).astype(out.dtype, copy=False)
-            scaled = self._scale_chunk(z)
+            cols, extra = self._split_chunk(X[part])
+            z = self._to_logits(cols).astype(out.dtype, copy=False)
+            scaled = self._scale_with(z, extra)
             # softmax directly (one exp per entry) rather than exp(log_softmax): this loop is
             # the hot path of evaluating a store
             softmax(scaled, out=out[part])
@@ -288,7 +313,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         logits by a positive temperature preserves their order.
         """
         X = self._validate_predict_data(X)
-        return self.classes_[np.argmax(X, axis=1)]
+        return self.classes_[np.argmax(X[:, : len(self.classes_)], axis=1)]
 
     def score(self, X, y, sample_weight=None) -> float:
         """Negative mean log loss (NLL) of the calibrated probabilities.
@@ -312,7 +337,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
             ``-mean(log p_calibrated[y])`` over the non-ignored pixels.
         """
         X = self._validate_predict_data(X)
-        y = check_labels(y, X.shape[1], self.ignore_index)
+        y = check_labels(y, len(self.classes_), self.ignore_index)
         if y.shape[0] != X.shape[0]:
             raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}.")
         w = (
@@ -324,7 +349,8 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         if not keep.any():
             raise ValueError(f"Every pixel has the ignore index {self.ignore_index}.")
         total, weight = 0.0, 0.0
-        buf = np.empty((min(self.chunk_size, X.shape[0]), X.shape[1]), dtype=self._work_dtype(X))
+        buf = np.empty((min(self.chunk_size, X.shape[0]), len(self.classes_)),
+                       dtype=self._work_dtype(X))
         for part in iter_chunks(X.shape[0], self.chunk_size):
             k = keep[part]
             lp = self._calibrated_log_proba(X[part][k], buf[: k.sum()])

@@ -152,7 +152,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         other folds and scored by NLL on it. Selective scaling is kept only
         when its mean fold improvement over TS is positive and it wins in a
         strict majority of the folds; otherwise ``t1_ = t2_ =`` the TS
-        temperature of the held-out pixels (the detector stays fitted, but no
+        temperature of every fit pixel (the detector stays fitted, but no
         longer changes any probability). Only the cheap temperature step is
         cross-fitted: the detector is trained once, on the pixels that are
         not held out, so its scores on every held-out fold are already out of
@@ -160,6 +160,17 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         five detector fits. In hard mode the threshold stays the one chosen
         on all held-out pixels. ``None`` switches the guard off. The evidence
         is in ``guard_scores_`` and :meth:`summary`.
+    context : {"spatial"} or None, default=None
+        ``"spatial"``: X is the output of
+        ``flatten_segmentation(..., context="spatial")``, the C logit columns
+        followed by the spatial context columns of
+        :func:`sksegcal.context.spatial_context` (neighbour disagreement,
+        distance to the predicted boundary, local entropy and margin). The
+        correctness detector sees its usual features plus the context; the
+        temperatures scale the C logit columns only, and ``predict_proba``
+        returns (n, C). ``n_features_in_`` is then C + K and ``classes_`` is
+        ``arange(C)``. The store's and mmseg's paths do not compute the
+        context yet: use this on pixel tables.
     on_single_class : {"raise", "constant"}, default="raise"
         What to do when every fit pixel is correct (or every one wrong):
         raise a ValueError, or use a constant classifier (everything gets
@@ -244,6 +255,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         **BaseLogitCalibrator._parameter_constraints,
         "classifier": [HasMethods(["fit", "predict_proba"]), None],
         "features": [StrOptions(set(FEATURE_SETS))],
+        "context": [StrOptions({"spatial"}), None],
         "t1": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "t2": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "threshold": [Interval(numbers.Real, 0, 1, closed="neither"), StrOptions({"auto"})],
@@ -269,6 +281,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         holdout_fraction: float = 0.25,
         max_fit_pixels: int = 500_000,
         guard: str | None = "ts",
+        context: str | None = None,
         on_single_class: str = "raise",
         ignore_index: int | None = 255,
         memory=None,
@@ -285,6 +298,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         self.holdout_fraction = holdout_fraction
         self.max_fit_pixels = max_fit_pixels
         self.guard = guard
+        self.context = context
         self.on_single_class = on_single_class
         self.ignore_index = ignore_index
         self.memory = memory
@@ -292,10 +306,26 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         self.random_state = random_state
 
     # ---------------------------------------------------------------- features
+    def _n_extra_columns(self) -> int:
+        # context="spatial": X holds the C logit columns, then the spatial context columns of
+        # flatten_segmentation(..., context="spatial"); only the detector reads them
+        if self.context is None:
+            return 0
+        from .context import n_context_features
+
+        return n_context_features()
+
     def _features(self, X: np.ndarray) -> np.ndarray:
         """Classifier features of validated input rows (float64 input stays float64)."""
-        z = self._to_logits(X).astype(self._work_dtype(X), copy=False)
-        return _finite_features(z, self.features)
+        cols, extra = self._split_chunk(X)
+        z = self._to_logits(cols).astype(self._work_dtype(X), copy=False)
+        return self._detector_input(z, extra)
+
+    def _detector_input(self, z: np.ndarray, extra) -> np.ndarray:
+        features = _finite_features(z, self.features)
+        if extra is None:
+            return features
+        return np.hstack([features, np.asarray(extra, dtype=features.dtype)])
 
     def _p_correct(self, features: np.ndarray) -> np.ndarray:
         proba = self.classifier_.predict_proba(features)
@@ -348,7 +378,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
     def _fit_calibration(self, X, y, sample_weight, groups=None):
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
-        correct = np.argmax(X, axis=1) == y
+        correct = np.argmax(self._split_chunk(X)[0], axis=1) == y
         self.fit_accuracy_ = float(correct.mean())
         needs_holdout = "auto" in (self.t1, self.t2) or (
             self.mode == "hard" and self.threshold == "auto"
@@ -395,7 +425,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         ``TemperatureScaling`` a user would fit on the same data.
         """
         rows = sample_pixels(len(y), self.max_fit_pixels, strata=correct, random_state=rng)
-        Z = self._to_logits(X[rows]).astype(self._work_dtype(X), copy=False)
+        Z = self._to_logits(self._split_chunk(X[rows])[0]).astype(self._work_dtype(X),
+                                                                   copy=False)
         w = None if sample_weight is None else sample_weight[rows]
         bounds = (1.0 / _AUTO_BOUNDS[1], 1.0 / _AUTO_BOUNDS[0])
         fit = fit_inverse_temperatures(Z, y[rows], sample_weight=w, bounds=bounds,
@@ -453,7 +484,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         return cached_fit(self._make_classifier(seed), features, target, weight)
 
     def _fit_temperatures(self, X, y, correct, sample_weight, holdout_idx):
-        Z = self._to_logits(X[holdout_idx]).astype(self._work_dtype(X), copy=False)
+        Z = self._to_logits(self._split_chunk(X[holdout_idx])[0]).astype(
+            self._work_dtype(X), copy=False)
         y_hold = y[holdout_idx]
         w = None if sample_weight is None else sample_weight[holdout_idx]
         p = self._holdout_p_correct(X, holdout_idx)
@@ -680,14 +712,18 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         return 0.5 if self.threshold == "auto" else float(self.threshold)
 
     # --------------------------------------------------------------- prediction
-    def _row_inverse_temperatures(self, z):
-        # features come from the unscaled chunk, which is already logits here
-        features = _finite_features(z, self.features)
+    def _row_inverse_temperatures(self, z, extra=None):
+        # features come from the unscaled chunk, which is already logits here. With spatial
+        # context the detector needs the context columns, which a bare logit chunk (the
+        # store's evaluation shortcut) does not carry: no shortcut then
+        if self.context is not None and extra is None:
+            return None
+        features = self._detector_input(z, extra)
         beta = self._inverse_temperature(self._p_correct(features), self.t1_, self.t2_)
         return beta.astype(z.dtype, copy=False)
 
-    def _scale_chunk(self, z):
-        return scale_logits(z, self._row_inverse_temperatures(z))
+    def _scale_chunk(self, z, extra=None):
+        return scale_logits(z, self._row_inverse_temperatures(z, extra))
 
     def predict_correctness(self, X) -> np.ndarray:
         """The classifier's P(correct) for each pixel.

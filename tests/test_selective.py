@@ -482,3 +482,74 @@ def test_guard_fallback_is_the_temperature_scaling_of_all_fit_rows():
     # the held-out-only temperature the guard compared with is kept as evidence
     assert noise.guard_scores_["ts_temperature_all_rows"] == pytest.approx(noise.t1_)
     np.testing.assert_allclose(noise.predict_proba(X), ts.predict_proba(X), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------- spatial context
+def _boundary_error_maps(n=20, c=4, size=24, seed=0):
+    """Blocky label maps whose logits are noisy: the errors sit near region boundaries."""
+    from scipy.ndimage import uniform_filter
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.repeat(rng.integers(0, c, (n, size // 4, size // 4)), 4, 1), 4, 2)
+    onehot = np.moveaxis(np.eye(c)[labels], -1, 1).astype(np.float64)
+    # smoothing blurs the evidence across boundaries: interiors stay confident and right
+    evidence = uniform_filter(onehot, size=(1, 1, 5, 5))
+    logits = 6.0 * evidence + 0.8 * rng.normal(size=onehot.shape)
+    return logits.astype(np.float32), labels
+
+
+def test_spatial_context_reaches_the_detector_and_only_it():
+    from sksegcal.context import n_context_features
+    from sksegcal.pixels import flatten_segmentation
+
+    logits, labels = _boundary_error_maps()
+    X, y, groups = flatten_segmentation(logits, labels, context="spatial")
+    X0, y0, _ = flatten_segmentation(logits, labels)
+    c = logits.shape[1]
+    assert X.shape[1] == c + n_context_features()
+    kw = dict(classifier=LogisticRegression(max_iter=1000), random_state=0, guard=None)
+    spatial = SelectiveScalingCalibrator(context="spatial", **kw).fit(X, y, groups=groups)
+    plain = SelectiveScalingCalibrator(**kw).fit(X0, y0, groups=groups)
+    # the context carries where the errors are: the detector finds them better with it
+    assert spatial.detection_auroc_ > plain.detection_auroc_ + 0.02
+    assert spatial.n_features_in_ == X.shape[1]
+    np.testing.assert_array_equal(spatial.classes_, np.arange(c))
+    p = spatial.predict_proba(X)
+    assert p.shape == (len(X), c)
+    np.testing.assert_array_equal(spatial.predict(X), X0.argmax(1))
+    np.testing.assert_array_equal(p.argmax(1), spatial.predict(X))
+    # the temperatures scale the logit columns only: softmax(beta * z), beta from the detector
+    beta = spatial._row_inverse_temperatures(X[:, :c], X[:, c:])
+    np.testing.assert_allclose(p, softmax(beta[:, None] * X[:, :c], axis=1), rtol=1e-5,
+                               atol=1e-6)
+    assert spatial.score(X, y) == pytest.approx(
+        np.mean(np.log(p[np.arange(len(y)), y])), rel=1e-5)  # the negative NLL
+    # without the context columns there is no per-row shortcut (the store's fast path)
+    assert spatial._row_inverse_temperatures(X[:, :c]) is None
+    assert spatial._softmax_temperatures(X) is None
+
+
+def test_spatial_context_input_errors_and_round_trips(tmp_path):
+    import joblib
+    from sklearn.model_selection import GridSearchCV, GroupKFold
+
+    from sksegcal.pixels import flatten_segmentation
+
+    logits, labels = _boundary_error_maps(n=12)
+    X, y, groups = flatten_segmentation(logits, labels, context="spatial")
+    X0, _, _ = flatten_segmentation(logits, labels)
+    cal = SelectiveScalingCalibrator(LogisticRegression(max_iter=500), context="spatial",
+                                     random_state=0)
+    with pytest.raises(ValueError, match="context"):
+        cal.fit(X[:, :7], y)  # 7 columns, 6 of them context: one class column left
+    cal.fit(X, y, groups=groups)
+    with pytest.raises(ValueError, match="features"):
+        cal.predict_proba(X0)  # the logits alone, without the context columns
+    with pytest.raises(ValueError, match="context"):
+        SelectiveScalingCalibrator(context="spatil").fit(X, y)
+    joblib.dump(cal, tmp_path / "cal.joblib")
+    np.testing.assert_array_equal(joblib.load(tmp_path / "cal.joblib").predict_proba(X),
+                                  cal.predict_proba(X))
+    search = GridSearchCV(cal, {"t2": [2.0, "auto"]}, cv=GroupKFold(n_splits=2))
+    search.fit(X, y, groups=groups)
+    assert search.best_estimator_.predict_proba(X).shape == (len(X), logits.shape[1])
