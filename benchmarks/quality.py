@@ -307,9 +307,9 @@ def ratio_report(results, guards, tallies, seeds, n_boot) -> list:
             e0 = _ratio(results, case, NO_GUARD, "ece")[i] if NO_GUARD in labels else np.nan
             n0 = _ratio(results, case, NO_GUARD, "nll")[i] if NO_GUARD in labels else np.nan
             lines.append(
-                f"| {seed} | {e:.3f} | {bs['ece'][1]:.2f}-{bs['ece'][2]:.2f} | {n:.4f} | "
+                f"| {seed} | {e:.4f} | {bs['ece'][1]:.2f}-{bs['ece'][2]:.2f} | {n:.4f} | "
                 f"{bs['nll'][1]:.4f}-{bs['nll'][2]:.4f} | {g['choice']} | "
-                f"{g['wins']}/{g['n_folds']} | {gain} | {e0:.3f} | {n0:.4f} |"
+                f"{g['wins']}/{g['n_folds']} | {gain} | {e0:.4f} | {n0:.4f} |"
             )
         lines.append("")
     lines += [
@@ -330,8 +330,8 @@ def ratio_report(results, guards, tallies, seeds, n_boot) -> list:
             b = np.concatenate([tallies[(case, s, "TS")] for s in seeds])
             bs = bootstrap_ratio(a, b, n_boot, 12345)
             lines.append(
-                f"| {label} | {case} | {e.min():.2f} / {np.median(e):.2f} / {e.max():.2f} | "
-                f"{e.mean():.2f} | {bs['ece'][0]:.2f} ({bs['ece'][1]:.2f}-{bs['ece'][2]:.2f}) | "
+                f"| {label} | {case} | {e.min():.3f} / {np.median(e):.3f} / {e.max():.3f} | "
+                f"{e.mean():.3f} | {bs['ece'][0]:.2f} ({bs['ece'][1]:.2f}-{bs['ece'][2]:.2f}) | "
                 f"{n.min():.4f} / {np.median(n):.4f} / {n.max():.4f} | {n.mean():.4f} | "
                 f"{bs['nll'][0]:.4f} ({bs['nll'][1]:.4f}-{bs['nll'][2]:.4f}) |"
             )
@@ -423,6 +423,9 @@ def main(argv=None):
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples of the test slices for the ratio intervals")
     parser.add_argument("--out", default=None, help="write the Markdown report here")
+    parser.add_argument("--json", default=None,
+                        help="write every metric per case, method and seed, and the guard's "
+                             "choices, here (full precision)")
     args = parser.parse_args(argv)
     results = defaultdict(lambda: defaultdict(list))
     detection = defaultdict(lambda: defaultdict(list))
@@ -440,6 +443,20 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             f.write(report)
+    if args.json:
+        import json
+
+        dump = {
+            "results": {c: {m: [{k: float(v) for k, v in r.items()
+                                 if np.isscalar(v)} for r in rs]
+                            for m, rs in by.items()} for c, by in results.items()},
+            "guards": [{"dataset": d, "seed": s, "method": m,
+                        **{k: (None if v is None else float(v) if k != "choice" else v)
+                           for k, v in g.items()}}
+                       for (d, s, m), g in guards.items()],
+        }
+        with open(args.json, "w") as f:
+            json.dump(dump, f, indent=1)
 
 
 if __name__ == "__main__":
