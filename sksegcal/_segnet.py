@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._files import atomic_write_via_path
+
 __all__ = [
     "DEMO_NETWORKS",
     "DEMO_SETTINGS",
@@ -339,10 +341,10 @@ def load_or_train(
     seconds = time.perf_counter() - start
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": model.state_dict(), "losses": losses,
-                    "train_seconds": seconds, "config": asdict(config)}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+        saved = {"state_dict": model.state_dict(), "losses": losses,
+                 "train_seconds": seconds, "config": asdict(config)}
+        # atomic: a concurrent run never reads half a file
+        atomic_write_via_path(path, lambda tmp: torch.save(saved, tmp))
     return model, {"cached": False, "path": str(path) if use_cache else None,
                    "config": asdict(config), "train_seconds": seconds, "losses": losses}
 

@@ -50,6 +50,20 @@ def check_labels(
     return y
 
 
+def check_calibrator_classes(calibrator, n_classes: int, *, what: str, where: str) -> None:
+    """Refuse a calibrator fitted on another number of classes than the logits it is given.
+
+    The one class-count check of the store engine, the CLI and the mmseg bridge;
+    calibrators without ``n_features_in_`` (foreign estimators) pass.
+    """
+    n_features = getattr(calibrator, "n_features_in_", None)
+    if n_features is not None and n_features != n_classes:
+        raise ValueError(
+            f"{what} was fitted on {n_features} classes but {where} has {n_classes}; fit it "
+            "on logits of the same model."
+        )
+
+
 def check_ignore_index(ignore_index) -> int | None:
     if ignore_index is None:
         return None

@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import atomic_write_via_path
+
 __all__ = [
     "DATASETS",
     "IN_DOMAIN",
@@ -523,9 +525,9 @@ def load_dataset(
             pass
     data = loaders[name](**kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, images=data.images, labels=data.labels,
-             class_names=np.asarray(data.class_names), slice_index=data.slice_index,
-             subset=data.subset, description=np.asarray(data.description))
-    os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+    # atomic: a concurrent run never reads half a file
+    atomic_write_via_path(path, lambda tmp: np.savez(
+        tmp, images=data.images, labels=data.labels,
+        class_names=np.asarray(data.class_names), slice_index=data.slice_index,
+        subset=data.subset, description=np.asarray(data.description)))
     return data

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from .._progress import progress
+from .._validation import check_calibrator_classes
 from ._calibrate import (
     fit_selective,
     output_format,
@@ -159,11 +160,11 @@ def evaluate(args) -> int:
     calibrators = {UNCALIBRATED: None}
     for name, path in zip(names, paths):
         est = load_calibrator(path, trusted=args.trusted)
-        n_features = getattr(est, "n_features_in_", None)
-        if n_features is not None and n_features != store.n_classes:
-            raise CommandError(
-                f"the calibrator {path} was fitted on {n_features} classes but the store "
-                f"{store.path} has {store.n_classes}; fit it on logits of the same model.")
+        try:
+            check_calibrator_classes(est, store.n_classes, what=f"the calibrator {path}",
+                                     where=f"the store {store.path}")
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         calibrators[name] = est
     ids = image_ids(store, args.images)
     split_name = args.images if args.images != "all" else "all images"

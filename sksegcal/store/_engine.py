@@ -24,6 +24,7 @@ import numpy as np
 
 from .._files import atomic_write_json
 from .._kernels import argmax_rows
+from .._validation import check_calibrator_classes
 from ..features import softmax
 from ._format import MANIFEST, SPLIT_PARTS, VALUE_DTYPE
 from ._logit_store import LogitStore
@@ -75,12 +76,8 @@ def _check_calibrator(name, estimator, store: LogitStore) -> None:
         ) from None
     except TypeError:  # not a scikit-learn estimator: its own predict_proba will tell
         pass
-    n_features = getattr(estimator, "n_features_in_", None)
-    if n_features is not None and n_features != store.n_classes:
-        raise ValueError(
-            f"calibrator {name!r} was fitted on {n_features} classes but the store "
-            f"{store.path} has {store.n_classes}."
-        )
+    check_calibrator_classes(estimator, store.n_classes, what=f"calibrator {name!r}",
+                             where=f"the store {store.path}")
 
 
 def calibrator_fingerprint(estimator) -> str | None:

@@ -41,9 +41,6 @@ def load_calibrator(calibrator: Any, trusted: bool | Iterable[str] | None = None
 
 def check_calibrator_classes(calibrator: Any, n_classes: int) -> None:
     """Refuse a calibrator fitted on another number of classes than the model predicts."""
-    n_features = getattr(calibrator, "n_features_in_", None)
-    if n_features is not None and n_features != n_classes:
-        raise ValueError(
-            f"The calibrator was fitted on {n_features} classes but the model predicts "
-            f"{n_classes}."
-        )
+    from ..._validation import check_calibrator_classes as check
+
+    check(calibrator, n_classes, what="The calibrator", where="the model's output")
