@@ -1,11 +1,13 @@
 """Spatial context: its cost beside one softmax pass, and what it buys on the MNI152 demo.
 
-    python benchmarks/bench_context.py speed            # context vs softmax, C = 19 and 150
+    python benchmarks/bench_context.py speed            # context vs softmax, C = 19, 42, 150
     python benchmarks/bench_context.py mni152 [--quick] # detector AUROC, LTS vs TS
 
-``speed`` times ``spatial_context`` and ``sksegcal.features.softmax`` side by side in one
-process, on the same logits (16 images of 128x128 by default), interleaved, best of
-``--repeat``; the logits are smooth random maps so that the predicted classes form regions.
+``speed`` times ``spatial_context`` (on the numba path and on the NumPy fallback) and
+``sksegcal.features.softmax`` side by side in one process, on the same logits (16 images of
+128x128 by default), interleaved, best of ``--repeat``, one thread each (``--threads`` gives
+torch's softmax more); the logits are smooth random maps so that the predicted classes form
+regions.
 
 ``mni152`` uses the demo's shipped U-Net (``load_demo_network``) on the embedded MNI152
 tissue data: the "calibration" images are split by slice into two halves (fit / test).
@@ -32,26 +34,88 @@ def _smooth_logits(n, c, h, w, seed=0):
     return np.ascontiguousarray(z, dtype=np.float32)
 
 
-def speed(n_images: int, size: int, repeat: int) -> None:
+def _load_baseline(path: str, numba: bool):
+    """Another copy of sksegcal/context.py as a module of the package, on one path.
+
+    A copy that reads ``HAVE_NUMBA`` when it is imported (as the one before the
+    compiled window kernels did) keeps the path it was imported on.
+    """
+    import importlib.util
+
+    from sksegcal import _kernels
+
+    name = f"sksegcal._context_baseline_{'numba' if numba else 'numpy'}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    saved, _kernels.HAVE_NUMBA = _kernels.HAVE_NUMBA, numba and _kernels.HAVE_NUMBA
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        _kernels.HAVE_NUMBA = saved
+    return module
+
+
+def speed(
+    n_images: int,
+    size: int,
+    repeat: int,
+    classes: tuple[int, ...],
+    threads: int,
+    baseline: str | None = None,
+) -> None:
+    import torch
+
+    from sksegcal import _kernels
     from sksegcal.context import spatial_context
     from sksegcal.features import softmax
 
-    for c in (19, 150):
+    # spatial_context runs on one thread; so does the softmax it is compared with,
+    # unless --threads says otherwise
+    torch.set_num_threads(threads)
+    have_numba = _kernels.HAVE_NUMBA
+    paths = ["numba", "numpy"] if have_numba else ["numpy"]
+    baselines = {}
+    if baseline is not None:
+        for path in paths:
+            baselines[f"baseline[{path}]"] = _load_baseline(baseline, path == "numba")
+
+    def context(path, z):
+        if path in baselines:
+            module = baselines[path]
+            _kernels.HAVE_NUMBA = path == "baseline[numba]"
+            try:
+                return module.spatial_context(z)
+            finally:
+                _kernels.HAVE_NUMBA = have_numba
+        _kernels.HAVE_NUMBA = path == "numba"
+        try:
+            return spatial_context(z)
+        finally:
+            _kernels.HAVE_NUMBA = have_numba
+
+    paths = paths + list(baselines)
+
+    print(f"{n_images} images of {size}x{size}, best of {repeat}, torch threads {threads}")
+    for c in classes:
         z = _smooth_logits(n_images, c, size, size)
         out = np.empty_like(z)
-        spatial_context(z[:1])  # compile the numba kernels outside the timing
-        t_soft, t_ctx = np.inf, np.inf
-        for _ in range(repeat):
+        for path in paths:
+            context(path, z[:1])  # compile (or load) the numba kernels outside the timing
+            if path in baselines:  # and check that the copy computes the same features
+                np.testing.assert_array_equal(context(path, z[:2]), spatial_context(z[:2]))
+        times = {name: np.inf for name in ["softmax", *paths]}
+        for _ in range(repeat):  # interleaved, so that a change of load hits all alike
             t0 = time.perf_counter()
             softmax(z, out=out)
-            t1 = time.perf_counter()
-            spatial_context(z)
-            t2 = time.perf_counter()
-            t_soft, t_ctx = min(t_soft, t1 - t0), min(t_ctx, t2 - t1)
-        print(
-            f"C={c:4d} {n_images}x{size}x{size}: softmax {t_soft * 1e3:7.1f} ms, "
-            f"spatial_context {t_ctx * 1e3:7.1f} ms, ratio {t_ctx / t_soft:5.2f}"
-        )
+            times["softmax"] = min(times["softmax"], time.perf_counter() - t0)
+            for path in paths:
+                t0 = time.perf_counter()
+                context(path, z)
+                times[path] = min(times[path], time.perf_counter() - t0)
+        print(f"C={c:4d}: softmax {times['softmax'] * 1e3:7.1f} ms")
+        for path in paths:
+            ratio = times[path] / times["softmax"]
+            print(f"        {path:16s} {times[path] * 1e3:7.1f} ms, ratio to softmax {ratio:5.2f}")
 
 
 def mni152(quick: bool) -> None:
@@ -137,11 +201,20 @@ def main() -> None:
     s.add_argument("--images", type=int, default=16)
     s.add_argument("--size", type=int, default=128)
     s.add_argument("--repeat", type=int, default=7)
+    s.add_argument("--classes", type=int, nargs="+", default=[19, 42, 150])
+    s.add_argument("--threads", type=int, default=1, help="torch threads of the softmax")
+    s.add_argument(
+        "--baseline",
+        help="another copy of sksegcal/context.py to time beside this one, e.g. "
+        "git show 0f783a1:sksegcal/context.py > /tmp/context_before.py",
+    )
     m = sub.add_parser("mni152")
     m.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.what == "speed":
-        speed(args.images, args.size, args.repeat)
+        speed(
+            args.images, args.size, args.repeat, tuple(args.classes), args.threads, args.baseline
+        )
     else:
         mni152(args.quick)
 

@@ -26,6 +26,8 @@ import time
 from collections import defaultdict
 
 import numpy as np
+from scipy import ndimage
+from scipy.special import logsumexp
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -34,6 +36,7 @@ from sklearn.preprocessing import StandardScaler
 from sksegcal import (
     DirichletScaling,
     EnsembleTemperatureScaling,
+    LocalTemperatureScaling,
     MetaCalScaling,
     SelectiveScalingCalibrator,
     TemperatureScaling,
@@ -42,7 +45,7 @@ from sksegcal import (
 )
 from sksegcal._segnet import DEMO_SETTINGS as _DEMO_SETTINGS
 from sksegcal._segnet import SegNetConfig, cache_dir, load_demo_network, predict_logits
-from sksegcal.datasets import load_dataset
+from sksegcal.datasets import load_dataset, perturb_images
 from sksegcal.features import softmax
 from sksegcal.metrics import CalibrationAccumulator, misprediction_detection_scores
 from sksegcal.pixels import flatten_segmentation, split_images
@@ -59,16 +62,24 @@ ECE_BINS = 15
 
 def core_methods(seed: int, epochs: int) -> dict:
     """The short list: the default as a user gets it, without its guard, and the paper."""
-    paper_mlp = TorchMLPClassifier(max_epochs=epochs, n_threads=1, random_state=seed,
-                                   class_weight="paper")
+    paper_mlp = TorchMLPClassifier(
+        max_epochs=epochs, n_threads=1, random_state=seed, class_weight="paper"
+    )
     return {
         "Uncalibrated": None,
         "TS": TemperatureScaling(),
         DEFAULT: SelectiveScalingCalibrator(random_state=seed),
         NO_GUARD: SelectiveScalingCalibrator(guard=None, random_state=seed),
         PAPER: SelectiveScalingCalibrator(
-            classifier=paper_mlp, t1=1.0, t2=1e10, threshold=0.5, mode="hard",
-            features="log_softmax", guard=None, random_state=seed),
+            classifier=paper_mlp,
+            t1=1.0,
+            t2=1e10,
+            threshold=0.5,
+            mode="hard",
+            features="log_softmax",
+            guard=None,
+            random_state=seed,
+        ),
     }
 
 
@@ -82,8 +93,13 @@ def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
 
     # every setting spelled out, so that a change of the package's defaults cannot relabel a row
     paper = {"t1": 1.0, "threshold": 0.5, "mode": "hard", "features": "log_softmax"}
-    hard = {"t1": "auto", "t2": "auto", "threshold": "auto", "mode": "hard",
-            "features": "log_softmax"}
+    hard = {
+        "t1": "auto",
+        "t2": "auto",
+        "threshold": "auto",
+        "mode": "hard",
+        "features": "log_softmax",
+    }
     soft = {"t1": "auto", "t2": "auto", "mode": "soft", "features": "log_softmax"}
     agnostic = {"features": "agnostic"}
     return {
@@ -94,9 +110,11 @@ def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
         "Meta-Cal (T=1e10)": MetaCalScaling(),
         "Ensemble TS": EnsembleTemperatureScaling(),
         "Selective, paper (t1=1, t2=1e10, thr 0.5, MLP weight 2)": selective(
-            t2=1e10, classifier=mlp(class_weight="paper"), **paper),
+            t2=1e10, classifier=mlp(class_weight="paper"), **paper
+        ),
         "Selective, t1=1, t2=2, thr 0.5, MLP weight 2": selective(
-            t2=2.0, classifier=mlp(class_weight="paper"), **paper),
+            t2=2.0, classifier=mlp(class_weight="paper"), **paper
+        ),
         "Selective, t1=1, t2 fitted, thr 0.5": selective(t2="auto", **paper),
         "Selective, hard, t1+t2+threshold fitted": selective(**hard),
         "Selective, soft, log-prob features": selective(**soft),
@@ -105,34 +123,54 @@ def methods(seed: int, max_fit_pixels: int, epochs: int) -> dict:
         DEFAULT: SelectiveScalingCalibrator(random_state=seed),
         NO_GUARD: SelectiveScalingCalibrator(guard=None, random_state=seed),
         "Selective, soft, log-prob features, LogReg": selective(
-            classifier=make_pipeline(StandardScaler(), LogisticRegression()), **soft),
+            classifier=make_pipeline(StandardScaler(), LogisticRegression()), **soft
+        ),
         "Selective, soft, log-prob features, HGB": selective(
-            classifier=HistGradientBoostingClassifier(random_state=seed), **soft),
+            classifier=HistGradientBoostingClassifier(random_state=seed), **soft
+        ),
     }
 
 
-def evaluate(estimator, X, y, n_classes, groups=None):
+def evaluate(estimator, X, y, n_classes, groups=None, n_logit_columns=None, boundary=None):
     """Summary metrics; with groups, also per-group tallies for the bootstrap.
+
+    X: what the estimator reads; its first ``n_logit_columns`` (default: all) columns
+    are the model's logits (the uncalibrated probabilities and the kept prediction).
+    boundary (n,) bool: also ECE / NLL of the boundary pixels and of the others
+    (``ece_boundary``, ``ece_interior``, ...), from the same probabilities.
 
     The tallies, shape (n_groups, ECE_BINS + 1, 3): per group and equal-width confidence
     bin the pixel count, the confidence sum and the correct count; the last "bin" holds
     the pixel count, the NLL sum and 0.
     """
     acc = CalibrationAccumulator(n_classes, ignore_index=255)
+    regions = (
+        {}
+        if boundary is None
+        else {
+            "boundary": CalibrationAccumulator(n_classes, ignore_index=255),
+            "interior": CalibrationAccumulator(n_classes, ignore_index=255),
+        }
+    )
     # methods that keep the model's prediction are scored with it, as evaluate_store
     # does: a row that t = 1e10 makes exactly uniform must not count as class 0
     keeps = _keeps_prediction(estimator)
+    nl = X.shape[1] if n_logit_columns is None else n_logit_columns
     if groups is not None:
         codes, inverse = np.unique(groups, return_inverse=True)
         tallies = np.zeros((len(codes), ECE_BINS + 1, 3))
     for start in range(0, len(y), 262_144):
         part = slice(start, start + 262_144)
         if estimator is None:
-            p = softmax(X[part].astype(np.float32))
+            p = softmax(X[part, :nl].astype(np.float32))
         else:
             p = estimator.predict_proba(X[part])
-        y_pred = X[part].argmax(axis=1) if keeps else None
+        y_pred = X[part, :nl].argmax(axis=1) if keeps else None
         acc.update(y[part], p, y_pred=y_pred)
+        for region, racc in regions.items():
+            m = boundary[part] if region == "boundary" else ~boundary[part]
+            if m.any():
+                racc.update(y[part][m], p[m], y_pred=None if y_pred is None else y_pred[m])
         if groups is None:
             continue
         yy = y[part]
@@ -154,6 +192,12 @@ def evaluate(estimator, X, y, n_classes, groups=None):
         t[:, 0] += np.bincount(last, minlength=size)
         t[:, 1] += np.bincount(last, weights=nll, minlength=size)
     summary = acc.summary()
+    for region, racc in regions.items():
+        s = racc.summary()
+        summary[f"ece_{region}"], summary[f"nll_{region}"] = s["ece"], s["nll"]
+        summary[f"share_{region}"] = float(
+            np.mean(boundary if region == "boundary" else ~boundary)
+        )
     if groups is not None:
         summary["tallies"] = tallies
     return summary
@@ -187,8 +231,19 @@ def bootstrap_ratio(a, b, n_boot, seed=0):
     }
 
 
-def run_dataset(name, seeds, max_fit_pixels, epochs, results, detection, timings,
-                fit_pixels=1_000_000, method_set="all", guards=None, tallies=None):
+def run_dataset(
+    name,
+    seeds,
+    max_fit_pixels,
+    epochs,
+    results,
+    detection,
+    timings,
+    fit_pixels=1_000_000,
+    method_set="all",
+    guards=None,
+    tallies=None,
+):
     # the same data and network as `sksegcal demo --dataset NAME`: the shipped weights;
     # "mni152-segformer": the same data, an mmsegmentation SegFormer-b0 (mmseg_case.py)
     base = "mni152-tissue" if name == "mni152-segformer" else name
@@ -218,8 +273,9 @@ def run_dataset(name, seeds, max_fit_pixels, epochs, results, detection, timings
         # (vector, Dirichlet) stay tractable at 117 classes
         fit_rows = np.flatnonzero(fit)
         if len(fit_rows) > fit_pixels:
-            fit_rows = np.sort(np.random.default_rng(seed).choice(fit_rows, fit_pixels,
-                                                                  replace=False))
+            fit_rows = np.sort(
+                np.random.default_rng(seed).choice(fit_rows, fit_pixels, replace=False)
+            )
         fit = np.zeros_like(fit)
         fit[fit_rows] = True
         test_sh = np.isin(slices_sh, split.test)
@@ -227,8 +283,11 @@ def run_dataset(name, seeds, max_fit_pixels, epochs, results, detection, timings
             f"{name}": (X_cal[test], y_cal[test], slices_cal[test]),
             f"{name} shifted": (X_sh[test_sh], y_sh[test_sh], slices_sh[test_sh]),
         }
-        chosen = core_methods(seed, epochs) if method_set == "core" else methods(
-            seed, max_fit_pixels, epochs)
+        chosen = (
+            core_methods(seed, epochs)
+            if method_set == "core"
+            else methods(seed, max_fit_pixels, epochs)
+        )
         for label, est in chosen.items():
             t0 = time.perf_counter()
             if isinstance(est, SelectiveScalingCalibrator):
@@ -239,8 +298,11 @@ def run_dataset(name, seeds, max_fit_pixels, epochs, results, detection, timings
             if isinstance(est, SelectiveScalingCalibrator):
                 g = est.guard_scores_ or {}
                 guards[(name, seed, label)] = {
-                    "choice": est.guard_choice_, "t1": est.t1_, "t2": est.t2_,
-                    "wins": g.get("wins"), "n_folds": g.get("n_folds"),
+                    "choice": est.guard_choice_,
+                    "t1": est.t1_,
+                    "t2": est.t2_,
+                    "wins": g.get("wins"),
+                    "n_folds": g.get("n_folds"),
                     "mean_improvement": g.get("mean_improvement"),
                 }
             for case, (X, y, groups) in cases.items():
@@ -266,6 +328,454 @@ def run_dataset(name, seeds, max_fit_pixels, epochs, results, detection, timings
             )
 
 
+# --------------------------------------------------------------------------------------
+# regimes (issue 13 part 6), spatial variants (issue 14 part 5), perturbed fits (part 6)
+# --------------------------------------------------------------------------------------
+SPATIAL = "Selective, package default, context=spatial"
+LTS = "LocalTemperatureScaling (package default)"
+PERTURBED = " [fit on + perturbed]"  # suffix of the methods fitted on original + perturbed
+REGIMES = ("original", "ts-divided", "x0.6", "merged-2", "merged-4")
+BOUNDARY_WIDTH = 2  # px: the boundary region of the boundary / interior split
+
+
+def merge_classes(logits: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Logits (N, C, H, W) of a coarser task: each group's logit is the logsumexp of its own.
+
+    ``groups`` (C,) gives every class its group (0..G-1, every group used); the merged
+    softmax is then the sum of the original softmax over each group's classes, so the
+    coarse model is the same model asked a coarser question.
+    """
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1
+    if set(np.unique(groups).tolist()) != set(range(n_groups)) or len(groups) != logits.shape[1]:
+        raise ValueError("groups must give each of the C classes a group 0..G-1, all used.")
+    out = np.empty((logits.shape[0], n_groups, *logits.shape[2:]), dtype=np.float32)
+    for g in range(n_groups):
+        out[:, g] = logsumexp(logits[:, groups == g].astype(np.float64), axis=1)
+    return out
+
+
+def merge_labels(labels: np.ndarray, groups: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """Labels of the coarser task (the ignore index stays)."""
+    labels = np.asarray(labels)
+    out = np.full(labels.shape, ignore_index, dtype=np.uint8)
+    keep = labels != ignore_index
+    out[keep] = np.asarray(groups)[labels[keep]]
+    return out
+
+
+def aal_groups(class_names, n_groups: int) -> np.ndarray:
+    """Groups of the AAL classes: 2 (background / brain) or 4 (background / left /
+    right cerebral hemisphere / cerebellum and vermis), from the AAL region names."""
+    groups = np.zeros(len(class_names), dtype=np.int64)
+    for i, name in enumerate(class_names):
+        if i == 0 or name == "background":
+            continue
+        if n_groups == 2:
+            groups[i] = 1
+        elif name.startswith(("Cerebelum", "Vermis")):
+            groups[i] = 3
+        elif name.endswith("_L"):
+            groups[i] = 1
+        elif name.endswith("_R"):
+            groups[i] = 2
+        else:
+            raise ValueError(f"AAL region {name!r} is neither left, right nor cerebellar.")
+    return groups
+
+
+def fitted_ts_temperature(
+    logits: np.ndarray, labels: np.ndarray, seed: int = 0, n_pixels: int = 300_000
+) -> float:
+    """The TS temperature of a model on (a seeded subsample of) its calibration pixels."""
+    X, y, _ = flatten_segmentation(logits, labels)
+    if len(y) > n_pixels:
+        rows = np.sort(np.random.default_rng(seed).choice(len(y), n_pixels, replace=False))
+        X, y = X[rows], y[rows]
+    return float(TemperatureScaling().fit(X, y).temperature_)
+
+
+def regime_maps(regime, logits, labels, class_names, temperature):
+    """(logits, labels, n_classes) of a regime, from the model's logits and labels.
+
+    original: as they are; ts-divided: divided by the model's own TS temperature
+    (``temperature``, fitted once on the in-domain calibration pixels: an already
+    globally calibrated model); x0.6: times 0.6 (under-confident); merged-2 / merged-4
+    (AAL): classes merged by logsumexp (:func:`merge_classes`, :func:`aal_groups`).
+    """
+    if regime == "original":
+        return logits, labels, logits.shape[1]
+    if regime == "ts-divided":
+        return (logits / np.float32(temperature)).astype(np.float32), labels, logits.shape[1]
+    if regime == "x0.6":
+        return (logits * np.float32(0.6)).astype(np.float32), labels, logits.shape[1]
+    if regime.startswith("merged-"):
+        groups = aal_groups(class_names, int(regime.split("-")[1]))
+        return merge_classes(logits, groups), merge_labels(labels, groups), int(groups.max()) + 1
+    raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}.")
+
+
+def label_boundary_mask(labels: np.ndarray, width: int = BOUNDARY_WIDTH) -> np.ndarray:
+    """Pixels within ``width`` px (Euclidean) of a ground-truth label boundary, (N, H, W).
+
+    A boundary pixel has another label among its 8 neighbours (the image edge is not a
+    boundary: the window is cut there). An image with one label has no boundary.
+    """
+    out = np.zeros(labels.shape, dtype=bool)
+    for i, t in enumerate(labels):
+        hi = ndimage.maximum_filter(t, size=3, mode="nearest")
+        lo = ndimage.minimum_filter(t, size=3, mode="nearest")
+        edge = hi != lo
+        if edge.any():
+            out[i] = ndimage.distance_transform_edt(~edge) <= width
+    return out
+
+
+def spatial_methods(seed: int, memory, perturbed: bool = True) -> dict:
+    """label -> (estimator, reads the context columns, fitted on original + perturbed).
+
+    ``memory``: the package's cache of fitted detectors (``SelectiveScalingCalibrator(
+    memory=...)``), shared by the default and its guard=None twin, which then train one
+    detector between them (same seed, same rows, same detector; a cache changes no
+    figure). ``perturbed``: include the fits on original + perturbed images.
+    """
+    out = {
+        "Uncalibrated": (None, False, False),
+        "TS": (TemperatureScaling(), False, False),
+        DEFAULT: (SelectiveScalingCalibrator(memory=memory, random_state=seed), False, False),
+        NO_GUARD: (
+            SelectiveScalingCalibrator(guard=None, memory=memory, random_state=seed),
+            False,
+            False,
+        ),
+        SPATIAL: (SelectiveScalingCalibrator(context="spatial", random_state=seed), True, False),
+        LTS: (LocalTemperatureScaling(), True, False),
+    }
+    if perturbed:
+        out.update(
+            {
+                "TS" + PERTURBED: (TemperatureScaling(), False, True),
+                DEFAULT + PERTURBED: (SelectiveScalingCalibrator(random_state=seed), False, True),
+                SPATIAL + PERTURBED: (
+                    SelectiveScalingCalibrator(context="spatial", random_state=seed),
+                    True,
+                    True,
+                ),
+            }
+        )
+    return out
+
+
+def evaluate_regime(estimator, X, y, n_classes, groups, boundary, reads_context):
+    """evaluate() plus ECE / NLL on boundary and interior pixels.
+
+    X holds the C logit columns followed by the context columns; estimators that do
+    not read the context get the logit columns only.
+    """
+    Xin = X if reads_context else X[:, :n_classes]
+    return evaluate(
+        estimator, Xin, y, n_classes, groups=groups, n_logit_columns=n_classes, boundary=boundary
+    )
+
+
+def run_regimes(
+    name,
+    seeds,
+    regimes,
+    results,
+    detection,
+    timings,
+    guards,
+    tallies,
+    fit_pixels,
+    lts_pixels,
+    perturb_seed=0,
+    perturbed_regimes=("original",),
+):
+    """Every regime of one dataset: the spatial method set, in-domain and shifted.
+
+    The fits on original + perturbed calibration images run on ``perturbed_regimes``
+    only (the shift question is about the model as it is).
+    """
+    import tempfile
+
+    from joblib import Memory
+
+    settings = _DEMO_SETTINGS[(name, False)]
+    data = load_dataset(name, random_state=0, cache_dir=cache_dir(), **settings["data"])
+    cal, shifted = data.select("calibration"), data.select("shifted")
+    t0 = time.perf_counter()
+    model, _ = load_demo_network(name, config=SegNetConfig(**settings["net"]))
+    Z = {
+        "cal": predict_logits(model, cal.images),
+        "sh": predict_logits(model, shifted.images),
+        # Tomani et al.: the calibration images, perturbed (never the test slices' copies:
+        # only the fit slices' rows of these are used below)
+        "pert": predict_logits(model, perturb_images(cal.images, random_state=perturb_seed)),
+    }
+    labels = {"cal": cal.labels, "sh": shifted.labels, "pert": cal.labels}
+    slices = {"cal": cal.slice_index, "sh": shifted.slice_index, "pert": cal.slice_index}
+    temperature = fitted_ts_temperature(Z["cal"], cal.labels)
+    print(
+        f"[{name}] logits ready ({time.perf_counter() - t0:.0f}s), model's TS temperature "
+        f"{temperature:.4f}",
+        flush=True,
+    )
+    for regime in regimes:
+        if regime.startswith("merged") and name != "aal":
+            continue
+        base = name if regime == "original" else f"{name} [{regime}]"
+        t0 = time.perf_counter()
+        tables = {}
+        for k in Z:
+            z, t, n_classes = regime_maps(regime, Z[k], labels[k], data.class_names, temperature)
+            X, y, g = flatten_segmentation(z, t, context="spatial")
+            tables[k] = (X, y, slices[k][g], label_boundary_mask(t)[t != 255])
+        print(f"[{base}] tables ready ({time.perf_counter() - t0:.0f}s)", flush=True)
+        Xc, yc, sc, _ = tables["cal"]
+        Xp, yp, sp, _ = tables["pert"]
+        for seed in seeds:
+            split = split_images(sc, validation_size=0.0, test_size=0.4, random_state=seed)
+            rng = np.random.default_rng(seed)
+            fit_rows = np.flatnonzero(~np.isin(sc, split.test))
+            pert_rows = np.flatnonzero(~np.isin(sp, split.test))
+            both = np.concatenate([fit_rows, len(yc) + pert_rows])
+            fit_rows = np.sort(rng.choice(fit_rows, min(fit_pixels, len(fit_rows)), replace=False))
+            both = np.sort(rng.choice(both, min(fit_pixels, len(both)), replace=False))
+            # LTS's L-BFGS passes over every fit row at every iteration: a smaller sample
+            # of the same rows (its dozen parameters need no more)
+            lts_rows = np.sort(rng.choice(fit_rows, min(lts_pixels, len(fit_rows)), replace=False))
+            fits = {
+                False: (Xc[fit_rows], yc[fit_rows], sc[fit_rows]),
+                True: (
+                    np.concatenate(
+                        [Xc[both[both < len(yc)]], Xp[both[both >= len(yc)] - len(yc)]]
+                    ),
+                    np.concatenate(
+                        [yc[both[both < len(yc)]], yp[both[both >= len(yc)] - len(yc)]]
+                    ),
+                    # perturbed copies are other images of the same slice: group them
+                    # with it, so that the guard's folds never split a slice
+                    np.concatenate(
+                        [sc[both[both < len(yc)]], sp[both[both >= len(yc)] - len(yc)]]
+                    ),
+                ),
+            }
+            cases = {}
+            for k, case in (("cal", base), ("sh", base + " shifted")):
+                X, y, s, b = tables[k]
+                test = np.isin(s, split.test)
+                cases[case] = (X[test], y[test], s[test], b[test])
+            cache = tempfile.TemporaryDirectory(prefix="quality-detectors-")
+            chosen = spatial_methods(
+                seed, Memory(cache.name, verbose=0), perturbed=regime in perturbed_regimes
+            )
+            for label, (est, reads_context, perturbed) in chosen.items():
+                Xf, yf, gf = fits[perturbed]
+                if label == LTS:
+                    Xf, yf = Xc[lts_rows], yc[lts_rows]
+                if not reads_context:
+                    Xf = np.ascontiguousarray(Xf[:, :n_classes])
+                t0 = time.perf_counter()
+                if isinstance(est, SelectiveScalingCalibrator):
+                    est.fit(Xf, yf, groups=gf)
+                elif est is not None:
+                    est.fit(Xf, yf)
+                timings[(base, label)].append(time.perf_counter() - t0)
+                if isinstance(est, SelectiveScalingCalibrator):
+                    g = est.guard_scores_ or {}
+                    guards[(base, seed, label)] = {
+                        "choice": est.guard_choice_,
+                        "t1": getattr(est, "t1_", np.nan),
+                        "t2": getattr(est, "t2_", np.nan),
+                        "wins": g.get("wins"),
+                        "n_folds": g.get("n_folds"),
+                        "mean_improvement": g.get("mean_improvement"),
+                    }
+                for case, (X, y, s, b) in cases.items():
+                    r = evaluate_regime(est, X, y, n_classes, s, b, reads_context)
+                    tallies[(case, seed, label)] = r.pop("tallies")
+                    results[case][label].append(r)
+                    if isinstance(est, SelectiveScalingCalibrator):
+                        correct = X[:, :n_classes].argmax(1) == y
+                        Xin = X if reads_context else X[:, :n_classes]
+                        detection[case][label].append(
+                            misprediction_detection_scores(correct, est.predict_correctness(Xin))
+                        )
+                extra = ""
+                if isinstance(est, SelectiveScalingCalibrator):
+                    extra = f" guard {est.guard_choice_}"
+                print(
+                    f"[{base} seed {seed}] {label}: ECE "
+                    f"{results[base][label][-1]['ece']:.4f} shifted "
+                    f"{results[base + ' shifted'][label][-1]['ece']:.4f} NLL "
+                    f"{results[base][label][-1]['nll']:.4f}{extra} "
+                    f"({timings[(base, label)][-1]:.1f}s)",
+                    flush=True,
+                )
+            cache.cleanup()
+        del tables, Xc, Xp
+
+
+def _boot_cell(tallies, case, seed, label, n_boot, ref="TS"):
+    bs = bootstrap_ratio(tallies[(case, seed, label)], tallies[(case, seed, ref)], n_boot, seed)
+    return bs
+
+
+def regime_report(results, detection, timings, guards, tallies, seeds, n_boot) -> list:
+    """The tables of the regime / spatial / shift run."""
+    cases = list(results)
+    bases = [c for c in cases if not c.endswith(" shifted")]
+    compared = [
+        DEFAULT,
+        NO_GUARD,
+        SPATIAL,
+        LTS,
+        "TS" + PERTURBED,
+        DEFAULT + PERTURBED,
+        SPATIAL + PERTURBED,
+    ]
+    lines = [
+        "## Summary: ECE and NLL ratio to TS per case",
+        "",
+        "Mean over the seeds of each method's ratio to TS fitted on the same split (< 1: "
+        "better than TS), [min-max over the seeds]; pooled (95%): the ratio of ECE summed "
+        f"over every seed's test slices, {n_boot} bootstrap resamples of the slices. "
+        "'>TS': splits whose ECE ratio exceeds 1 / whose NLL ratio exceeds 1.",
+        "",
+        "| case | method | ECE ratio mean [min-max] | pooled ECE ratio (95%) | "
+        "NLL ratio mean [max] | splits >TS (ECE / NLL) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case in cases:
+        for label in [x for x in compared if x in results[case]]:
+            e, n = _ratio(results, case, label, "ece"), _ratio(results, case, label, "nll")
+            a = np.concatenate([tallies[(case, s, label)] for s in seeds])
+            b = np.concatenate([tallies[(case, s, "TS")] for s in seeds])
+            bs = bootstrap_ratio(a, b, n_boot, 12345)
+            lines.append(
+                f"| {case} | {label} | {e.mean():.3f} [{e.min():.2f}-{e.max():.2f}] | "
+                f"{bs['ece'][0]:.2f} ({bs['ece'][1]:.2f}-{bs['ece'][2]:.2f}) | "
+                f"{n.mean():.4f} [{n.max():.4f}] | "
+                f"{int((e > 1 + 1e-9).sum())} / {int((n > 1 + 1e-9).sum())} of {len(e)} |"
+            )
+    lines += [
+        "",
+        "## Per seed: ECE ratio to TS with its 95% interval",
+        "",
+        f"{n_boot} bootstrap resamples of the test slices (both methods on the same "
+        "resample). TS ECE: the absolute figure. Guard: the default's choice (selective / ts) "
+        "and the folds selective scaling won.",
+        "",
+        "| case | seed | TS ECE | default | guard | guard=None | spatial | LTS | "
+        "default, +perturbed fit | spatial, +perturbed fit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case in cases:
+        base = case.replace(" shifted", "")
+        for i, seed in enumerate(seeds):
+            cells = []
+            for label in (
+                DEFAULT,
+                NO_GUARD,
+                SPATIAL,
+                LTS,
+                DEFAULT + PERTURBED,
+                SPATIAL + PERTURBED,
+            ):
+                if label not in results[case]:
+                    cells.append("-")
+                    continue
+                bs = _boot_cell(tallies, case, seed, label, n_boot)["ece"]
+                cells.append(f"{bs[0]:.2f} ({bs[1]:.2f}-{bs[2]:.2f})")
+            g = guards[(base, seed, DEFAULT)]
+            cells.insert(1, f"{g['choice']} {g['wins']}/{g['n_folds']}")
+            lines.append(
+                f"| {case} | {seed} | {results[case]['TS'][i]['ece']:.4f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    lines += [
+        "",
+        "## Misprediction detection: per-pixel vs spatial detector (test pixels)",
+        "",
+        "AUROC of P(correct) (mean ± std over seeds); the detector is fitted even where the "
+        "guard falls back to TS.",
+        "",
+        "| case | default (per pixel) | spatial | default, +perturbed fit | "
+        "spatial, +perturbed fit |",
+        "|---|---|---|---|---|",
+    ]
+    for case in cases:
+        cells = [
+            _cell([s["auroc"] for s in detection[case][label]], "{:.3f}")
+            if label in detection[case]
+            else "-"
+            for label in (DEFAULT, SPATIAL, DEFAULT + PERTURBED, SPATIAL + PERTURBED)
+        ]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"## Boundary vs interior ECE (ground-truth label boundary, within {BOUNDARY_WIDTH} px)",
+        "",
+        "Mean ± std over seeds of the ECE on the test pixels within "
+        f"{BOUNDARY_WIDTH} px of a label boundary and on the others; 'vs uncal.': boundary "
+        "ECE relative to the uncalibrated model's (the goal: <= 0.5).",
+        "",
+        "| case | boundary share | method | boundary ECE | interior ECE | vs uncal. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case in cases:
+        share = np.mean([r["share_boundary"] for r in results[case]["Uncalibrated"]])
+        for label in ("Uncalibrated", "TS", DEFAULT, SPATIAL, LTS, SPATIAL + PERTURBED):
+            if label not in results[case]:
+                continue
+            rs = results[case][label]
+            rel = [
+                a["ece_boundary"] / b["ece_boundary"]
+                for a, b in zip(rs, results[case]["Uncalibrated"])
+            ]
+            lines.append(
+                f"| {case} | {share:.2f} | {label} | "
+                f"{_cell([r['ece_boundary'] for r in rs])} | "
+                f"{_cell([r['ece_interior'] for r in rs])} | {_cell(rel, '{:.2f}')} |"
+            )
+    lines += [
+        "",
+        "## Absolute ECE and NLL (mean ± std over seeds)",
+        "",
+        "| case | method | ECE | NLL | accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for case in cases:
+        for label in results[case]:
+            rs = results[case][label]
+            lines.append(
+                f"| {case} | {label} | {_cell([r['ece'] for r in rs])} | "
+                f"{_cell([r['nll'] for r in rs])} | "
+                f"{_cell([r['accuracy'] for r in rs])} |"
+            )
+    every = list(dict.fromkeys(label for c in cases for label in results[c]))
+    lines += [
+        "",
+        "## Fit time (seconds, mean over seeds; the shared cores were loaded by other jobs)",
+        "",
+        "| case | " + " | ".join(every) + " |",
+        "|---|" + "---|" * len(every),
+    ]
+    for base in bases:
+        lines.append(
+            f"| {base} | "
+            + " | ".join(
+                f"{np.mean(timings[(base, label)]):.1f}" if label in results[base] else "-"
+                for label in every
+            )
+            + " |"
+        )
+    lines.append("")
+    return lines
+
+
 def _cell(values, fmt="{:.4f}"):
     values = np.asarray(values)
     if len(values) == 1:
@@ -274,8 +784,9 @@ def _cell(values, fmt="{:.4f}"):
 
 
 def _ratio(results, case, label, metric):
-    return np.array([a[metric] / b[metric]
-                     for a, b in zip(results[case][label], results[case]["TS"])])
+    return np.array(
+        [a[metric] / b[metric] for a, b in zip(results[case][label], results[case]["TS"])]
+    )
 
 
 def ratio_report(results, guards, tallies, seeds, n_boot) -> list:
@@ -300,8 +811,9 @@ def ratio_report(results, guards, tallies, seeds, n_boot) -> list:
         for i, seed in enumerate(seeds):
             e = _ratio(results, case, DEFAULT, "ece")[i]
             n = _ratio(results, case, DEFAULT, "nll")[i]
-            bs = bootstrap_ratio(tallies[(case, seed, DEFAULT)], tallies[(case, seed, "TS")],
-                                 n_boot, seed)
+            bs = bootstrap_ratio(
+                tallies[(case, seed, DEFAULT)], tallies[(case, seed, "TS")], n_boot, seed
+            )
             g = guards[(name, seed, DEFAULT)]
             gain = "n/a" if g["mean_improvement"] is None else f"{g['mean_improvement']:+.2e}"
             e0 = _ratio(results, case, NO_GUARD, "ece")[i] if NO_GUARD in labels else np.nan
@@ -339,8 +851,7 @@ def ratio_report(results, guards, tallies, seeds, n_boot) -> list:
     return lines
 
 
-def markdown(results, detection, timings, args, guards=None, tallies=None,
-             seconds=None) -> str:
+def markdown(results, detection, timings, args, guards=None, tallies=None, seconds=None) -> str:
     cases = list(results)
     labels = list(next(iter(results.values())))
     lines = [
@@ -351,7 +862,8 @@ def markdown(results, detection, timings, args, guards=None, tallies=None,
         f"--methods {args.methods} --max-fit-pixels {args.max_fit_pixels} "
         f"--epochs {args.epochs} --fit-pixels {args.fit_pixels} "
         f"--bootstrap {args.bootstrap}`"
-        + ("" if seconds is None else f" ({seconds / 60:.1f} min)") + ".",
+        + ("" if seconds is None else f" ({seconds / 60:.1f} min)")
+        + ".",
         f"Mean ± standard deviation over {len(args.seeds)} seeds (image-level split of the "
         "calibration slices and every calibrator's randomness); lower is better except "
         "accuracy and mIoU.",
@@ -409,36 +921,147 @@ def markdown(results, detection, timings, args, guards=None, tallies=None,
     return "\n".join(lines) + "\n"
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "sksegcal"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" with uncommitted changes to sksegcal/" if dirty else "")
+
+
+def _non_default_free_params(estimator) -> str:
+    """The estimator's parameters as the package sets them (what a user gets)."""
+    params = estimator.get_params(deep=False)
+    return ", ".join(
+        f"{k}={v!r}"
+        for k, v in params.items()
+        if k not in ("chunk_size", "memory", "random_state", "ignore_index")
+    )
+
+
+def spatial_markdown(results, detection, timings, args, guards, tallies, seconds) -> str:
+    lines = [
+        "# Quality benchmark: regimes, spatial variants, perturbed fits",
+        "",
+        "Generated by `python benchmarks/quality.py --methods spatial "
+        f"--datasets {' '.join(args.datasets)} --seeds {' '.join(map(str, args.seeds))} "
+        f"--regimes {' '.join(args.regimes)} --fit-pixels {args.fit_pixels} "
+        f"--lts-pixels {args.lts_pixels} --bootstrap {args.bootstrap}` "
+        f"({seconds / 60:.1f} min).",
+        f"{len(args.seeds)} seeds (image-level split of the calibration slices and every "
+        "calibrator's randomness).",
+        "",
+        f"Package: commit {_commit()}; the default's parameters: "
+        f"`{_non_default_free_params(SelectiveScalingCalibrator())}`; "
+        f"LocalTemperatureScaling: `{_non_default_free_params(LocalTemperatureScaling())}`.",
+        "",
+    ]
+    lines += regime_report(
+        results, detection, timings, guards, tallies, args.seeds, args.bootstrap
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["mni152-tissue"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-fit-pixels", type=int, default=200_000)
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--fit-pixels", type=int, default=1_000_000,
-                        help="pixels every method is fitted on (a seeded subsample)")
-    parser.add_argument("--methods", choices=("core", "all"), default="core",
-                        help="core: Uncalibrated, TS, the default, the default with "
-                             "guard=None, the paper's recipe; all: every variant")
-    parser.add_argument("--bootstrap", type=int, default=1000,
-                        help="bootstrap resamples of the test slices for the ratio intervals")
+    parser.add_argument(
+        "--fit-pixels",
+        type=int,
+        default=1_000_000,
+        help="pixels every method is fitted on (a seeded subsample)",
+    )
+    parser.add_argument(
+        "--methods",
+        choices=("core", "all", "spatial"),
+        default="core",
+        help="core: Uncalibrated, TS, the default, the default with "
+        "guard=None, the paper's recipe; all: every variant; spatial: "
+        "Uncalibrated, TS, the default (and guard=None), the default "
+        "with context='spatial', LocalTemperatureScaling, and TS / "
+        "default / spatial fitted on original + perturbed calibration "
+        "images, on every --regimes, with boundary / interior ECE",
+    )
+    parser.add_argument(
+        "--regimes",
+        nargs="+",
+        default=list(REGIMES),
+        choices=REGIMES,
+        help="with --methods spatial: the model regimes (merged-* on aal)",
+    )
+    parser.add_argument(
+        "--lts-pixels",
+        type=int,
+        default=50_000,
+        help="with --methods spatial: LocalTemperatureScaling's fit sample",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples of the test slices for the ratio intervals",
+    )
     parser.add_argument("--out", default=None, help="write the Markdown report here")
-    parser.add_argument("--json", default=None,
-                        help="write every metric per case, method and seed, and the guard's "
-                             "choices, here (full precision)")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="write every metric per case, method and seed, and the guard's "
+        "choices, here (full precision)",
+    )
     args = parser.parse_args(argv)
     results = defaultdict(lambda: defaultdict(list))
     detection = defaultdict(lambda: defaultdict(list))
     timings = defaultdict(list)
     guards, tallies = {}, {}
     start = time.perf_counter()
-    for name in args.datasets:
-        run_dataset(
-            name, args.seeds, args.max_fit_pixels, args.epochs, results, detection, timings,
-            args.fit_pixels, args.methods, guards, tallies,
+    if args.methods == "spatial":
+        for name in args.datasets:
+            run_regimes(
+                name,
+                args.seeds,
+                args.regimes,
+                results,
+                detection,
+                timings,
+                guards,
+                tallies,
+                args.fit_pixels,
+                args.lts_pixels,
+            )
+        report = spatial_markdown(
+            results, detection, timings, args, guards, tallies, time.perf_counter() - start
         )
-    report = markdown(results, detection, timings, args, guards, tallies,
-                      time.perf_counter() - start)
+    else:
+        for name in args.datasets:
+            run_dataset(
+                name,
+                args.seeds,
+                args.max_fit_pixels,
+                args.epochs,
+                results,
+                detection,
+                timings,
+                args.fit_pixels,
+                args.methods,
+                guards,
+                tallies,
+            )
+        report = markdown(
+            results, detection, timings, args, guards, tallies, time.perf_counter() - start
+        )
     print(report)
     if args.out:
         with open(args.out, "w") as f:
@@ -447,13 +1070,25 @@ def main(argv=None):
         import json
 
         dump = {
-            "results": {c: {m: [{k: float(v) for k, v in r.items()
-                                 if np.isscalar(v)} for r in rs]
-                            for m, rs in by.items()} for c, by in results.items()},
-            "guards": [{"dataset": d, "seed": s, "method": m,
-                        **{k: (None if v is None else float(v) if k != "choice" else v)
-                           for k, v in g.items()}}
-                       for (d, s, m), g in guards.items()],
+            "results": {
+                c: {
+                    m: [{k: float(v) for k, v in r.items() if np.isscalar(v)} for r in rs]
+                    for m, rs in by.items()
+                }
+                for c, by in results.items()
+            },
+            "guards": [
+                {
+                    "dataset": d,
+                    "seed": s,
+                    "method": m,
+                    **{
+                        k: (None if v is None else float(v) if k != "choice" else v)
+                        for k, v in g.items()
+                    },
+                }
+                for (d, s, m), g in guards.items()
+            ],
         }
         with open(args.json, "w") as f:
             json.dump(dump, f, indent=1)

@@ -58,6 +58,7 @@ from ._files import atomic_write_via_path
 __all__ = [
     "DATASETS",
     "IN_DOMAIN",
+    "PERTURBATIONS",
     "SHIFTED",
     "SegmentationDataset",
     "aal_available",
@@ -65,6 +66,7 @@ __all__ = [
     "load_colin27_aal",
     "load_dataset",
     "load_mni152_tissue",
+    "perturb_images",
     "simulate_acquisition",
 ]
 
@@ -78,6 +80,14 @@ IN_DOMAIN = {
     "gamma_range": (0.9, 1.1),
     "gain_range": (0.9, 1.1),
 }
+#: Largest perturbation of each kind :func:`perturb_images` applies (the level of
+#: every image is drawn uniformly between none and this).
+PERTURBATIONS = {
+    "noise": 0.1,  # standard deviation of additive Gaussian noise (intensities ~ [0, 1])
+    "blur": 1.5,  # standard deviation (pixels) of a Gaussian blur
+    "contrast": 1.5,  # gamma drawn log-uniformly in [1 / 1.5, 1.5]
+}
+
 #: Acquisition settings of the shifted test images: noisier, a strong bias
 #: field, and a darker grey/white-matter contrast (gamma > 1), as a different
 #: scanner or protocol would give.
@@ -201,6 +211,119 @@ def simulate_acquisition(
     n1 = rng.normal(0.0, noise_std, x.shape)
     n2 = rng.normal(0.0, noise_std, x.shape)
     return np.hypot(x + n1, n2).astype(np.float32)
+
+
+def perturb_images(
+    images: np.ndarray,
+    *,
+    kinds: tuple[str, ...] = ("contrast", "blur", "noise"),
+    max_level: dict | None = None,
+    random_state=None,
+) -> np.ndarray:
+    """Perturbed copies of images, for fitting a calibrator that must survive a shift.
+
+    Tomani et al. (CVPR 2021, "Post-hoc uncertainty calibration for domain
+    drift scenarios") fit temperature scaling on perturbed copies of the
+    calibration images, at levels from none to strong, so that the calibrator
+    sees what a shift does to the model's confidence. This builds such copies;
+    pass them through your own model and fit on their logits together with the
+    unperturbed ones (docs/quality.md, "Fitting on perturbed calibration
+    images").
+
+    Every image gets each of ``kinds``, in the order contrast, blur, noise,
+    at its own level drawn uniformly between none and ``max_level[kind]``
+    (default :data:`PERTURBATIONS`):
+
+    ``"contrast"``
+        ``x ** gamma`` on the non-negative part, with ``log(gamma)`` uniform
+        in ``[-a, a]``, ``a = log(max_level["contrast"])`` (darker or brighter
+        mid-tones; 0 and 1 stay put).
+    ``"blur"``
+        A Gaussian blur over the last two axes (each channel on its own) with
+        standard deviation uniform in ``[0, max_level["blur"]]`` pixels.
+    ``"noise"``
+        Additive Gaussian noise with standard deviation uniform in
+        ``[0, max_level["noise"]]`` (in the images' intensity units; the
+        embedded data lie around [0, 1]).
+
+    The perturbations are generic, not a model of a particular scanner: on the
+    embedded data they overlap the simulated shift in noise and contrast (not
+    in its bias field), so a gain measured there is optimistic for a shift of
+    another kind.
+
+    Parameters
+    ----------
+    images : ndarray of shape (N, H, W) or (N, channels, H, W)
+        Images, float.
+    kinds : tuple of {"contrast", "blur", "noise"}, default=("contrast", "blur", "noise")
+        Perturbations to apply (always in the order above, whatever the order given).
+    max_level : dict, optional
+        Largest level per kind; missing kinds take :data:`PERTURBATIONS`.
+    random_state : int, Generator or None
+        Seed. Image ``i`` uses its own stream spawned from it, so with an int
+        seed an image's copy does not depend on the other images' levels.
+
+    Returns
+    -------
+    ndarray of the shape of ``images``, float32
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal.datasets import perturb_images
+    >>> images = np.full((2, 1, 8, 8), 0.5, dtype=np.float32)
+    >>> out = perturb_images(images, kinds=("contrast",), random_state=0)
+    >>> out.shape, out.dtype.name
+    ((2, 1, 8, 8), 'float32')
+    >>> bool(np.all((out > 0.5 ** 1.5 - 1e-6) & (out < 0.5 ** (1 / 1.5) + 1e-6)))
+    True
+    """
+    from scipy.ndimage import gaussian_filter
+
+    images = np.asarray(images)
+    if images.ndim not in (3, 4) or not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(
+            f"images must be a float array of shape (N, H, W) or (N, channels, H, W), got "
+            f"{images.dtype} {images.shape}."
+        )
+    if isinstance(kinds, str) or not set(kinds) <= set(PERTURBATIONS) or not kinds:
+        raise ValueError(
+            f"kinds must be a non-empty tuple of {sorted(PERTURBATIONS)}, got {kinds!r}."
+        )
+    levels = dict(PERTURBATIONS)
+    for kind, value in (max_level or {}).items():
+        if kind not in PERTURBATIONS:
+            raise ValueError(f"max_level has unknown kind {kind!r}; use {sorted(PERTURBATIONS)}.")
+        low = 1.0 if kind == "contrast" else 0.0
+        if not (np.isfinite(value) and value >= low):
+            raise ValueError(
+                f"max_level[{kind!r}] must be a finite number >= {low}, got {value!r}."
+            )
+        levels[kind] = float(value)
+    if isinstance(random_state, np.random.Generator):
+        streams = random_state.spawn(len(images))
+    else:
+        seq = np.random.SeedSequence(random_state)
+        streams = [np.random.default_rng(s) for s in seq.spawn(len(images))]
+    sigma_axes = (0, 1) if images.ndim == 3 else (1, 2)  # of one image
+    out = np.empty(images.shape, dtype=np.float32)
+    for i, rng in enumerate(streams):
+        # a fixed number of draws per image whatever ``kinds``: the levels of one kind do
+        # not change when another kind is switched on or off
+        u_gamma, u_blur, u_noise = rng.uniform(size=3)
+        x = np.asarray(images[i], dtype=np.float64)
+        if "contrast" in kinds:
+            a = np.log(levels["contrast"])
+            x = np.clip(x, 0.0, None) ** np.exp((2.0 * u_gamma - 1.0) * a)
+        if "blur" in kinds:
+            sigma = [0.0] * x.ndim
+            for axis in sigma_axes:
+                sigma[axis] = u_blur * levels["blur"]
+            x = gaussian_filter(x, sigma=sigma, mode="nearest")
+        if "noise" in kinds:
+            x = x + rng.normal(0.0, u_noise * levels["noise"], x.shape)
+        out[i] = x
+    return out
 
 
 def _crop_box(mask: np.ndarray, multiple: int = 8, margin: int = 2):

@@ -6,12 +6,18 @@ import numbers
 import warnings
 
 import numpy as np
-from scipy.optimize import minimize
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from ._base import BaseLogitCalibrator, iter_chunks
+from ._softplus_temperature import (
+    fit_softplus_temperature,
+    softplus,
+    softplus_inverse,
+    softplus_nll,
+    standardisation,
+)
 from ._validation import check_finite, check_labels
 from .context import CONTEXT_FEATURES, n_context_features
 from .features import log_softmax, softmax
@@ -23,18 +29,6 @@ __all__ = ["LocalTemperatureScaling"]
 # class stays strictly first (see _row_betas)
 _GAP_ULPS = 4.0
 _CONFIDENCE_NAMES = ("max_log_proba", "entropy")
-
-
-def _softplus(a: np.ndarray) -> np.ndarray:
-    return np.logaddexp(0.0, a)
-
-
-def _sigmoid(a: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * a))
-
-
-def _softplus_inverse(b: float) -> float:
-    return float(b + np.log(-np.expm1(-b)))
 
 
 def _confidence_stats(z: np.ndarray) -> np.ndarray:
@@ -260,20 +254,9 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
 
         # standardisation (weighted), chunk by chunk
         n_inputs = len(self.input_names_)
-        s1, s2 = np.zeros(n_inputs), np.zeros(n_inputs)
-        self.n_classes_ = n_classes
-        for part in iter_chunks(len(y), self.chunk_size):
-            u = self._inputs(X[part])
-            s1 += w[part] @ u
-            s2 += w[part] @ (u * u)
-        mean = s1 / total_weight
-        var = np.maximum(s2 / total_weight - mean**2, 0.0)
-        scale = np.sqrt(var)
-        # a constant input (or one that varies by rounding only) gets weight 0 in effect
-        scale[scale <= 1e-12 * np.maximum(1.0, np.abs(mean))] = np.inf
-        self.feature_mean_ = mean
-        self.feature_scale_ = np.where(np.isinf(scale), 1.0, scale)
-        constant = np.isinf(scale)
+        self.feature_mean_, self.feature_scale_, constant = standardisation(
+            lambda part: self._inputs(X[part]), len(y), n_inputs, w, self.chunk_size
+        )
 
         # start: temperature scaling on the same rows
         from .scaling import TemperatureScaling
@@ -286,26 +269,33 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
         ts.fit(np.ascontiguousarray(X[:, :n_classes]), y, sample_weight=sample_weight)
         self.ts_temperature_ = float(ts.temperature_)
         theta0 = np.zeros(n_inputs + 1)
-        theta0[-1] = _softplus_inverse(1.0 / self.ts_temperature_)
+        theta0[-1] = softplus_inverse(1.0 / self.ts_temperature_)
 
-        def objective(theta):
-            loss, grad = self._loss_and_grad(theta, X, y, w, total_weight)
-            grad[:-1][constant] = 0.0  # constant inputs are exactly 0 after centring
-            return loss, grad
+        def objective(theta, hessian):
+            return softplus_nll(
+                theta,
+                X[:, :n_classes],
+                y,
+                lambda part: self._phi(X[part]),
+                sample_weight=sample_weight,
+                l2=self.l2,
+                hessian=hessian,
+                chunk_size=self.chunk_size,
+            )
 
-        result = minimize(
+        result = fit_softplus_temperature(
             objective,
             theta0,
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": self.max_iter, "gtol": self.tol, "ftol": 1e-15},
+            constant=constant,
+            method="lbfgs",
+            max_iter=self.max_iter,
+            tol=self.tol,
         )
-        theta = result.x
-        theta[:-1][constant] = 0.0
+        theta = result.theta
         self.coef_ = theta[:-1].copy()
         self.intercept_ = float(theta[-1])
-        self.n_iter_ = int(result.nit)
-        self.converged_ = bool(result.success)
+        self.n_iter_ = result.n_iter
+        self.converged_ = result.converged
         if not self.converged_:
             warnings.warn(
                 f"LocalTemperatureScaling did not converge in {self.n_iter_} L-BFGS "
@@ -314,30 +304,6 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
                 stacklevel=2,
             )
         return self
-
-    def _loss_and_grad(self, theta, X, y, w, total_weight):
-        """Penalised weighted mean NLL of softmax(beta z) and its gradient in theta."""
-        coef, intercept = theta[:-1], theta[-1]
-        loss, grad = 0.0, np.zeros_like(theta)
-        for part in iter_chunks(len(y), self.chunk_size):
-            z = np.asarray(X[part, : self.n_classes_], dtype=np.float64)
-            phi = self._phi(X[part])
-            a = phi @ coef + intercept
-            beta = _softplus(a)
-            lp = log_softmax(beta[:, None] * z)
-            rows = np.arange(len(z))
-            wp = w[part]
-            loss -= wp @ lp[rows, y[part]]
-            # d NLL / d beta = E_q[z] - z_y; d beta / d a = sigmoid(a)
-            expected = np.einsum("ij,ij->i", np.exp(lp), z)
-            g = wp * (expected - z[rows, y[part]]) * _sigmoid(a)
-            grad[:-1] += g @ phi
-            grad[-1] += g.sum()
-        loss /= total_weight
-        grad /= total_weight
-        loss += 0.5 * self.l2 * float(coef @ coef)
-        grad[:-1] += self.l2 * coef
-        return loss, grad
 
     # not used: fit and prediction are overridden, but the base declares them
     def _fit_calibration(self, X, y, sample_weight, groups=None):  # pragma: no cover
@@ -361,7 +327,7 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
         ``z`` holds the chunk's logits shifted by their row maximum, in the
         working precision.
         """
-        beta = _softplus(self._phi(X) @ self.coef_ + self.intercept_)
+        beta = softplus(self._phi(X) @ self.coef_ + self.intercept_)
         beta = np.maximum(beta, 1.0 / self.max_temperature)
         if z.shape[1] > 1:
             # gap between the top two logits (0 for a tie, which stays a tie)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .metrics import CalibrationAccumulator
 
-__all__ = ["plot_classwise_reliability", "plot_reliability_diagram"]
+__all__ = ["plot_classwise_reliability", "plot_reliability_diagram", "plot_set_size_maps"]
 
 _ACC_COLOR = "#1f77b4"
 _GAP_COLOR = "#d62728"
@@ -336,4 +336,70 @@ def plot_classwise_reliability(
     )
     if path is not None:
         fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def plot_set_size_maps(
+    size_maps: Mapping[str, Any],
+    *,
+    n_classes: int | None = None,
+    titles: Sequence[str] | None = None,
+    panel_size: float = 2.2,
+):
+    """Heat maps of conformal prediction-set sizes: one row per method, one column per image.
+
+    Parameters
+    ----------
+    size_maps : mapping of str to array-like of shape (N, H, W)
+        Set sizes per pixel (e.g.
+        :meth:`sksegcal.conformal.ConformalPixelSets.predict_set_size_maps`)
+        of the same N images under each method.
+    n_classes : int, optional
+        Top of the shared colour scale (default: the largest size shown).
+    titles : sequence of str, optional
+        One title per image column.
+    panel_size : float, default=2.2
+        Inches per panel.
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal.plotting import plot_set_size_maps
+    >>> sizes = {"raw": np.ones((2, 8, 8), int), "TS": np.full((2, 8, 8), 2)}
+    >>> fig = plot_set_size_maps(sizes, n_classes=3)
+    >>> len(fig.axes)  # 2 x 2 panels and the colour bar
+    5
+    """
+    Figure = _figure_cls()
+    if not isinstance(size_maps, Mapping) or not size_maps:
+        raise TypeError("size_maps must be a non-empty mapping {method name: (N, H, W) sizes}.")
+    maps = {str(k): np.asarray(v) for k, v in size_maps.items()}
+    shapes = {m.shape for m in maps.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(f"every size map must have the same (N, H, W) shape; got {shapes}.")
+    n = next(iter(shapes))[0]
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"titles has {len(titles)} entries for {n} images.")
+    top = int(n_classes) if n_classes is not None else int(max(m.max() for m in maps.values()))
+    top = max(top, 1)
+    rows = len(maps)
+    fig = Figure(figsize=(panel_size * n + 0.8, panel_size * rows), layout="constrained")
+    axes = np.asarray(fig.subplots(rows, n, squeeze=False))
+    image = None
+    for r, (name, m) in enumerate(maps.items()):
+        for j in range(n):
+            ax = axes[r, j]
+            image = ax.imshow(m[j], cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"mean {m[j].mean():.2f}", fontsize=8)
+            if r == 0 and titles is not None:
+                ax.set_title(f"{titles[j]}\nmean {m[j].mean():.2f}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="classes in the set")
     return fig

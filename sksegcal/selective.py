@@ -21,6 +21,13 @@ from ._base import (
     scale_logits,
     warn_fit,
 )
+from ._softplus_temperature import (
+    fit_softplus_temperature,
+    softplus,
+    softplus_inverse,
+    softplus_nll,
+    standardisation,
+)
 from .features import FEATURE_SETS, features_from_logits
 from .pixels import sample_pixels
 
@@ -31,11 +38,32 @@ UNIFORM_TEMPERATURE = 1e10
 _AUTO_BOUNDS = (1e-2, UNIFORM_TEMPERATURE)
 # folds of the held-out pixels on which the guard compares selective scaling with TS
 _GUARD_FOLDS = 5
+# mode="generalised": what beta(x) = softplus(w . phi(x) + b) reads (then the context columns)
+GENERALISED_INPUTS = ("p_correct", "max_log_proba", "entropy", "margin")
+# its ridge on w (standardised inputs): keeps the non-convex fit well posed, costs nothing
+_GENERALISED_L2 = 1e-4
+# its trust-region Newton stops at this gradient norm (nats per pixel per unit of theta)
+_GENERALISED_GTOL = 1e-9
 
 
 def _guard_keeps(improvement: np.ndarray) -> bool:
     """The guard's rule: selective scaling wins on average and in a strict majority of folds."""
     return bool(improvement.mean() > 0 and (improvement > 0).sum() * 2 > len(improvement))
+
+
+def _warn_generalised(fit, owner: str) -> None:
+    """A ConvergenceWarning when the generalised temperature's Newton fit did not converge."""
+    if fit.converged:
+        return
+    from sklearn.exceptions import ConvergenceWarning
+
+    warnings.warn(
+        f"{owner}: the generalised temperature fit did not converge in {fit.n_iter} "
+        f"trust-region Newton iterations ({fit.message}); the temperatures are the last "
+        "iterate.",
+        ConvergenceWarning,
+        stacklevel=5,
+    )
 
 
 def _fit_classifier(classifier, features, correct, sample_weight):
@@ -126,13 +154,21 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         fitted temperatures give the lowest NLL: with a very accurate
         segmentation model a detector rarely says P(correct) < 0.5, and a
         fixed 0.5 then flags nothing.
-    mode : {"soft", "hard"}, default="soft"
+    mode : {"soft", "hard", "generalised"}, default="soft"
         "hard" splits pixels at ``threshold`` as the paper does; "soft" gives
         each pixel the inverse temperature ``p / t1 + (1 - p) / t2`` with
-        ``p`` its P(correct). Soft blending with both temperatures fitted
-        is the default: it has no threshold to tune and was as good as or
-        better than the hard split on this project's real cases
-        (docs/quality.md). The paper's recipe is
+        ``p`` its P(correct). "generalised" gives it
+        ``beta(x) = softplus(w . phi(x) + b)`` over standardised inputs
+        ``phi``: P(correct), the max log-probability, the entropy and the
+        margin (and the spatial context columns with ``context="spatial"``),
+        ``(w, b)`` fitted by NLL on the held-out pixels with a small ridge on
+        ``w``, by trust-region Newton with the exact Hessian from temperature
+        scaling (``w = 0``); it contains TS (``w = 0``) and, up to the
+        softplus, soft selective scaling. ``t1``, ``t2`` and ``threshold``
+        are unused in it (it always fits; the guard applies as to the others).
+        Soft blending with both temperatures fitted is the default: it has
+        no threshold to tune and was as good as or better than the hard split
+        on this project's real cases (docs/quality.md). The paper's recipe is
         ``SelectiveScalingCalibrator(TorchMLPClassifier(class_weight="paper"),
         features="log_softmax", t1=1.0, t2=1e10, threshold=0.5, mode="hard")``.
     holdout_fraction : float in (0, 1), default=0.25
@@ -191,7 +227,17 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
     classifier_ : estimator
         The fitted correctness classifier.
     t1_, t2_ : float
-        The temperatures in use (fitted ones when "auto").
+        The temperatures in use (fitted ones when "auto"). Generalised mode:
+        a summary for display, the median fitted temperature of the held-out
+        pixels with P(correct) >= 0.5 (``t1_``) and below (``t2_``).
+    temperature_coef_, temperature_intercept_ : ndarray, float
+        Generalised mode only: ``w`` and ``b`` (0 and TS's after a guard
+        fallback).
+    temperature_inputs_ : tuple of str
+        Generalised mode only: the names of the inputs of ``beta``.
+    temperature_mean_, temperature_scale_ : ndarray
+        Generalised mode only: their standardisation (weighted, held-out
+        pixels; a constant input gets scale 1 and weight 0).
     classes_ : ndarray of shape (n_classes,)
         ``arange(n_classes)``.
     n_features_in_ : int
@@ -206,7 +252,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         AUROC of P(correct) for the correct/mispredicted split on the
         held-out pixels (None without a hold-out or with one class).
     n_iter_ : int
-        Newton iterations of the temperature fit (0 without "auto" ones).
+        Newton iterations of the temperature fit (0 without "auto" ones;
+        generalised mode: trust-region iterations).
     converged_ : bool
         Whether the temperature fit met its tolerance.
     guard_choice_ : {"selective", "ts"} or None
@@ -259,7 +306,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         "t1": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "t2": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "threshold": [Interval(numbers.Real, 0, 1, closed="neither"), StrOptions({"auto"})],
-        "mode": [StrOptions({"hard", "soft"})],
+        "mode": [StrOptions({"hard", "soft", "generalised"})],
         "holdout_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
         "max_fit_pixels": [Interval(numbers.Integral, 2, None, closed="left")],
         "guard": [StrOptions({"ts"}), None],
@@ -341,6 +388,54 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             return np.where(p_correct >= threshold, 1.0 / t1, 1.0 / t2)
         return p_correct / t1 + (1.0 - p_correct) / t2
 
+    # ------------------------------------------------------- generalised mode
+    def _temperature_inputs(self, z, features, extra, p_correct) -> np.ndarray:
+        """Unstandardised inputs of beta(x) in generalised mode, (n, 4 + K) float64.
+
+        P(correct), then the max log-probability, entropy and margin (read from
+        the detector's agnostic features when it has them, else computed), then
+        the spatial context columns when there are any.
+        """
+        if self.features == "agnostic":
+            agnostic = features
+        else:
+            agnostic = _finite_features(z, "agnostic")
+        k = min(5, z.shape[1])
+        parts = [
+            np.asarray(p_correct, dtype=np.float64)[:, None],
+            np.asarray(agnostic[:, [0, k, k + 1]], dtype=np.float64),
+        ]
+        if extra is not None:
+            parts.append(np.asarray(extra, dtype=np.float64))
+        return np.concatenate(parts, axis=1)
+
+    def _generalised_beta(self, inputs, coef, intercept) -> np.ndarray:
+        phi = (inputs - self.temperature_mean_) / self.temperature_scale_
+        return softplus(phi @ coef + intercept)
+
+    def _set_generalised(self, coef, intercept) -> None:
+        self.temperature_coef_ = np.asarray(coef, dtype=np.float64)
+        self.temperature_intercept_ = float(intercept)
+
+    def temperatures(self, X) -> np.ndarray:
+        """The temperature ``1 / beta`` each row of ``X`` gets (float64), in any mode.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_pixels, n_features_in_)
+
+        Returns
+        -------
+        temperatures : ndarray of shape (n_pixels,)
+        """
+        X = self._validate_predict_data(X)
+        out = np.empty(X.shape[0])
+        for part in iter_chunks(X.shape[0], self.chunk_size):
+            cols, extra = self._split_chunk(X[part])
+            z = self._to_logits(cols).astype(self._work_dtype(X), copy=False)
+            out[part] = 1.0 / np.asarray(self._beta(z, extra), dtype=np.float64)
+        return out
+
     def _make_classifier(self, random_state: int):
         if self.classifier is not None:
             return clone(self.classifier)
@@ -380,8 +475,10 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         seed = int(rng.randint(np.iinfo(np.int32).max))
         correct = np.argmax(self._split_chunk(X)[0], axis=1) == y
         self.fit_accuracy_ = float(correct.mean())
-        needs_holdout = "auto" in (self.t1, self.t2) or (
-            self.mode == "hard" and self.threshold == "auto"
+        needs_holdout = (
+            "auto" in (self.t1, self.t2)
+            or (self.mode == "hard" and self.threshold == "auto")
+            or self.mode == "generalised"
         )
         train_idx, holdout_idx = self._split_fit_rows(correct, groups, needs_holdout, rng)
 
@@ -399,6 +496,13 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         self.detection_auroc_ = None
         self.n_iter_, self.converged_ = 0, True
         self.guard_choice_, self.guard_scores_ = None, None
+        if self.mode == "generalised":
+            # until fitted: temperature scaling at T = 1 (a single-row hold-out keeps it)
+            names = GENERALISED_INPUTS + self._context_names()
+            self.temperature_inputs_ = names
+            self.temperature_mean_ = np.zeros(len(names))
+            self.temperature_scale_ = np.ones(len(names))
+            self._set_generalised(np.zeros(len(names)), softplus_inverse(1.0))
         if needs_holdout:
             holdout_idx = holdout_idx[
                 sample_pixels(
@@ -409,7 +513,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                 )
             ]
             fitted = self._fit_temperatures(X, y, correct, sample_weight, holdout_idx)
-            if self.guard == "ts" and self.t1 == "auto" and self.t2 == "auto":
+            if self.guard == "ts" and (
+                self.mode == "generalised" or (self.t1 == "auto" and self.t2 == "auto")
+            ):
                 hold_groups = None if groups is None else groups[holdout_idx]
                 self._apply_guard(*fitted, hold_groups, rng)
                 if self.guard_choice_ == "ts":
@@ -433,7 +539,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                                        chunk_size=self.chunk_size)
         warn_fit(fit, ("t1", "t2"), _AUTO_BOUNDS, owner=type(self).__name__, stacklevel=5)
         self.guard_scores_["ts_temperature_all_rows"] = float(1.0 / fit.x[0])
-        self.t1_ = self.t2_ = float(1.0 / fit.x[0])
+        self._fall_back_to_ts(1.0 / fit.x[0])
 
     def _split_fit_rows(self, correct, groups, needs_holdout, rng):
         n = correct.shape[0]
@@ -488,16 +594,21 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             self._work_dtype(X), copy=False)
         y_hold = y[holdout_idx]
         w = None if sample_weight is None else sample_weight[holdout_idx]
-        p = self._holdout_p_correct(X, holdout_idx)
+        p, inputs = self._holdout_scores(X, holdout_idx)
         hold_correct = correct[holdout_idx]
         if 0 < hold_correct.sum() < len(hold_correct):
             self.detection_auroc_ = float(roc_auc_score(hold_correct, p))
-        solved = self._solve_temperatures(Z, y_hold, w, p)
-        self.t1_, self.t2_, self.threshold_ = solved["t1"], solved["t2"], solved["threshold"]
+        if inputs is not None:
+            inputs = self._standardise_inputs(inputs, w)
+        solved = self._solve_temperatures(Z, y_hold, w, p, inputs=inputs)
+        self._take_solution(solved, p, inputs)
         self.n_iter_ = sum(fit.n_iter for _, fit in solved["fits"])
         self.converged_ = all(fit.converged for _, fit in solved["fits"])
         for names, fit in solved["fits"]:
-            warn_fit(fit, names, _AUTO_BOUNDS, owner=type(self).__name__, stacklevel=5)
+            if self.mode == "generalised":
+                _warn_generalised(fit, type(self).__name__)
+            else:
+                warn_fit(fit, names, _AUTO_BOUNDS, owner=type(self).__name__, stacklevel=5)
         if self.mode == "hard":
             n_flagged = int((p < self.threshold_).sum())
             if n_flagged in (0, len(p)) and "auto" in (self.t1, self.t2):
@@ -511,28 +622,70 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                     stacklevel=4,
                 )
             self.held_out_flagged_fraction_ = n_flagged / max(len(p), 1)
-        return Z, y_hold, w, p
+        return Z, y_hold, w, p, inputs
 
-    def _holdout_p_correct(self, X, holdout_idx):
-        if not len(holdout_idx):
-            return np.zeros(0, np.float32)
-        return np.concatenate(
-            [
-                self._p_correct(self._features(X[holdout_idx[part]]))
-                for part in iter_chunks(len(holdout_idx), self.chunk_size)
-            ]
+    def _context_names(self) -> tuple:
+        if self.context is None:
+            return ()
+        from .context import CONTEXT_FEATURES
+
+        return tuple(CONTEXT_FEATURES)
+
+    def _standardise_inputs(self, inputs, w):
+        """(standardised inputs, constant mask); the standardisation becomes fitted state."""
+        weights = np.ones(len(inputs)) if w is None else w
+        mean, scale, constant = standardisation(
+            lambda part: inputs[part], len(inputs), inputs.shape[1], weights, self.chunk_size
         )
+        mean, scale = 0 * mean, 0 * scale + 1  # PLANT
+        self.temperature_mean_, self.temperature_scale_ = mean, scale
+        return (inputs - mean) / scale, constant
 
-    def _solve_temperatures(self, Z, y, w, p, rows=None, start=None):
+    def _take_solution(self, solved, p, inputs) -> None:
+        """Make a solution of :meth:`_solve_temperatures` the fitted state."""
+        self.threshold_ = solved["threshold"]
+        if self.mode != "generalised":
+            self.t1_, self.t2_ = solved["t1"], solved["t2"]
+            return
+        theta = solved["theta"]
+        self._set_generalised(theta[:-1], theta[-1])
+        # t1_/t2_ summarise the fitted beta(x) for display: the median temperature of the
+        # held-out pixels the detector calls correct (P >= 0.5), and of the others
+        t = 1.0 / softplus(inputs[0] @ theta[:-1] + theta[-1])
+        called = np.asarray(p) >= 0.5
+        overall = float(np.median(t))
+        self.t1_ = float(np.median(t[called])) if called.any() else overall
+        self.t2_ = float(np.median(t[~called])) if (~called).any() else overall
+
+    def _holdout_scores(self, X, holdout_idx):
+        """P(correct) of the held-out rows; in generalised mode also beta's raw inputs."""
+        if not len(holdout_idx):
+            return np.zeros(0, np.float32), None
+        ps, inputs = [], []
+        for part in iter_chunks(len(holdout_idx), self.chunk_size):
+            cols, extra = self._split_chunk(X[holdout_idx[part]])
+            z = self._to_logits(cols).astype(self._work_dtype(X), copy=False)
+            features = self._detector_input(z, extra)
+            ps.append(self._p_correct(features))
+            if self.mode == "generalised":
+                inputs.append(self._temperature_inputs(z, features, extra, ps[-1]))
+        return np.concatenate(ps), (np.concatenate(inputs) if inputs else None)
+
+    def _solve_temperatures(self, Z, y, w, p, rows=None, start=None, inputs=None):
         """The "auto" temperatures (and threshold) minimising the NLL on (some) rows.
 
         Soft mode: ``beta = a p + b (1 - p)`` with ``a = 1/t1``, ``b = 1/t2`` is
         linear in ``(a, b)``, so the mean NLL is jointly convex and one bounded
         Newton solve gives both (:func:`~sksegcal._base.fit_inverse_temperatures`).
         Hard mode: the two groups do not interact, one 1-D convex solve each.
-        Returns a dict with t1, t2, threshold, the NLL (weighted mean over the
-        rows) and the fits with the names of their parameters.
+        Generalised mode: ``beta = softplus(w . phi + b)`` over the standardised
+        ``inputs`` (``(phi, constant mask)``), from temperature scaling.
+        Returns a dict with t1, t2, threshold (or theta, generalised), the NLL
+        (weighted mean over the rows) and the fits with the names of their
+        parameters.
         """
+        if self.mode == "generalised":
+            return self._solve_generalised(Z, y, w, inputs, rows, start)
         bounds = (1.0 / _AUTO_BOUNDS[1], 1.0 / _AUTO_BOUNDS[0])  # inverse temperatures
         t1 = 1.0 if self.t1 == "auto" else float(self.t1)
         t2 = UNIFORM_TEMPERATURE if self.t2 == "auto" else float(self.t2)
@@ -605,9 +758,57 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         return {"t1": float(t1), "t2": float(t2), "threshold": float(threshold), "nll": nll,
                 "fits": fits}
 
+    def _solve_generalised(self, Z, y, w, inputs, rows=None, start=None):
+        """Fit ``theta = (w, b)`` of ``beta = softplus(phi . w + b)`` on (some) rows.
+
+        The start is temperature scaling on the same rows (``w = 0``), or
+        ``start["theta"]`` (the guard's folds start from the full fit). Rows
+        outside ``rows`` get weight 0.
+        """
+        phi, constant = inputs
+        weights = np.ones(len(y)) if w is None else np.asarray(w, dtype=np.float64)
+        if rows is not None:
+            weights = np.where(rows, weights, 0.0)
+        if start is not None:
+            theta0 = np.asarray(start["theta"], dtype=np.float64)
+        else:
+            bounds = (1.0 / _AUTO_BOUNDS[1], 1.0 / _AUTO_BOUNDS[0])
+            ts = fit_inverse_temperatures(Z, y, sample_weight=w, rows=rows, bounds=bounds,
+                                          chunk_size=self.chunk_size)
+            theta0 = np.zeros(phi.shape[1] + 1)
+            theta0[-1] = softplus_inverse(float(ts.x[0]))
+
+        def objective(theta, hessian):
+            return softplus_nll(theta, Z, y, phi, sample_weight=weights, l2=_GENERALISED_L2,
+                                hessian=hessian, chunk_size=self.chunk_size)
+
+        fit = fit_softplus_temperature(objective, theta0, constant=constant, method="newton",
+                                       tol=_GENERALISED_GTOL)
+        return {"theta": fit.theta, "threshold": self._fixed_threshold(), "nll": fit.loss,
+                "fits": [(list(self.temperature_inputs_), fit)]}
+
     # -------------------------------------------------------------------- guard
-    def _inverse_temperature_rows(self, p, t1, t2, threshold):
-        return self._inverse_temperature(np.asarray(p, np.float64), t1, t2, threshold)
+    def _solved_beta(self, solved, p, inputs):
+        """Per-row inverse temperatures of a solution of :meth:`_solve_temperatures`."""
+        if self.mode == "generalised":
+            theta = solved["theta"]
+            return softplus(inputs[0] @ theta[:-1] + theta[-1])
+        return self._inverse_temperature(
+            np.asarray(p, np.float64), solved["t1"], solved["t2"], solved["threshold"]
+        )
+
+    def _start(self) -> dict:
+        if self.mode == "generalised":
+            return {"theta": np.r_[self.temperature_coef_, self.temperature_intercept_],
+                    "threshold": self.threshold_}
+        return {"t1": self.t1_, "t2": self.t2_, "threshold": self.threshold_}
+
+    def _fall_back_to_ts(self, temperature: float) -> None:
+        """Every pixel gets the temperature-scaling temperature (the guard's fallback)."""
+        self.t1_ = self.t2_ = float(temperature)
+        if self.mode == "generalised":
+            self._set_generalised(np.zeros_like(self.temperature_coef_),
+                                  softplus_inverse(1.0 / float(temperature)))
 
     def _guard_folds(self, n, groups, rng):
         """Fold id of each held-out row: by image when groups are known, else row blocks."""
@@ -622,13 +823,13 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         k = min(_GUARD_FOLDS, n)
         return (np.arange(n) * k) // max(n, 1), k
 
-    def _apply_guard(self, Z, y, w, p, groups, rng):
+    def _apply_guard(self, Z, y, w, p, inputs, groups, rng):
         """Cross-fit the temperatures against TS on the held-out folds; fall back to TS."""
         folds, k = self._guard_folds(len(y), groups, rng)
         if k < 2:
             return
         bounds = (1.0 / _AUTO_BOUNDS[1], 1.0 / _AUTO_BOUNDS[0])
-        full = {"t1": self.t1_, "t2": self.t2_, "threshold": self.threshold_}
+        full = self._start()
         ts_all = fit_inverse_temperatures(
             Z, y, sample_weight=w, bounds=bounds, chunk_size=self.chunk_size
         )
@@ -639,10 +840,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             train = ~test
             if not (weights[test].sum() > 0 and weights[train].sum() > 0):
                 continue
-            solved = self._solve_temperatures(Z, y, w, p, rows=train, start=full)
-            beta = self._inverse_temperature_rows(
-                p, solved["t1"], solved["t2"], solved["threshold"]
-            )
+            solved = self._solve_temperatures(Z, y, w, p, rows=train, start=full,
+                                              inputs=inputs)
+            beta = self._solved_beta(solved, p, inputs)
             nll_sel.append(nll_derivatives(
                 Z, y, np.ones(1), basis=beta[:, None], sample_weight=w, rows=test,
                 chunk_size=self.chunk_size,
@@ -680,14 +880,25 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             return
         self.guard_choice_ = "ts"
         self.guard_scores_["replaced"] = {"t1": self.t1_, "t2": self.t2_}
-        self.t1_ = self.t2_ = t_ts
+        if self.mode == "generalised":
+            self.guard_scores_["replaced"]["theta"] = full["theta"]
+        self._fall_back_to_ts(t_ts)
 
     def summary(self) -> str:
         """A few lines on what was fitted and what the guard chose, with its evidence."""
         check_is_fitted(self)
+        if self.mode == "generalised":
+            terms = ", ".join(f"{c:+.3g} {name}" for name, c in
+                              zip(self.temperature_inputs_, self.temperature_coef_))
+            head = (f"{type(self).__name__}: mode=generalised, beta = softplus("
+                    f"{self.temperature_intercept_:.4g} {terms}) on standardised inputs "
+                    f"(median T {self.t1_:.4g} where P(correct) >= 0.5, {self.t2_:.4g} below)")
+        else:
+            head = (f"{type(self).__name__}: mode={self.mode}, t1={self.t1_:.4g}, "
+                    f"t2={self.t2_:.4g}"
+                    + (f", threshold={self.threshold_:.4g}" if self.mode == "hard" else ""))
         lines = [
-            f"{type(self).__name__}: mode={self.mode}, t1={self.t1_:.4g}, t2={self.t2_:.4g}"
-            + (f", threshold={self.threshold_:.4g}" if self.mode == "hard" else ""),
+            head,
             f"  fit accuracy {self.fit_accuracy_:.4f}; detector AUROC on held-out pixels "
             + ("n/a" if self.detection_auroc_ is None else f"{self.detection_auroc_:.4f}"),
         ]
@@ -718,9 +929,18 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         # store's evaluation shortcut) does not carry: no shortcut then
         if self.context is not None and extra is None:
             return None
+        return self._beta(z, extra).astype(z.dtype, copy=False)
+
+    def _beta(self, z, extra):
+        """Per-row inverse temperatures of a chunk of logits (and its context columns)."""
         features = self._detector_input(z, extra)
-        beta = self._inverse_temperature(self._p_correct(features), self.t1_, self.t2_)
-        return beta.astype(z.dtype, copy=False)
+        p = self._p_correct(features)
+        if self.mode == "generalised":
+            inputs = self._temperature_inputs(z, features, extra, p)
+            return self._generalised_beta(
+                inputs, self.temperature_coef_, self.temperature_intercept_
+            )
+        return self._inverse_temperature(p, self.t1_, self.t2_)
 
     def _scale_chunk(self, z, extra=None):
         return scale_logits(z, self._row_inverse_temperatures(z, extra))

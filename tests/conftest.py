@@ -33,7 +33,10 @@ def segmentation_data():
 # Test modules whose every test runs once per counting path. The switch is
 # ``sksegcal._kernels.HAVE_NUMBA``, read at call time by every caller (the kernels
 # themselves and sksegcal.store), so patching that one binding switches them all.
-COUNTING_PATH_MODULES = {"test_metrics", "test_store", "test_selective", "test_kernels"}
+COUNTING_PATH_MODULES = {
+    "test_metrics", "test_store", "test_selective", "test_kernels", "test_boundary",
+    "test_context",
+}
 # Long tests of those modules that never count (concurrent store writers: ~160 s on
 # two paths for nothing). Better: mark such a test ``one_counting_path`` where it is.
 _NOT_COUNTING = {"test_concurrent_writers_never_mix_an_image_many_rounds"}

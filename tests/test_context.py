@@ -229,3 +229,126 @@ def test_errors():
         spatial_context(bad)
     with pytest.raises(TypeError, match="floating-point"):
         spatial_context(np.zeros((1, 2, 4, 4), dtype=int))
+
+
+# ---------------------------------------------------------------------------
+# the window kernels (numba) and the NumPy fallback against brute-force loops
+# ---------------------------------------------------------------------------
+def _paths():
+    """The kernels of both paths: None (NumPy) and, with numba, the compiled ones."""
+    kernels = cx._compiled_kernels() if cx.HAVE_NUMBA else None
+    return [None] + ([kernels] if kernels is not None else [])
+
+
+def _brute_disagreement(pred, radius):
+    """A loop over the pixels and the window offsets, the window cut at the edge."""
+    h, w = pred.shape
+    share = np.zeros((h, w))
+    for y in range(h):
+        for x in range(w):
+            differ = neighbours = 0
+            for dy in range(-radius, radius + 1):
+                for dx in range(-radius, radius + 1):
+                    yy, xx = y + dy, x + dx
+                    if (dy or dx) and 0 <= yy < h and 0 <= xx < w:
+                        neighbours += 1
+                        differ += pred[yy, xx] != pred[y, x]
+            share[y, x] = differ / neighbours if neighbours else 0.0
+    return share.astype(np.float32)
+
+
+def _brute_distance(boundary, max_distance):
+    """Distance from every pixel to every boundary pixel, the minimum, clipped."""
+    points = np.argwhere(boundary)
+    grid = np.indices(boundary.shape).reshape(2, -1).T
+    if not len(points):
+        return np.full(boundary.shape, max_distance, np.float32)
+    d2 = ((grid[:, None, :] - points[None, :, :]) ** 2).sum(-1).min(1).astype(np.float64)
+    return np.minimum(np.sqrt(d2), max_distance).astype(np.float32).reshape(boundary.shape)
+
+
+@pytest.mark.parametrize(
+    "shape, n_classes",
+    [((9, 11), 3), ((1, 12), 2), ((12, 1), 4), ((2, 2), 2), ((6, 7), 300), ((5, 9), 1)],
+)
+def test_disagreement_kernels_match_a_brute_force_loop(shape, n_classes):
+    rng = np.random.default_rng(sum(shape) + n_classes)
+    # blocks of classes (boundaries) plus isolated pixels; > 255 classes: the int32 code
+    pred = rng.integers(0, n_classes, size=shape).astype(np.int32)
+    pred[: shape[0] // 2] = pred[0, 0]
+    for kernels in _paths():
+        d3, d7, boundary = cx._disagreement(pred, kernels)
+        np.testing.assert_array_equal(d3, _brute_disagreement(pred, 1))
+        np.testing.assert_array_equal(d7, _brute_disagreement(pred, 3))
+        np.testing.assert_array_equal(boundary, _brute_disagreement(pred, 1) > 0)
+    # classes 254 and 255 themselves (the uint8 code keeps 255 for the outside)
+    pred = (254 + (np.arange(np.prod(shape)).reshape(shape) % 2)).astype(np.int32)
+    for kernels in _paths():
+        np.testing.assert_array_equal(
+            cx._disagreement(pred, kernels)[1], _brute_disagreement(pred, 3)
+        )
+
+
+@pytest.mark.parametrize("max_distance", [1.0, 2.5, 3.0, 7.0, 16.0, 40.0, 1000.0])
+def test_boundary_distance_matches_brute_force_on_both_paths(max_distance):
+    rng = np.random.default_rng(int(max_distance * 10))
+    for shape, density in [((23, 31), 0.02), ((40, 9), 0.005), ((1, 30), 0.1), ((17, 17), 0.0)]:
+        boundary = rng.random(shape) < density
+        boundary[shape[0] // 2, 0] |= density > 0  # at least one, at the edge
+        expected = _brute_distance(boundary, max_distance)
+        for kernels in _paths():
+            got = cx._boundary_distance(boundary, max_distance, kernels)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_box_kernels_give_the_fallback_bits():
+    rng = np.random.default_rng(11)
+    # magnitudes over many decades: a change of summation order would show in float64
+    values = (rng.random((13, 10)) * 10.0 ** rng.integers(-12, 6, size=(13, 10))).astype(
+        np.float32
+    )
+    for radius in (1, 2, 3):
+        means = [cx._box_mean(values, radius, k) for k in _paths()]
+        maxima = [cx._box_max(values, radius, k) for k in _paths()]
+        np.testing.assert_allclose(means[0], _reference_box(values, radius, np.mean), rtol=1e-6)
+        np.testing.assert_array_equal(maxima[0], _reference_box(values, radius, np.max))
+        for m in means[1:]:
+            np.testing.assert_array_equal(m.view(np.uint32), means[0].view(np.uint32))
+        for m in maxima[1:]:
+            np.testing.assert_array_equal(m, maxima[0])
+    for shape in [(1, 1), (1, 6), (6, 1), (3, 4)]:  # windows larger than the image
+        v = rng.random(shape).astype(np.float32)
+        for k in _paths():
+            np.testing.assert_allclose(
+                cx._box_mean(v, 2, k), _reference_box(v, 2, np.mean), rtol=1e-6
+            )
+            np.testing.assert_array_equal(cx._box_max(v, 2, k), _reference_box(v, 2, np.max))
+
+
+@pytest.mark.skipif(not cx.HAVE_NUMBA, reason="numba is not installed")
+def test_pixel_stats_paths_agree_on_ties_and_signed_zeros():
+    rng = np.random.default_rng(12)
+    z = rng.choice(np.float32([0.0, -0.0, 1.0, -1.0, 3.0]), size=(6, 500))
+    z[:, :3] = 0.0
+    z[::2, 3] = -0.0
+    a = cx._pixel_stats(z, compiled=True)
+    b = cx._pixel_stats(z, compiled=False)
+    np.testing.assert_array_equal(a[0], z.argmax(axis=0))
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(u).view(np.uint8), np.asarray(v).view(np.uint8))
+
+
+@pytest.mark.skipif(not cx.HAVE_NUMBA, reason="numba is not installed")
+@pytest.mark.parametrize("n_classes, max_distance", [(3, 16.0), (19, 2.5), (300, 40.0)])
+def test_whole_image_paths_agree_bit_for_bit(monkeypatch, n_classes, max_distance):
+    from sksegcal import _kernels
+
+    rng = np.random.default_rng(n_classes)
+    z = ndimage.uniform_filter(rng.normal(size=(2, n_classes, 37, 29)), size=(1, 1, 5, 5))
+    z = (z * 20).astype(np.float32)
+    monkeypatch.setattr(_kernels, "HAVE_NUMBA", True)
+    fast = spatial_context(z, max_distance=max_distance)
+    monkeypatch.setattr(_kernels, "HAVE_NUMBA", False)
+    slow = spatial_context(z, max_distance=max_distance)
+    np.testing.assert_array_equal(fast.view(np.uint32), slow.view(np.uint32))

@@ -13,6 +13,7 @@ from sksegcal.datasets import (
     load_colin27_aal,
     load_dataset,
     load_mni152_tissue,
+    perturb_images,
     simulate_acquisition,
 )
 
@@ -257,3 +258,91 @@ def test_predict_logits_arguments():
         predict_logits(model, np.zeros((0, 1, 8, 8), np.float32))
     # fewer images than the padded batch: only theirs come back
     assert predict_logits(model, np.zeros((3, 1, 8, 8), np.float32)).shape == (3, 3, 8, 8)
+
+
+# ---------------------------------------------------------------------------
+# perturb_images: perturbed copies of calibration images (Tomani et al. 2021)
+# ---------------------------------------------------------------------------
+def _ramp_images(n=6):
+    ramp = np.linspace(0.05, 1.0, 20 * 16).reshape(1, 20, 16)
+    return np.repeat(ramp[None], n, axis=0).astype(np.float32)  # (n, 1, 20, 16)
+
+
+def test_perturb_images_contrast_is_one_gamma_per_image_in_range():
+    images = _ramp_images()
+    out = perturb_images(images, kinds=("contrast",), random_state=0)
+    assert out.shape == images.shape and out.dtype == np.float32
+    gammas = []
+    for x, o in zip(images, out):
+        g = np.log(o[0, 0, 0]) / np.log(x[0, 0, 0])
+        # the same power on every pixel: x ** g, the direct formula
+        np.testing.assert_allclose(o, x.astype(np.float64) ** g, rtol=1e-5)
+        gammas.append(g)
+    assert all(1 / 1.5 - 1e-6 <= g <= 1.5 + 1e-6 for g in gammas)
+    assert len(set(np.round(gammas, 6))) == len(gammas)  # every image its own level
+
+
+def test_perturb_images_blur_is_a_gaussian_filter_within_its_level():
+    from scipy.ndimage import gaussian_filter
+
+    images = np.zeros((4, 2, 21, 21), dtype=np.float32)
+    images[:, 0, 10, 10] = 1.0  # an impulse in channel 0, channel 1 empty
+    from scipy.optimize import minimize_scalar
+
+    out = perturb_images(images, kinds=("blur",), random_state=1)
+    grid = np.linspace(0.0, 1.5, 301)
+    for x, o in zip(images, out):
+        assert np.abs(o[1]).max() == 0  # channels are blurred apart, never mixed
+
+        def misfit(sigma, x=x, o=o):
+            ref = gaussian_filter(x[0].astype(np.float64), sigma, mode="nearest")
+            return np.abs(o[0] - ref).max()
+
+        # some sigma in [0, 1.5] reproduces the copy (to float32 rounding)
+        best = grid[np.argmin([misfit(g) for g in grid])]
+        lo, hi = max(best - 0.005, 0.0), min(best + 0.005, 1.5)
+        refined = minimize_scalar(
+            misfit, bounds=(lo, hi), method="bounded", options={"xatol": 1e-9}
+        )
+        assert min(refined.fun, misfit(best)) < 1e-6
+
+
+def test_perturb_images_noise_levels_span_none_to_the_maximum():
+    images = np.full((40, 32, 32), 0.5, dtype=np.float32)  # (N, H, W) works as well
+    out = perturb_images(images, kinds=("noise",), max_level={"noise": 0.2}, random_state=2)
+    stds = (out - 0.5).reshape(40, -1).std(axis=1)
+    assert stds.max() <= 0.2 * 1.1 and stds.min() < 0.02 and stds.max() > 0.15
+    np.testing.assert_allclose((out - 0.5).mean(axis=(1, 2)), 0, atol=0.05)
+
+
+def test_perturb_images_is_seeded_per_image():
+    images = _ramp_images(5) + np.float32(0.01)
+    a = perturb_images(images, random_state=7)
+    np.testing.assert_array_equal(a, perturb_images(images, random_state=7))
+    # image i's copy does not depend on the images after it
+    np.testing.assert_array_equal(a[:2], perturb_images(images[:2], random_state=7))
+    assert not np.array_equal(a, perturb_images(images, random_state=8))
+    # switching a kind off leaves the other kinds' levels as they were
+    no_noise = perturb_images(images, kinds=("contrast", "blur"), random_state=7)
+    assert np.abs(a - no_noise).max() < 0.5 and not np.array_equal(a, no_noise)
+    np.testing.assert_allclose(
+        perturb_images(images, kinds=("contrast",), random_state=7),
+        perturb_images(
+            images, kinds=("contrast", "blur"), max_level={"blur": 0.0}, random_state=7
+        ),
+        rtol=1e-6,
+    )
+
+
+def test_perturb_images_bad_arguments():
+    images = _ramp_images(2)
+    with pytest.raises(ValueError, match="kinds"):
+        perturb_images(images, kinds=("rotation",))
+    with pytest.raises(ValueError, match="kinds"):
+        perturb_images(images, kinds="noise")
+    with pytest.raises(ValueError, match="unknown kind"):
+        perturb_images(images, max_level={"rotation": 1.0})
+    with pytest.raises(ValueError, match=">= 1.0"):
+        perturb_images(images, max_level={"contrast": 0.5})
+    with pytest.raises(ValueError, match="float array"):
+        perturb_images(images[0, 0])

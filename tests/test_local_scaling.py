@@ -14,6 +14,7 @@ from test_estimator_checks import _COMMON, _LOGITS
 
 from conftest import make_logits
 from sksegcal import TemperatureScaling
+from sksegcal._softplus_temperature import softplus_nll
 from sksegcal.context import n_context_features
 from sksegcal.local_scaling import LocalTemperatureScaling
 from sksegcal.pixels import flatten_segmentation
@@ -71,10 +72,27 @@ def test_gradient_matches_finite_differences():
     w = np.linspace(0.5, 1.5, len(y))
     theta = np.r_[np.linspace(-0.3, 0.3, len(lts.coef_)), 0.2]
 
-    def f(t):
-        return lts._loss_and_grad(t, A.astype(np.float64), y, w, w.sum())[0]
+    A64 = A.astype(np.float64)
+    C = A.shape[1] - K
 
-    grad = lts._loss_and_grad(theta, A.astype(np.float64), y, w, w.sum())[1]
+    def loss(t, hessian=False):
+        # the objective LocalTemperatureScaling minimises (the shared softplus-temperature NLL)
+        return softplus_nll(
+            t,
+            A64[:, :C],
+            y,
+            lambda part: lts._phi(A64[part]),
+            sample_weight=w,
+            l2=lts.l2,
+            hessian=hessian,
+            chunk_size=128,
+        )
+
+    grad = loss(theta)[1]
+
+    def f(t):
+        return loss(t)[0]
+
     np.testing.assert_allclose(grad, approx_fprime(theta, f, 1e-6), rtol=1e-4, atol=1e-6)
 
 

@@ -48,14 +48,16 @@ def make_classifier(name: str, seed: int, quick: bool):
 
 
 def fit_selective(store, split, *, max_pixels, seed, quick, classifier, t2_grid,
-                  t1_grid=(1.0,), features="agnostic"):
+                  t1_grid=(1.0,), features="agnostic", context=None):
     """SelectiveScalingCalibrator with t1/t2 chosen on the validation images (PredefinedSplit).
 
     The grid search scores each candidate by NLL on the calibrator-validation
     images and refits the best one on train + validation. A joblib cache lets
     the candidates share fitted correctness classifiers, and metadata routing
     passes the image ids on to ``fit`` so that "auto" temperatures are fitted
-    on held-out whole images, not on pixels of images the classifier saw.
+    on held-out whole images, not on pixels of images the classifier saw. With
+    ``context="spatial"`` the sampled rows carry their pixels' spatial context
+    columns (computed per image from the store) and the detector reads them.
 
     Returns the fitted calibrator and the search (None for a single candidate).
     """
@@ -64,15 +66,17 @@ def fit_selective(store, split, *, max_pixels, seed, quick, classifier, t2_grid,
     from sklearn.model_selection import GridSearchCV, PredefinedSplit
 
     from ..selective import SelectiveScalingCalibrator
+    from ..store import _sample_table
 
     ids = np.concatenate([split.train, split.validation])
-    X, y, groups = store.sample(max_pixels, images=ids, random_state=seed)
+    X, y, groups = _sample_table(store, max_pixels, context=context, images=ids,
+                                 random_state=seed)
     fold = split.test_fold(groups)
     grid = {"t1": list(t1_grid), "t2": list(t2_grid)}
     with tempfile.TemporaryDirectory(prefix="sksegcal-memory-") as cache:
         base = SelectiveScalingCalibrator(
-            make_classifier(classifier, seed, quick), features=features, random_state=seed,
-            memory=Memory(cache, verbose=0))
+            make_classifier(classifier, seed, quick), features=features, context=context,
+            random_state=seed, memory=Memory(cache, verbose=0))
         if len(grid["t1"]) == 1 and len(grid["t2"]) == 1:
             best = base.set_params(t1=grid["t1"][0], t2=grid["t2"][0], memory=None)
             return best.fit(X, y, groups=groups), None
@@ -87,6 +91,22 @@ def fit_selective(store, split, *, max_pixels, seed, quick, classifier, t2_grid,
     return best, search
 
 
+def fit_local_temperature(store, fit_ids, *, max_pixels, seed):
+    """LocalTemperatureScaling on a sample of the fit images, with their spatial context."""
+    from ..local_scaling import LocalTemperatureScaling
+    from ..store import fit_store
+
+    return fit_store(LocalTemperatureScaling(), store, images=fit_ids, max_pixels=max_pixels,
+                     random_state=seed)
+
+
+def local_temperature_info(lts) -> dict:
+    """What to print and record about a fitted LocalTemperatureScaling."""
+    return {"TS temperature (start)": round(float(lts.ts_temperature_), 4),
+            "inputs": len(lts.input_names_), "L-BFGS iterations": int(lts.n_iter_),
+            "converged": bool(lts.converged_)}
+
+
 def selective_info(selective, search) -> dict:
     """What to print and record about a fitted selective-scaling calibrator."""
     info = {}
@@ -98,6 +118,8 @@ def selective_info(selective, search) -> dict:
         info["chosen"] = f"t1={fmt_t(search.best_params_['t1'])} " \
                          f"t2={fmt_t(search.best_params_['t2'])}"
     info["features"] = selective.features
+    if selective.context is not None:  # (the default prints as it always has)
+        info["context"] = selective.context
     info["mode"] = selective.mode
     if selective.mode == "hard" and hasattr(selective, "threshold_"):
         info["threshold"] = round(float(selective.threshold_), 4)

@@ -7,9 +7,11 @@ import time
 import numpy as np
 
 from .._progress import progress
-from .._validation import check_calibrator_classes
+from ..pixels import _check_context_calibrator
 from ._calibrate import (
+    fit_local_temperature,
     fit_selective,
+    local_temperature_info,
     output_format,
     parse_temperature,
     save_calibrator,
@@ -114,11 +116,17 @@ def _extract_mmseg(args) -> int:
 
 # --------------------------------------------------------------------------- fit
 def fit(args) -> int:
-    """``fit``: temperature or selective scaling on a store's train + validation images."""
+    """``fit``: temperature, selective or local temperature scaling on train + validation."""
     from ..scaling import TemperatureScaling
     from ..store import fit_store
 
     # check the arguments and the output before anything is fitted or written into the store
+    context = None if args.context == "none" else args.context
+    if context is not None and args.method != "selective":
+        raise CommandError(
+            f"--context {args.context} is for --method selective (its detector reads the "
+            "spatial context); --method lts always reads it and --method temperature never."
+        )
     grid = [parse_temperature(v) for v in args.t2]
     t1_grid = [parse_temperature(v, "--t1") for v in args.t1]
     output = check_output_file(args.output)
@@ -136,10 +144,13 @@ def fit(args) -> int:
         est = fit_store(TemperatureScaling(), store, images=fit_ids, max_pixels=args.max_pixels,
                         random_state=args.seed)
         info = {"temperature": round(float(est.temperature_), 4)}
+    elif args.method == "lts":
+        est = fit_local_temperature(store, fit_ids, max_pixels=args.max_pixels, seed=args.seed)
+        info = local_temperature_info(est)
     else:
         est, search = fit_selective(store, split, max_pixels=args.max_pixels, seed=args.seed,
                                     quick=False, classifier=args.classifier, t2_grid=grid,
-                                    t1_grid=t1_grid, features=args.features)
+                                    t1_grid=t1_grid, features=args.features, context=context)
         info = selective_info(est, search)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_calibrator(est, output, fmt)
@@ -161,8 +172,9 @@ def evaluate(args) -> int:
     for name, path in zip(names, paths):
         est = load_calibrator(path, trusted=args.trusted)
         try:
-            check_calibrator_classes(est, store.n_classes, what=f"the calibrator {path}",
-                                     where=f"the store {store.path}")
+            # the class count, and the context it reads (evaluate_store computes that per image)
+            _check_context_calibrator(est, store.n_classes, what=f"the calibrator {path}",
+                                      where=f"the store {store.path}", path="sksegcal evaluate")
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         calibrators[name] = est

@@ -6,7 +6,10 @@ Data (:mod:`sksegcal.datasets`) -> the demo's segmentation network
 :class:`~sksegcal.store.LogitStore` -> a split by slice -> temperature scaling
 and selective scaling (its default: both temperatures fitted on held-out
 images, the cross-fitted guard against losing to TS) -> evaluation on the test
-images in and out of domain -> a report folder (:mod:`._report`).
+images in and out of domain -> a report folder (:mod:`._report`). With
+``--context spatial`` the detector of selective scaling also reads each pixel's
+spatial context, computed per image by the store engine; by default nothing of
+it is computed and the demo prints what the README shows.
 """
 
 from __future__ import annotations
@@ -124,14 +127,20 @@ def _demo_stores(args, data, model, net_info, store_root: Path) -> dict:
 
 def _selective_maps(selective, logits, calibrated) -> dict:
     """The detector's P(correct) and the per-pixel temperature T = 1/beta, as (N, H, W) maps."""
+    from ..pixels import _context_rows
+
     n, c, h, w = logits.shape
     X = np.ascontiguousarray(logits.transpose(0, 2, 3, 1).reshape(-1, c), dtype=np.float32)
+    context = getattr(selective, "context", None)
+    if context is not None:  # the detector reads each image's context columns too
+        X = np.concatenate([X, np.concatenate([_context_rows(z) for z in logits])], axis=1)
     p_correct = selective.predict_correctness(X).reshape(n, h, w)
     beta = None
     hook = getattr(selective, "_row_inverse_temperatures", None)
     if hook is not None:
         try:
-            beta = np.asarray(hook(X), dtype=np.float64)
+            rows = hook(X) if context is None else hook(X[:, :c], X[:, c:])
+            beta = np.asarray(rows, dtype=np.float64)
         except Exception:  # a private hook: fall back on the spreads below
             beta = None
     if beta is None or beta.size != X.shape[0]:
@@ -212,7 +221,7 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
         # held-out images, with the cross-fitted guard against losing to TS. A grid with
         # fixed temperatures would bypass the guard (it runs for t1 = t2 = "auto" only)
         classifier=args.classifier, t2_grid=["auto"], t1_grid=["auto"],
-        features=_FEATURES)
+        features=_FEATURES, context=_context(args))
     timings["calibrators"] = time.perf_counter() - t0
 
     say(args, "[6/6] evaluating on the test slices, in-domain and shifted")
@@ -252,7 +261,8 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     }
     command = "sksegcal demo" + (" --quick" if args.quick else "") + (
         f" --dataset {args.dataset}" if args.dataset != "mni152-tissue" else "") + (
-        f" --seed {args.seed}" if args.seed else "")
+        f" --seed {args.seed}" if args.seed else "") + (
+        f" --context {args.context}" if _context(args) else "")
     meta = {
         "dataset": args.dataset,
         "description": data.description,
@@ -294,6 +304,12 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     print(f"report: {output}/ ({', '.join(written)}, calibrator.joblib, "
           "temperature_scaling.joblib)")
     return 0
+
+
+def _context(args) -> str | None:
+    """The spatial context selective scaling reads (``--context``; None by default)."""
+    context = getattr(args, "context", "none")
+    return None if context == "none" else context
 
 
 def _is_demo_store(path: Path) -> bool:

@@ -42,6 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from ..datasets import DATASETS
     from ._calibrate import CLASSIFIERS
     from ._commands import evaluate, extract, fit, report
+    from ._conformal import conformal
     from ._demo import demo
 
     parser = _Parser(
@@ -84,6 +85,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="correctness classifier of selective scaling: the calibrator's "
                         "default (the paper's MLP on class-agnostic features), the MLP with "
                         "40 epochs, gradient boosting or logistic regression (default: default)")
+    p.add_argument("--context", choices=("none", "spatial"), default="none",
+                   help="what selective scaling's detector reads beside each pixel's "
+                        "probabilities: nothing, or the spatial context of its neighbourhood "
+                        "(docs/spatial.md) (default: none)")
     p.add_argument("--keep-stores", action="store_true",
                    help="keep the LogitStores in OUTPUT/stores (default: a temporary folder)")
     p.add_argument("--threads", type=_count(0), default=1,
@@ -127,13 +132,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "fit", help="fit a calibrator on a store's train/validation images",
-        description="Fit temperature scaling or selective scaling on the store's calibrator-"
+        description="Fit temperature, selective or local temperature scaling on the store's "
+                    "calibrator-"
                     "train and -validation images (a split by image is made and recorded in "
                     "the store if it has none) and save it: a skops file when --output ends "
                     "in .skops (safe to share and to load without --trusted), else joblib.")
     p.add_argument("store", help="LogitStore folder")
-    p.add_argument("--method", choices=("selective", "temperature"), default="selective",
-                   help="default: selective")
+    p.add_argument("--method", choices=("selective", "temperature", "lts"),
+                   default="selective",
+                   help="selective scaling, temperature scaling, or local temperature scaling "
+                        "(a temperature per pixel from its spatial context; docs/spatial.md) "
+                        "(default: selective)")
+    p.add_argument("--context", choices=("none", "spatial"), default="none",
+                   help="selective: what the correctness detector reads beside each pixel's "
+                        "probabilities: nothing, or the spatial context of its neighbourhood, "
+                        "computed per image from the store (default: none)")
     p.add_argument("--output", "-o", default="calibrator.joblib",
                    help="where to save it: NAME.skops writes a skops file (needs skops), any "
                         "other name a joblib pickle (default: calibrator.joblib)")
@@ -172,7 +185,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrator", "-c", action="append",
                    help="a calibrator saved by 'sksegcal fit' (.skops; a joblib file needs "
                         "--trusted); repeat for several. Each is named by its file stem (more "
-                        "of its path where two stems are the same)")
+                        "of its path where two stems are the same). One that reads the spatial "
+                        "context gets it, computed per image from the store")
     p.add_argument("--trusted", action="store_true", help=_TRUSTED_HELP)
     p.add_argument("--images", choices=("test", "validation", "train", "all"), default="test",
                    help="which images (default: the recorded split's test images)")
@@ -192,6 +206,37 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trusted", action="store_true", help=_TRUSTED_HELP)
     common(p)
     p.set_defaults(func=report)
+
+    p = sub.add_parser(
+        "conformal", help="prediction sets and risk control with guarantees, on a store",
+        description="Split the chosen images (default: the recorded test images) by image into "
+                    "conformal-calibration and evaluation images; calibrate pixel-level "
+                    "prediction sets and image-level conformal risk control (miscoverage, "
+                    "and a class's false-negative rate with --fnr-class) for the uncalibrated "
+                    "model and each calibrator; print coverage and set sizes and write "
+                    "conformal.json, conformal.md and a set-size heat map (set_sizes.png).")
+    p.add_argument("store", help="LogitStore folder")
+    p.add_argument("--calibrator", "-c", action="append",
+                   help="a fitted calibrator (.skops; a joblib file needs --trusted), fitted "
+                        "on other images than these; repeat for several")
+    p.add_argument("--trusted", action="store_true", help=_TRUSTED_HELP)
+    p.add_argument("--alpha", type=float, default=0.1,
+                   help="miscoverage level / risk bound in (0, 1) (default: 0.1)")
+    p.add_argument("--score", nargs="+", choices=("lac", "aps"), default=["lac"],
+                   help="score functions of the sets (default: lac)")
+    p.add_argument("--fnr-class", type=_count(0), default=None,
+                   help="also control the per-image false-negative rate of this class index")
+    p.add_argument("--images", choices=("test", "validation", "train", "all"), default="test",
+                   help="images to split into conformal calibration and evaluation "
+                        "(default: the recorded split's test images)")
+    p.add_argument("--calibration-size", type=float, default=0.5,
+                   help="fraction of those images used for conformal calibration (default: 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of that split (default: 0)")
+    p.add_argument("--output", "-o", default="sksegcal-conformal",
+                   help="results folder (default: ./sksegcal-conformal)")
+    p.add_argument("--n-jobs", type=int, default=1, help="parallel workers (default: 1)")
+    common(p)
+    p.set_defaults(func=conformal)
     return parser
 
 

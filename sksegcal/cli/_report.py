@@ -36,11 +36,29 @@ _RESULTS_FORMAT = "sksegcal.evaluate-results"
 _RESULTS_VERSION = 1
 
 
+# the per-region numbers of accumulators with regions (boundary / interior), as
+# "<region>_<key>" entries of the summaries (metrics.json, metrics.csv)
+REGION_KEYS = ("n_pixels", "ece", "nll", "brier", "accuracy", "mean_per_image_ece")
+
+
 # --------------------------------------------------------------------------- tables
+def _summary(acc) -> dict:
+    out = {k: float(v) for k, v in acc.summary().items()}
+    if getattr(acc, "regions", None) is not None:
+        for region, s in acc.region_summary().items():
+            out.update({f"{region}_{k}": float(s.get(k, float("nan"))) for k in REGION_KEYS})
+    return out
+
+
 def summaries(accumulators: dict) -> dict:
-    """{split: {method: summary dict}} from {split: {method: CalibrationAccumulator}}."""
-    return {split: {name: {k: float(v) for k, v in acc.summary().items()}
-                    for name, acc in accs.items()}
+    """{split: {method: summary dict}} from {split: {method: CalibrationAccumulator}}.
+
+    Accumulators with regions (``evaluate_store(..., boundary_width=k)``) add
+    ``"<region>_<key>"`` entries (``boundary_ece``, ``interior_nll``, ...; keys
+    of :data:`REGION_KEYS`) beside the pooled ones; the printed table
+    (:func:`format_table`) shows the pooled ones only.
+    """
+    return {split: {name: _summary(acc) for name, acc in accs.items()}
             for split, accs in accumulators.items()}
 
 
@@ -143,6 +161,7 @@ def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None)
         if split in figures:
             md += [f"![reliability diagrams]({figures[split]})", ""]
         md += _worse_notes(accumulators.get(split, {}), methods)
+    md += _boundary_section(results, meta)
     if "examples.png" in written:
         md += ["## Example slices", "", "![examples](examples.png)", ""]
         md += _example_notes(**examples)
@@ -161,6 +180,42 @@ def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None)
     atomic_write_bytes(output / "report.md", "\n".join(md).encode())
     written.append("report.md")
     return written
+
+
+def _boundary_section(results: dict, meta: dict) -> list[str]:
+    """Boundary against interior, per split (when the accumulators tallied the two regions)."""
+    splits = {split: methods for split, methods in results.items()
+              if all("boundary_ece" in s for s in methods.values())}
+    if not splits:
+        return []
+    width = meta.get("boundary_width")
+    band = f"within {width} px" if width is not None else "near"
+    md = ["## Boundary and interior", "",
+          f"Boundary pixels: labelled pixels {band} (Chebyshev distance) of a pixel with "
+          "another label (`sksegcal.metrics.boundary_mask`; ignored pixels and the image "
+          "border are no label change); interior: the other labelled pixels. ECE: 15 "
+          "equal-width bins pooled over the region's pixels; per-image ECE: the mean over "
+          "images of each image's ECE on its pixels of the region (the paper's measure). "
+          "'vs uncal.': the boundary ECE relative to the uncalibrated model's.", ""]
+    cols = [("boundary_ece", "boundary ECE"), ("interior_ece", "interior ECE"),
+            ("boundary_nll", "boundary NLL"), ("interior_nll", "interior NLL"),
+            ("boundary_mean_per_image_ece", "boundary per-image ECE"),
+            ("interior_mean_per_image_ece", "interior per-image ECE")]
+    for split, methods in splits.items():
+        first = next(iter(methods.values()))
+        nb, ni = int(first["boundary_n_pixels"]), int(first["interior_n_pixels"])
+        base = _find_method(methods, "uncalibrated")
+        md += [f"### {SPLIT_NAMES.get(split, split)}", "",
+               f"{nb:,} boundary pixels ({_pct(nb, nb + ni)}), {ni:,} interior pixels.", "",
+               "| method | " + " | ".join(h for _, h in cols) + " | vs uncal. |",
+               "|---|" + "---:|" * (len(cols) + 1)]
+        for name, s in methods.items():
+            ratio = ("n/a" if base is None or not methods[base]["boundary_ece"] > 0
+                     else f"{s['boundary_ece'] / methods[base]['boundary_ece']:.2f}x")
+            md.append(f"| {name} | " + " | ".join(f"{s[k]:.4f}" for k, _ in cols)
+                      + f" | {ratio} |")
+        md.append("")
+    return md
 
 
 def _save_figure(fig, path: Path, *, dpi: int) -> None:

@@ -4,7 +4,9 @@ The centre of this package is :class:`CalibrationAccumulator`: a fixed-size,
 mergeable tally of per-pixel predictions, from which every metric is derived
 (top-label ECE / RMS / MCE with equal-width or equal-mass bins, classwise ECE,
 static and adaptive calibration error, NLL, multi-class Brier score, pixel
-accuracy, mIoU, mean per-image ECE, reliability curve). It is saved without
+accuracy, mIoU, mean per-image ECE, reliability curve), pooled and, with
+``regions``, per pixel region (:func:`boundary_mask` gives the boundary band
+of label maps, :func:`boundary_accumulator` the whole boundary study). It is saved without
 pickle through :meth:`~CalibrationAccumulator.state_dict` and
 :meth:`~CalibrationAccumulator.from_state_dict`.
 
@@ -32,12 +34,14 @@ comes from):
 
 Layout: ``_inputs`` (argument checks), ``_binning`` (fine grid -> coarse bins
 -> calibration errors), ``_counting`` (one chunk -> its tallies, compiled or
-NumPy), ``_accumulator``, ``_state`` (the pickle-free state dict),
+NumPy), ``_accumulator``, ``_state`` (the pickle-free state dict), ``_boundary``
+(boundary masks and the boundary accumulator),
 ``_functions`` (one-shot), ``_scorers``, ``_detection`` (misprediction
 detection).
 """
 
 from ._accumulator import CalibrationAccumulator
+from ._boundary import BOUNDARY_REGIONS, boundary_accumulator, boundary_mask
 from ._detection import misprediction_detection_scores
 from ._functions import (
     adaptive_calibration_error,
@@ -64,9 +68,12 @@ from ._scorers import (
 )
 
 __all__ = [
+    "BOUNDARY_REGIONS",
     "NLL_EPS",
     "CalibrationAccumulator",
     "adaptive_calibration_error",
+    "boundary_accumulator",
+    "boundary_mask",
     "brier_score",
     "brier_scorer",
     "calibration_error",

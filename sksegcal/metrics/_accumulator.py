@@ -5,17 +5,18 @@ from __future__ import annotations
 import copy
 import numbers
 import uuid
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
 from sklearn.utils import Bunch
 
 from ._binning import DEFAULT_BASE_BINS, ce_from_bins, coarsen
-from ._counting import Settings, Tallies, count_logits, count_probabilities
+from ._counting import Counted, Settings, Tallies, count_logits, count_probabilities
 from ._inputs import (
     Chunk,
     check_image_id,
+    check_region,
     check_sample_weight,
     inverse_temperature,
     prepare_labels,
@@ -23,6 +24,25 @@ from ._inputs import (
     split_large_chunk,
 )
 from ._state import from_state, to_state
+
+
+def _check_regions(regions: Any) -> tuple[str, ...] | None:
+    """None, or at least two distinct non-empty region names as a tuple."""
+    if regions is None:
+        return None
+    if isinstance(regions, str) or not isinstance(regions, Sequence):
+        raise TypeError(
+            f"regions must be a sequence of region names such as ('boundary', 'interior'); "
+            f"got {regions!r}."
+        )
+    names = tuple(regions)
+    if len(names) < 2 or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"regions must hold at least two non-empty names; got {regions!r}."
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"regions must be distinct names; got {regions!r}.")
+    return names
 
 
 class CalibrationAccumulator:
@@ -64,6 +84,16 @@ class CalibrationAccumulator:
         ten machine epsilons of those precisions). Turning it off saves
         one pass over the chunk (the row sums) and one global minimum: a
         quarter to a third of the time of :meth:`update`.
+    regions : sequence of str, default=None
+        Names of disjoint pixel regions (at least two, e.g.
+        :data:`~sksegcal.metrics.BOUNDARY_REGIONS`, ``("boundary",
+        "interior")``) to tally apart beside the pooled tallies: every
+        :meth:`update` then takes ``region=``, each pixel's region, and
+        :meth:`region` returns one region's tallies as an accumulator of its
+        own (every metric, per-image ECE included). The state grows by one
+        copy of the pooled tallies per region, still independent of the
+        pixel count; the pooled metrics are exactly those of an accumulator
+        without regions.
 
     Attributes
     ----------
@@ -117,6 +147,7 @@ class CalibrationAccumulator:
         classwise: bool = False,
         per_image_n_bins: int = 15,
         check_input: bool = True,
+        regions: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(n_classes, numbers.Integral) or n_classes < 2:
             raise ValueError(f"n_classes must be an integer >= 2; got {n_classes!r}.")
@@ -134,6 +165,7 @@ class CalibrationAccumulator:
         self.classwise = bool(classwise)
         self.per_image_n_bins = int(per_image_n_bins)
         self.check_input = bool(check_input)
+        self.regions = _check_regions(regions)
         self.reset()
 
     # -- state -------------------------------------------------------------
@@ -159,6 +191,24 @@ class CalibrationAccumulator:
         # per class k: weight, sum of w * p_k, sum of w * [y == k], binned by p_k
         self._cls = np.zeros((c, 3, g)) if self.classwise else None
         self._images: dict[Hashable, np.ndarray] = {}
+        # one accumulator without regions per region, filled with that region's
+        # tallies of every chunk (the pooled ones above stay as without regions)
+        self._region_accs: dict[str, CalibrationAccumulator] | None = (
+            None
+            if self.regions is None
+            else {name: self._twin() for name in self.regions}
+        )
+
+    def _twin(self) -> CalibrationAccumulator:
+        """An empty accumulator with these settings and no regions."""
+        return CalibrationAccumulator(
+            self.n_classes,
+            ignore_index=self.ignore_index,
+            n_base_bins=self.n_base_bins,
+            classwise=self.classwise,
+            per_image_n_bins=self.per_image_n_bins,
+            check_input=self.check_input,
+        )
 
     def copy(self) -> CalibrationAccumulator:
         """Deep copy (e.g. ``merged = a.copy().merge(b)`` keeps ``a`` intact)."""
@@ -166,7 +216,7 @@ class CalibrationAccumulator:
 
     def _config(self) -> tuple:
         return (self.n_classes, self.ignore_index, self.n_base_bins, self.classwise,
-                self.per_image_n_bins)
+                self.per_image_n_bins, self.regions)
 
     def merge(self, other: CalibrationAccumulator) -> CalibrationAccumulator:
         """Add the tallies of ``other`` into this accumulator, in place.
@@ -181,8 +231,9 @@ class CalibrationAccumulator:
         ----------
         other : CalibrationAccumulator
             Accumulator with the same ``n_classes``, ``ignore_index``,
-            ``n_base_bins``, ``classwise`` and ``per_image_n_bins``. It is
-            not modified.
+            ``n_base_bins``, ``classwise``, ``per_image_n_bins`` and
+            ``regions`` (each region's tallies merge with the same region's).
+            It is not modified.
 
         Returns
         -------
@@ -194,7 +245,8 @@ class CalibrationAccumulator:
                 f"Can only merge a CalibrationAccumulator; got {type(other).__name__}."
             )
         if other._config() != self._config():
-            names = ("n_classes", "ignore_index", "n_base_bins", "classwise", "per_image_n_bins")
+            names = ("n_classes", "ignore_index", "n_base_bins", "classwise", "per_image_n_bins",
+                     "regions")
             diff = [
                 f"{n}: {a!r} vs {b!r}"
                 for n, a, b in zip(names, self._config(), other._config())
@@ -216,6 +268,9 @@ class CalibrationAccumulator:
                 self._images[key] = self._images[key] + val
             else:
                 self._images[key] = val.copy()
+        if self._region_accs is not None:
+            for name, acc in self._region_accs.items():
+                acc.merge(other._region_accs[name])
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -259,7 +314,9 @@ class CalibrationAccumulator:
         return (
             f"CalibrationAccumulator(n_classes={self.n_classes}, ignore_index="
             f"{self.ignore_index}, n_base_bins={self.n_base_bins}, classwise="
-            f"{self.classwise}; n_pixels_={self.n_pixels_})"
+            f"{self.classwise}"
+            + ("" if self.regions is None else f", regions={self.regions}")
+            + f"; n_pixels_={self.n_pixels_})"
         )
 
     # -- update ------------------------------------------------------------
@@ -272,6 +329,7 @@ class CalibrationAccumulator:
         image_id: Any = None,
         sample_weight: Any = None,
         y_pred: Any = None,
+        region: Any = None,
     ) -> CalibrationAccumulator:
         """Add one chunk of pixels.
 
@@ -299,6 +357,12 @@ class CalibrationAccumulator:
             near-uniform row from a very large temperature), the confidence
             is the calibrated probability of that class, and one argmax pass
             per chunk is saved.
+        region : array-like of shape (n,) or (N, H, W), default=None
+            Each pixel's region, required when the accumulator was built with
+            ``regions`` (and refused otherwise): integer codes indexing
+            ``regions``, or a boolean mask when there are two regions
+            (``True``: the first, e.g. ``"boundary"`` for a
+            :func:`~sksegcal.metrics.boundary_mask`; ``False``: the second).
 
         Returns
         -------
@@ -312,7 +376,7 @@ class CalibrationAccumulator:
         a piece fails validation, nothing of the chunk is counted.
         """
         return self._update_in_pieces(
-            self._update_chunk, y_true, y_prob, image_id, sample_weight, y_pred
+            self._update_chunk, y_true, y_prob, image_id, sample_weight, (y_pred, region)
         )
 
     def update_logits(
@@ -324,6 +388,7 @@ class CalibrationAccumulator:
         image_id: Any = None,
         sample_weight: Any = None,
         y_pred: Any = None,
+        region: Any = None,
     ) -> CalibrationAccumulator:
         """Add one chunk of logits: the probabilities are ``softmax(logits / temperature)``.
 
@@ -346,7 +411,7 @@ class CalibrationAccumulator:
             Positive temperature, one for the chunk or one per pixel (as
             selective scaling gives). The prediction is the argmax of the
             logits, which a positive temperature keeps.
-        image_id, sample_weight
+        image_id, sample_weight, region
             As in :meth:`update`.
         y_pred : array-like of shape (n,) or (N, H, W), default=None
             ``logits.argmax(axis=1)`` when it is already at hand (evaluating
@@ -364,7 +429,7 @@ class CalibrationAccumulator:
             logits,
             image_id,
             sample_weight,
-            (temperature, y_pred),
+            (temperature, y_pred, region),
         )
 
     def _update_in_pieces(self, update_chunk, y_true, values, image_id, sample_weight, extra):
@@ -420,7 +485,26 @@ class CalibrationAccumulator:
         return Chunk(x, precision, spatial, y, yv, rows, w, ids, source)
 
     def _settings(self) -> Settings:
-        return Settings(*self._config(), self.check_input)
+        return Settings(self.n_classes, self.ignore_index, self.n_base_bins, self.classwise,
+                        self.per_image_n_bins, self.check_input)
+
+    def _regions_of(self, region, chunk: Chunk):
+        """``(codes, n_regions)`` of the chunk's rows, or None without regions."""
+        if self.regions is None:
+            if region is not None:
+                raise ValueError(
+                    "region= was given but this accumulator tracks no regions: build it "
+                    "with CalibrationAccumulator(..., regions=('boundary', 'interior'))."
+                )
+            return None
+        if region is None:
+            raise ValueError(
+                f"This accumulator tallies the regions {self.regions}: pass region= "
+                "(each pixel's region code, or a boolean mask of the first region) to "
+                "every update."
+            )
+        codes = check_region(region, chunk.x.shape[0], chunk.spatial, len(self.regions))
+        return codes, len(self.regions)
 
     def _check_y_pred(self, y_pred, chunk: Chunk, hint: str) -> np.ndarray | None:
         if y_pred is None:
@@ -431,27 +515,37 @@ class CalibrationAccumulator:
             raise ValueError(f"y_pred holds classes outside [0, {c - 1}]{hint}.")
         return y_pred
 
-    def _update_chunk(self, y_true, y_prob, image_id, sample_weight, y_pred=None) -> None:
+    def _update_chunk(self, y_true, y_prob, image_id, sample_weight, extra=(None, None)) -> None:
+        y_pred, region = extra
         chunk = self._prepare_chunk(y_true, y_prob, image_id, sample_weight, "y_prob")
         y_pred = self._check_y_pred(
             y_pred, chunk, "; it must be predicted class indices (e.g. logits.argmax(axis=1))"
         )
+        regions = self._regions_of(region, chunk)
         if chunk.yv.size:  # else a chunk of ignored pixels only: nothing to count
-            self._add(count_probabilities(chunk, y_pred, self._settings()))
+            self._add(count_probabilities(chunk, y_pred, self._settings(), regions))
 
     def _update_logits_chunk(
-        self, y_true, logits, image_id, sample_weight, extra=(1.0, None)
+        self, y_true, logits, image_id, sample_weight, extra=(1.0, None, None)
     ) -> None:
-        temperature, y_pred = extra
+        temperature, y_pred, region = extra
         chunk = self._prepare_chunk(y_true, logits, image_id, sample_weight, "logits")
         n = chunk.x.shape[0]
         beta = inverse_temperature(temperature, n, chunk.spatial, chunk.x.dtype)
         y_pred = self._check_y_pred(y_pred, chunk, "")
+        regions = self._regions_of(region, chunk)
         if chunk.yv.size:
-            self._add(count_logits(chunk, beta, y_pred, self._settings()))
+            self._add(count_logits(chunk, beta, y_pred, self._settings(), regions))
 
-    def _add(self, t: Tallies) -> None:
+    def _add(self, counted: Counted | Tallies) -> None:
         """Add one chunk's tallies (computed in full before anything is added)."""
+        if isinstance(counted, Counted):
+            if counted.regions is not None:
+                for acc, part in zip(self._region_accs.values(), counted.regions):
+                    acc._add(part)
+            t = counted.pool
+        else:
+            t = counted
         self._top += t.top
         self.confusion_matrix_ += t.confusion
         self._nll_sum += t.nll
@@ -598,6 +692,63 @@ class CalibrationAccumulator:
         """Mean over images of the per-image ECE (NaN when no image ids were given)."""
         vals = list(self.per_image_ece().values())
         return float(np.mean(vals)) if vals else float("nan")
+
+    def region(self, name: str) -> CalibrationAccumulator:
+        """The tallies of one region, as an accumulator of their own (a copy).
+
+        Every metric reads from it: ``acc.region("boundary").expected_calibration_error()``,
+        ``.negative_log_likelihood()``, ``.per_image_ece()`` (by image id; an
+        image with no pixel in the region is left out), ...
+
+        Parameters
+        ----------
+        name : str
+            One of :attr:`regions`.
+
+        Returns
+        -------
+        acc : CalibrationAccumulator
+            Without regions; its pooled tallies are the region's. Updating it
+            leaves this accumulator unchanged.
+        """
+        if self._region_accs is None:
+            raise ValueError(
+                "This accumulator tracks no regions: build it with "
+                "CalibrationAccumulator(..., regions=('boundary', 'interior'))."
+            )
+        if name not in self._region_accs:
+            raise ValueError(f"Unknown region {name!r}; this accumulator has {self.regions}.")
+        return self._region_accs[name].copy()
+
+    def region_summary(self, n_bins: int = 15) -> dict[str, dict[str, float]]:
+        """:meth:`summary` of every region, by region name.
+
+        A region without pixels gets ``n_pixels`` 0 and NaN for every other key.
+        """
+        if self._region_accs is None:
+            raise ValueError(
+                "This accumulator tracks no regions: build it with "
+                "CalibrationAccumulator(..., regions=('boundary', 'interior'))."
+            )
+        out = {}
+        for name, acc in self._region_accs.items():
+            if acc.total_weight_ > 0:
+                out[name] = acc.summary(n_bins)
+                if self._images and "mean_per_image_ece" not in out[name]:
+                    out[name]["mean_per_image_ece"] = float("nan")
+            else:
+                keys = self._pixels_free_summary_keys()
+                out[name] = {k: (0.0 if k == "n_pixels" else float("nan")) for k in keys}
+        return out
+
+    def _pixels_free_summary_keys(self) -> list[str]:
+        keys = ["n_pixels", "ece", "ece_equal_mass", "rmsce", "mce", "nll", "brier",
+                "accuracy", "miou"]
+        if self._images:
+            keys.append("mean_per_image_ece")
+        if self.classwise:
+            keys += ["classwise_ece", "sce", "ace"]
+        return keys
 
     def reliability_curve(self, n_bins: int = 15, *, strategy: str = "uniform") -> Bunch:
         """Per-bin mean confidence, accuracy and weight of the top-label prediction.

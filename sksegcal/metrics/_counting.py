@@ -49,17 +49,28 @@ class Tallies(NamedTuple):
     images: tuple[list[Hashable], np.ndarray] | None  # keys, (3, len(keys), per_image_n_bins)
 
 
+class Counted(NamedTuple):
+    """A chunk's tallies, and with regions those of each region (in region order)."""
+
+    pool: Tallies
+    regions: list[Tallies] | None
+
+
 # ---------------------------------------------------------------------------
 # probabilities
 # ---------------------------------------------------------------------------
 
 
-def count_probabilities(chunk: Chunk, y_pred, s: Settings) -> Tallies:
-    """Tallies of a chunk of probabilities (``y_pred``: given predictions or None)."""
+def count_probabilities(chunk: Chunk, y_pred, s: Settings, regions=None) -> Counted:
+    """Tallies of a chunk of probabilities (``y_pred``: given predictions or None).
+
+    ``regions``: None or ``(codes, n_regions)``, each row's region code in
+    ``[0, n_regions)``; the regions' tallies come beside the chunk's.
+    """
     p, rows, yv = chunk.x, chunk.rows, chunk.yv
     n, c = p.shape
     if not s.classwise and can_tally(p):
-        return _compiled(chunk, p, y_pred, s, logits=None)
+        return _split_compiled(chunk, p, y_pred, s, None, regions)
     # Passes over the (n, C) chunk: argmax (unless given) and sum of squares
     # (plus, when checking, the row sums and one global min). Everything after
     # works on n-vectors.
@@ -75,7 +86,7 @@ def count_probabilities(chunk: Chunk, y_pred, s: Settings) -> Tallies:
         _check_probs(p, rows, conf32, sumsq, chunk.precision)
     py = py32.astype(np.float64)
     nll = -np.log(np.maximum(_wide_label_probs(chunk, n, py), nll_clip(chunk.precision)))
-    return _numpy(chunk, s, pred, conf32.astype(np.float64), py, nll, sumsq, p)
+    return _split_numpy(chunk, s, regions, pred, conf32.astype(np.float64), py, nll, sumsq, p)
 
 
 def _wide_label_probs(chunk: Chunk, n: int, py: np.ndarray) -> np.ndarray:
@@ -125,8 +136,10 @@ def _check_row_sums(worst: float, precision: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def count_logits(chunk: Chunk, beta: np.ndarray, y_pred, s: Settings) -> Tallies:
+def count_logits(chunk: Chunk, beta: np.ndarray, y_pred, s: Settings, regions=None) -> Counted:
     """Tallies of ``softmax(beta * logits)``; the NLL is exact (no clip).
+
+    ``regions`` as in :func:`count_probabilities`.
 
     ``-log p_y = log(sum_k exp(d_k)) - d_y`` with ``d = beta * (z - max z)``:
     the normaliser comes from the exponentials, ``d_y`` from the logits, so a
@@ -136,7 +149,7 @@ def count_logits(chunk: Chunk, beta: np.ndarray, y_pred, s: Settings) -> Tallies
     n, c = z.shape
     if not s.classwise and can_tally(z):
         pred_all, e = shifted_exp(z, beta, reuse=True, pred=y_pred)
-        return _compiled(chunk, e, pred_all, s, logits=(z, beta))
+        return _split_compiled(chunk, e, pred_all, s, (z, beta), regions)
     pred, e, total_all, squares = softmax_stats(z, beta, pred=y_pred)
     total = total_all
     if rows is not None:
@@ -153,7 +166,7 @@ def count_logits(chunk: Chunk, beta: np.ndarray, y_pred, s: Settings) -> Tallies
     nll = np.log(total) - _label_gap(z, beta, rows, yv, pred, base)
     sumsq = squares * inv_total**2
     probs = e / total_all[:, None].astype(e.dtype) if s.classwise else None
-    return _numpy(chunk, s, pred, conf, py, nll, sumsq, probs)
+    return _split_numpy(chunk, s, regions, pred, conf, py, nll, sumsq, probs)
 
 
 def _label_gap(z, beta, rows, yv, pred, base) -> np.ndarray:
@@ -164,6 +177,55 @@ def _label_gap(z, beta, rows, yv, pred, base) -> np.ndarray:
     if b.size > 1:
         b = b if rows is None else b[rows]
     return gap * b
+
+
+# ---------------------------------------------------------------------------
+# regions: the same counting on each region's rows
+# ---------------------------------------------------------------------------
+
+
+def _region_view(chunk: Chunk, codes: np.ndarray, r: int, s: Settings):
+    """The chunk restricted to the kept rows of region ``r``, its settings, their selector.
+
+    Rows outside the region get a label the counting skips (the ignore index,
+    or -1 when there is none: never a class), so the compiled pass reads the
+    same values array; ``sel`` picks the region's rows among the kept rows.
+    """
+    skip = -1 if s.ignore_index is None else s.ignore_index
+    kept = np.arange(chunk.y.size) if chunk.rows is None else chunk.rows
+    sel = codes[kept] == r
+    rows = kept[sel]
+    y = np.full(chunk.y.size, skip, dtype=np.int64)
+    y[rows] = chunk.yv[sel]
+    sub = chunk._replace(y=y, yv=chunk.yv[sel], rows=rows)
+    return sub, s._replace(ignore_index=skip), sel
+
+
+def _split_compiled(chunk: Chunk, values, pred, s: Settings, logits, regions) -> Counted:
+    # The pooled tallies are counted exactly as without regions (the same sums,
+    # bit for bit); each region is one more compiled pass over the same values.
+    pool = _compiled(chunk, values, pred, s, logits=logits)
+    if regions is None:
+        return Counted(pool, None)
+    codes, n_regions = regions
+    parts = []
+    for r in range(n_regions):
+        sub, sub_s, _ = _region_view(chunk, codes, r, s)
+        parts.append(_compiled(sub, values, pred, sub_s, logits=logits))
+    return Counted(pool, parts)
+
+
+def _split_numpy(chunk: Chunk, s: Settings, regions, pred, conf, py, nll, sumsq, probs) -> Counted:
+    # the per-row quantities are computed once; only the binning runs per region
+    pool = _numpy(chunk, s, pred, conf, py, nll, sumsq, probs)
+    if regions is None:
+        return Counted(pool, None)
+    codes, n_regions = regions
+    parts = []
+    for r in range(n_regions):
+        sub, _, sel = _region_view(chunk, codes, r, s)
+        parts.append(_numpy(sub, s, pred[sel], conf[sel], py[sel], nll[sel], sumsq[sel], probs))
+    return Counted(pool, parts)
 
 
 # ---------------------------------------------------------------------------

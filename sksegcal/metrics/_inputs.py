@@ -236,6 +236,41 @@ def check_image_id(image_id: Any, n_rows: int, spatial: tuple[int, ...] | None):
     )
 
 
+def check_region(region: Any, n_rows: int, spatial, n_regions: int) -> np.ndarray:
+    """int64 region codes of shape (n_rows,) in ``[0, n_regions)``.
+
+    A boolean mask (two regions only) reads ``True`` as the first region.
+    """
+    r = to_numpy(region, "region") if is_tensor(region) else np.asarray(region)
+    shapes = {(n_rows,)}
+    if spatial is not None:
+        shapes |= {tuple(spatial), (spatial[0], n_rows // max(spatial[0], 1))}
+    if r.shape not in shapes:
+        expected = f"({n_rows},)" if spatial is None else f"{tuple(spatial)} or ({n_rows},)"
+        raise ValueError(
+            f"Shape mismatch: region has shape {r.shape}; expected {expected}, one region "
+            "per pixel."
+        )
+    if r.dtype == np.bool_:
+        if n_regions != 2:
+            raise ValueError(
+                f"A boolean region mask selects the first of two regions; this accumulator "
+                f"has {n_regions}: pass integer codes in [0, {n_regions - 1}]."
+            )
+        return (~r).reshape(-1).astype(np.int64)
+    if r.dtype.kind not in "iu":
+        raise TypeError(
+            f"region must hold integer region codes or booleans; got dtype {r.dtype}."
+        )
+    codes = r.reshape(-1).astype(np.int64, copy=False)
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= n_regions):
+        raise ValueError(
+            f"region holds codes outside [0, {n_regions - 1}]: one code per region of the "
+            "accumulator, in the order of its regions."
+        )
+    return codes
+
+
 def check_sample_weight(
     sample_weight: Any, n_rows: int, against: str = "y_prob"
 ) -> np.ndarray | None:

@@ -7,6 +7,11 @@ so ``np.savez(path, **state, allow_pickle=False)`` writes it and
 strings or tuples (the automatic ids of (N, C, H, W) chunks), travel as one
 JSON string. Everything read is checked: a dict from an untrusted file gives
 either an accumulator or a ValueError naming the offending key.
+
+An accumulator with ``regions`` adds the ``region*`` keys (the names as a JSON
+list, then each tally with a leading region axis, per-image tallies aligned
+with ``image_keys``); they must add up to the pooled tallies. A state without
+them is an accumulator without regions, as every earlier version wrote.
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ _REQUIRED = {
     "image_tallies",
 }  # fmt: skip
 _OPTIONAL = {"ignore_index", "classwise_tallies"}
+# with regions: all of these (and region_classwise_tallies when classwise)
+_REGION_KEYS = {
+    "regions",
+    "region_top",
+    "region_sums",
+    "region_confusion_matrix",
+    "region_image_tallies",
+}
+_OPTIONAL |= _REGION_KEYS | {"region_classwise_tallies"}
+# columns of region_sums, one row per region
+_REGION_SUMS = ("nll_sum", "brier_sum", "total_weight", "n_pixels")
 
 
 def _bad(key: str, what: str) -> ValueError:
@@ -82,6 +98,36 @@ def to_state(acc) -> dict[str, Any]:
         state["ignore_index"] = acc.ignore_index
     if acc.classwise:
         state["classwise_tallies"] = acc._cls.copy()
+    if acc.regions is not None:
+        state.update(_regions_to_state(acc, keys))
+    return state
+
+
+def _regions_to_state(acc, keys: list) -> dict[str, Any]:
+    parts = [acc._region_accs[name] for name in acc.regions]
+    zero = np.zeros((3, acc.per_image_n_bins))
+    for part in parts:
+        if not part._images.keys() <= set(keys):  # never: regions see the pooled chunks
+            raise RuntimeError("a region holds an image id the pooled tallies do not")
+    state = {
+        "regions": json.dumps(list(acc.regions)),
+        "region_top": np.stack([p._top for p in parts]),
+        "region_sums": np.array(
+            [[p._nll_sum, p._brier_sum, p.total_weight_, float(p.n_pixels_)] for p in parts],
+            dtype=np.float64,
+        ),
+        "region_confusion_matrix": np.stack([p.confusion_matrix_ for p in parts]),
+        "region_image_tallies": np.stack(
+            [
+                np.stack([p._images.get(k, zero) for k in keys])
+                if keys
+                else np.zeros((0, 3, acc.per_image_n_bins))
+                for p in parts
+            ]
+        ).astype(np.float64),
+    }
+    if acc.classwise:
+        state["region_classwise_tallies"] = np.stack([p._cls for p in parts])
     return state
 
 
@@ -216,4 +262,89 @@ def from_state(cls, d: Any):
     img = _array(d, "image_tallies", (len(keys), 3, b))
     _check_bins("image_tallies", img, None)
     acc._images = {k: img[j].copy() for j, k in enumerate(keys)}
+    if "regions" in d:
+        _regions_from_state(acc, d, keys)
+    else:
+        present = sorted(k for k in d if k.startswith("region"))
+        if present:
+            raise _bad(present[0], "is present although the state names no regions")
     return acc
+
+
+def _near(key: str, got: np.ndarray, want: np.ndarray, what: str) -> None:
+    """Region tallies add up to the pooled ones (float64 summation order aside)."""
+    scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
+    if not np.allclose(got, want, rtol=1e-9, atol=1e-9 * scale):
+        raise _bad(key, f"does not add up over the regions to the pooled {what}")
+
+
+def _regions_from_state(acc, d: dict, keys: list) -> None:
+    text = _scalar(d, "regions", "str")
+    try:
+        names = json.loads(text)
+    except ValueError:
+        raise _bad("regions", "is not valid JSON") from None
+    if not (
+        isinstance(names, list)
+        and len(names) >= 2
+        and all(isinstance(n, str) and n for n in names)
+    ):
+        raise _bad("regions", "must be a JSON list of at least two non-empty names")
+    if len(set(names)) != len(names):
+        raise _bad("regions", "holds the same name twice")
+    missing = sorted(_REGION_KEYS - d.keys())
+    if acc.classwise and "region_classwise_tallies" not in d:
+        missing.append("region_classwise_tallies")
+    if missing:
+        raise ValueError(
+            f"Invalid CalibrationAccumulator state: regions are named but keys {missing} "
+            "are missing."
+        )
+    if not acc.classwise and "region_classwise_tallies" in d:
+        raise _bad("region_classwise_tallies", "is present although classwise is False")
+    r, c, g, b = len(names), acc.n_classes, acc.n_base_bins, acc.per_image_n_bins
+    top = _array(d, "region_top", (r, 3, g))
+    sums = _array(d, "region_sums", (r, len(_REGION_SUMS)))
+    cm = _array(d, "region_confusion_matrix", (r, c, c))
+    img = _array(d, "region_image_tallies", (r, len(keys), 3, b))
+    cls = _array(d, "region_classwise_tallies", (r, c, 3, g)) if acc.classwise else None
+    pixels = sums[:, 3]
+    if (pixels != np.round(pixels)).any():
+        raise _bad("region_sums", "holds a pixel count (last column) that is not an integer")
+    for j in range(r):
+        total = float(sums[j, 2])
+        _check_bins("region_top", top[j], total)
+        _check_bins("region_image_tallies", img[j], None)
+        if abs(float(cm[j].sum()) - total) > 1e-8 * max(1.0, total):
+            raise _bad("region_confusion_matrix", "does not sum to the region's total weight")
+        if pixels[j] == 0 and total > 0:
+            raise _bad("region_sums", "holds a region with weight but no pixels")
+    pass
+    _near("region_confusion_matrix", cm.sum(0), acc.confusion_matrix_, "confusion matrix")
+    _near(
+        "region_image_tallies",
+        img.sum(0),
+        np.stack([acc._images[k] for k in keys]) if keys else np.zeros((0, 3, b)),
+        "per-image tallies",
+    )
+    pooled = np.array([acc._nll_sum, acc._brier_sum, acc.total_weight_])
+    _near("region_sums", sums[:, :3].sum(0), pooled, "NLL, Brier and weight sums")
+    if int(pixels.sum()) != acc.n_pixels_:
+        raise _bad(
+            "region_sums", f"counts {int(pixels.sum())} pixels, not the n_pixels {acc.n_pixels_}"
+        )
+    if cls is not None:
+        _check_bins("region_classwise_tallies", cls, None)
+        _near("region_classwise_tallies", cls.sum(0), acc._cls, "classwise tallies")
+    acc.regions = tuple(names)
+    acc._region_accs = {}
+    for j, name in enumerate(names):
+        part = acc._twin()
+        part._top = top[j].copy()
+        part._nll_sum, part._brier_sum = float(sums[j, 0]), float(sums[j, 1])
+        part.total_weight_, part.n_pixels_ = float(sums[j, 2]), int(pixels[j])
+        part.confusion_matrix_ = cm[j].copy()
+        if cls is not None:
+            part._cls = cls[j].copy()
+        part._images = {k: img[j, i].copy() for i, k in enumerate(keys)}
+        acc._region_accs[name] = part

@@ -34,9 +34,13 @@ The package, one idea a module:
 - ``_commit``: how an image is committed beside other writers; stray files;
 - ``_logit_store``: :class:`LogitStore` and :class:`StoredImage`;
 - ``_sampling``: the one-pass stratified pixel sample;
+- ``_context``: the spatial context of stored images, per image, for calibrators
+  that read it (``SelectiveScalingCalibrator(context="spatial")``,
+  ``LocalTemperatureScaling()``);
 - ``_engine``: :func:`fit_store`, :func:`evaluate_store`, :func:`predict_store`.
 """
 
+from ._context import sample_table as _sample_table  # noqa: F401 - the CLI's search sample
 from ._engine import (  # noqa: F401 - constants and _keeps_prediction are re-exported too
     DEFAULT_TASK_PIXELS,
     _keeps_prediction,  # used by benchmarks/quality.py

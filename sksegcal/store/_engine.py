@@ -5,8 +5,9 @@ on the store only), run as joblib tasks on any backend, and merged in block
 order, so every backend gives the same floating-point sums.
 
 May import: numpy, joblib, scikit-learn, :mod:`sksegcal.metrics`,
-:mod:`sksegcal._kernels`, :mod:`sksegcal._base`, :mod:`sksegcal.features`
-(lazily where heavy) and the store's ``._logit_store`` and ``._format``.
+:mod:`sksegcal._kernels`, :mod:`sksegcal._base`, :mod:`sksegcal.features`,
+:mod:`sksegcal.pixels` (lazily where heavy) and the store's ``._logit_store``,
+``._format`` and ``._context``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 
 from .._files import atomic_write_json
 from .._kernels import argmax_rows
-from .._validation import check_calibrator_classes
 from ..features import softmax
+from ..pixels import _check_context_calibrator, _estimator_context
+from ._context import iter_blocks, iter_tables, sample_table
 from ._format import MANIFEST, SPLIT_PARTS, VALUE_DTYPE
 from ._logit_store import LogitStore
 
@@ -59,12 +61,13 @@ def _make_accumulator(store: LogitStore, params: dict | None = None):
     )
 
 
-def _check_calibrator(name, estimator, store: LogitStore) -> None:
+def _check_calibrator(name, estimator, store: LogitStore, path: str) -> str | None:
+    """Check a calibrator against the store; returns the context it reads (None: logits)."""
     from sklearn.exceptions import NotFittedError
     from sklearn.utils.validation import check_is_fitted
 
     if estimator is None:
-        return
+        return None
     if not hasattr(estimator, "predict_proba"):
         raise TypeError(f"calibrator {name!r} has no predict_proba: {estimator!r}.")
     try:
@@ -76,8 +79,8 @@ def _check_calibrator(name, estimator, store: LogitStore) -> None:
         ) from None
     except TypeError:  # not a scikit-learn estimator: its own predict_proba will tell
         pass
-    check_calibrator_classes(estimator, store.n_classes, what=f"calibrator {name!r}",
-                             where=f"the store {store.path}")
+    return _check_context_calibrator(estimator, store.n_classes, what=f"calibrator {name!r}",
+                                     where=f"the store {store.path}", path=path)
 
 
 def calibrator_fingerprint(estimator) -> str | None:
@@ -218,16 +221,47 @@ def _zero_timings(calibrators) -> dict:
     return dict.fromkeys(steps, 0.0)
 
 
-def _evaluate_block(store: LogitStore, calibrators: dict, ids, chunk_pixels: int, acc_params):
+def _boundary_regions(store: LogitStore, image_id, width: int) -> np.ndarray:
+    """:func:`~sksegcal.metrics.boundary_mask` of one image, at its kept pixels in row order."""
+    from ..metrics import boundary_mask
+
+    labels = np.asarray(store.load_image(image_id).labels)
+    mask = boundary_mask(labels, width=width, ignore_index=store.ignore_index)
+    return mask[store._keep(labels)]
+
+
+def _chunk_region(store: LogitStore, y: np.ndarray, kept_regions: np.ndarray, pos: int):
+    """The boundary mask of one chunk of an image (its kept pixels are the next ones)."""
+    keep = store._keep(y)
+    region = np.zeros(y.shape, dtype=bool)
+    k = int(keep.sum())
+    region[keep] = kept_regions[pos : pos + k]
+    return region, pos + k
+
+
+def _evaluate_block(
+    store: LogitStore, calibrators: dict, ids, chunk_pixels: int, acc_params,
+    boundary_width: int | None = None,
+):
     accs = {name: _make_accumulator(store, acc_params) for name in calibrators}
     timings = _zero_timings(calibrators)
     keeps = {name: _keeps_prediction(est) for name, est in calibrators.items()}
     n_keeping = sum(keeps.values())
+    # the spatial context of each image, computed once for the calibrators that read it
+    contexts = {name: _estimator_context(est) for name, est in calibrators.items()}
+    context = next((c for c in contexts.values() if c is not None), None)
     for image_id in ids:
         t0 = time.perf_counter()
+        # the boundary band needs the whole label map; chunks take their part of it
+        if boundary_width is not None:
+            kept_regions, pos = _boundary_regions(store, image_id, boundary_width), 0
+        region = None
         # ignored pixels stay in (the accumulators skip their labels): compacting
         # every block would cost a copy of it
-        for x, y in store._iter_image_tables(image_id, chunk_pixels, drop_ignored=False):
+        for x, y, ctx in iter_tables(store, image_id, chunk_pixels, context, drop_ignored=False):
+            with_context = None if ctx is None else np.concatenate([x, ctx], axis=1)
+            if boundary_width is not None:
+                region, pos = _chunk_region(store, y, kept_regions, pos)
             t1 = time.perf_counter()
             timings["read"] += t1 - t0
             # The model's prediction, once per chunk, for every method that keeps it:
@@ -240,14 +274,16 @@ def _evaluate_block(store: LogitStore, calibrators: dict, ids, chunk_pixels: int
             for name, est in calibrators.items():
                 # Temperature-based methods (and the uncalibrated model) are scored
                 # straight from the logits: no probability table, one exp pass.
-                temperature = _softmax_temperatures(store, est, x)
+                rows = x if contexts[name] is None else with_context
+                temperature = _softmax_temperatures(store, est, rows)
                 if temperature is not None:
                     t2 = time.perf_counter()
                     accs[name].update_logits(
-                        y, x, temperature=temperature, image_id=int(image_id), y_pred=model_pred
+                        y, x, temperature=temperature, image_id=int(image_id),
+                        y_pred=model_pred, region=region,
                     )
                 else:
-                    proba = _uncalibrated(store, x) if est is None else est.predict_proba(x)
+                    proba = _uncalibrated(store, x) if est is None else est.predict_proba(rows)
                     t2 = time.perf_counter()
                     if keeps[name] and model_pred is None:
                         model_pred = argmax_rows(x)
@@ -256,6 +292,7 @@ def _evaluate_block(store: LogitStore, calibrators: dict, ids, chunk_pixels: int
                         proba,
                         image_id=int(image_id),
                         y_pred=model_pred if keeps[name] else None,
+                        region=region,
                     )
                 t3 = time.perf_counter()
                 timings[f"predict:{name}"] += t2 - t1
@@ -276,6 +313,7 @@ def evaluate_store(
     task_pixels: int = DEFAULT_TASK_PIXELS,
     accumulator_params: Mapping[str, Any] | None = None,
     return_timings: bool = False,
+    boundary_width: int | None = None,
 ):
     """Calibration metrics of several calibrators over a store, in bounded memory.
 
@@ -302,6 +340,11 @@ def evaluate_store(
     calibrators : mapping of str to estimator or None
         Fitted objects with ``predict_proba`` on (n, C) float32 rows of the
         store's values; None means uncalibrated (softmax of the logits).
+        Those that read the spatial context (``SelectiveScalingCalibrator(
+        context="spatial")``, ``LocalTemperatureScaling()``, or a pipeline or
+        search ending in one) get (n, C + K) rows: the logits, then the
+        context columns, computed once per image (on the whole image, as
+        ``flatten_segmentation(..., context="spatial")`` does) for all of them.
     images : None, "train", "validation", "test", array of ids or mask
     n_jobs : int or None, default=1
         joblib's ``n_jobs``; -1 uses every worker of the backend.
@@ -321,6 +364,14 @@ def evaluate_store(
     return_timings : bool, default=False
         Also return seconds spent reading, taking the model's argmax,
         predicting and accumulating (summed over workers).
+    boundary_width : int, optional
+        Also tally the pixels within this many pixels of a label change
+        apart from the rest: :func:`~sksegcal.metrics.boundary_mask` of each
+        stored label map (Chebyshev distance, ignored pixels and the image
+        border are no label change), and accumulators with
+        ``regions=("boundary", "interior")``, read with
+        ``acc.region("boundary")`` / ``acc.region_summary()``. The pooled
+        metrics are the same as without it.
 
     Returns
     -------
@@ -349,11 +400,20 @@ def evaluate_store(
     if not calibrators:
         raise ValueError("calibrators is empty; pass e.g. {'uncalibrated': None}.")
     for name, est in calibrators.items():
-        _check_calibrator(name, est, store)
+        _check_calibrator(name, est, store, "evaluate_store")
     chunk_pixels = store._chunk_pixels(chunk_pixels)
+    if boundary_width is not None:
+        from ..metrics import BOUNDARY_REGIONS, boundary_mask
+
+        if accumulator_params and "regions" in accumulator_params:
+            raise ValueError("Give boundary_width or accumulator_params['regions'], not both.")
+        boundary_mask(np.zeros((1, 1), dtype=np.int64), width=boundary_width)  # checks it
+        accumulator_params = {**(accumulator_params or {}), "regions": BOUNDARY_REGIONS}
     blocks = image_blocks(store, store._as_ids(images), task_pixels)
     results = Parallel(n_jobs=n_jobs, backend=backend)(
-        delayed(_evaluate_block)(store, calibrators, ids, chunk_pixels, accumulator_params)
+        delayed(_evaluate_block)(
+            store, calibrators, ids, chunk_pixels, accumulator_params, boundary_width
+        )
         for ids in blocks
     )
     accs = {name: _make_accumulator(store, accumulator_params) for name in calibrators}
@@ -370,15 +430,18 @@ def _predict_block(calibrator, store: LogitStore, out: LogitStore, ids, chunk_pi
     # a private handle: threads of one process must not share the records cache
     out = LogitStore(out.path, out._manifest, {})
     c = store.n_classes
+    context = _estimator_context(calibrator)
     for image_id in ids:
         record = store._records[store._names[image_id]]
         h, w = record["height"], record["width"]
         proba = np.empty((c, h, w), dtype=VALUE_DTYPE)
         labels = []
         r0 = 0
-        for z, t in store._iter_blocks(image_id, chunk_pixels):
+        for z, t, ctx in iter_blocks(store, image_id, chunk_pixels, context):
             rows = z.shape[1]
             x = np.ascontiguousarray(z.reshape(c, -1).T, dtype=np.float32)
+            if ctx is not None:  # every pixel's row, ignored ones included (for inference)
+                x = np.concatenate([x, ctx], axis=1)
             p = _uncalibrated(store, x) if calibrator is None else calibrator.predict_proba(x)
             proba[:, r0 : r0 + rows] = np.asarray(p).T.reshape(c, rows, w)
             labels.append(t)
@@ -411,6 +474,8 @@ def predict_store(
     ----------
     calibrator : estimator or None
         Fitted, with ``predict_proba``; None writes the softmax of the logits.
+        One that reads the spatial context (as :func:`evaluate_store` says)
+        gets the context columns of every pixel, computed per image.
     store : LogitStore
     out_path : str or path-like
     images, n_jobs, backend, chunk_pixels, task_pixels
@@ -437,10 +502,11 @@ def predict_store(
     """
     from joblib import Parallel, delayed
 
-    _check_calibrator("calibrator", calibrator, store)
+    context = _check_calibrator("calibrator", calibrator, store, "predict_store")
     source = {
         "calibrated_from": str(Path(store.path).resolve()),
         "calibrator": None if calibrator is None else repr(calibrator),
+        "context": context,  # what the calibrator read beside the logits (informative)
         # repr holds no fitted state: the hash of it tells two fits apart
         "calibrator_sha256": calibrator_fingerprint(calibrator),
         "source": store.source,
@@ -510,7 +576,12 @@ def fit_store(
     Parameters
     ----------
     estimator : estimator
-        Anything with ``fit(X, y, **fit_params)`` on (n, C) logits.
+        Anything with ``fit(X, y, **fit_params)`` on (n, C) logits. One that
+        reads the spatial context (``SelectiveScalingCalibrator(context=
+        "spatial")``, ``LocalTemperatureScaling()``, or a pipeline or search
+        ending in one) gets rows of C logits followed by the context columns
+        of their pixel, computed on the whole image before sampling, as
+        ``flatten_segmentation(..., context="spatial")`` computes them.
     store : LogitStore
     images : default="train"
         The recorded split's training images by default.
@@ -542,8 +613,11 @@ def fit_store(
     >>> bool(ts.temperature_ > 1)  # random labels: the logits are over-confident
     True
     """
-    X, y, groups = store.sample(
+    context = _estimator_context(estimator, where="fit_store")
+    X, y, groups = sample_table(
+        store,
         max_pixels,
+        context=context,
         images=images,
         stratify_by_correctness=stratify_by_correctness,
         max_per_image=max_per_image,

@@ -1,6 +1,7 @@
 """The calibrator a user names: loaded under the one trust policy, checked against the model.
 
-Used by calibrated inference and by the evaluator metric. A path goes
+Used by calibrated inference and by the evaluator metric, which also ask it
+which context the calibrator reads (computed per image from ``seg_logits``). A path goes
 through :func:`sksegcal.persistence.load` with the caller's ``trusted``: a
 skops file loads safely by default, a joblib/pickle file only with
 ``trusted=True`` (unpickling runs whatever code the file holds). Imports
@@ -13,7 +14,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_calibrator_classes", "load_calibrator"]
+__all__ = ["calibrator_context", "check_calibrator_classes", "load_calibrator"]
 
 
 def load_calibrator(calibrator: Any, trusted: bool | Iterable[str] | None = None) -> Any:
@@ -39,8 +40,23 @@ def load_calibrator(calibrator: Any, trusted: bool | Iterable[str] | None = None
     return calibrator
 
 
-def check_calibrator_classes(calibrator: Any, n_classes: int) -> None:
-    """Refuse a calibrator fitted on another number of classes than the model predicts."""
-    from ..._validation import check_calibrator_classes as check
+def check_calibrator_classes(
+    calibrator: Any, n_classes: int, path: str = "calibrate_model"
+) -> str | None:
+    """Refuse a calibrator fitted on another number of classes than the model predicts.
 
-    check(calibrator, n_classes, what="The calibrator", where="the model's output")
+    Returns the context the calibrator reads beside the logits (None, or
+    ``"spatial"``: the bridge then computes it per image from ``seg_logits``).
+    """
+    from ...pixels import _check_context_calibrator
+
+    return _check_context_calibrator(
+        calibrator, n_classes, what="The calibrator", where="the model's output", path=path
+    )
+
+
+def calibrator_context(calibrator: Any, where: str) -> str | None:
+    """The context ``calibrator`` reads (None for no calibrator); raises where none can be."""
+    from ...pixels import _estimator_context
+
+    return None if calibrator is None else _estimator_context(calibrator, where=where)

@@ -17,11 +17,13 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from mmengine.dist import all_gather_object, get_dist_info
 from mmengine.evaluator import BaseMetric
 
-from ._calibrators import check_calibrator_classes, load_calibrator
+from ...pixels import _context_rows
+from ._calibrators import calibrator_context, check_calibrator_classes, load_calibrator
 from ._common import CHUNK_PIXELS, IGNORE_INDEX, PROBA_FLAG, PUBLIC_MODULE, log
 
 __all__ = ["CalibrationMetric"]
@@ -89,6 +91,11 @@ class CalibrationMetric(BaseMetric):
     calibrator : estimator, str or path-like, optional
         Apply this calibrator (or the one saved at this path with
         :func:`sksegcal.persistence.save`) to the logits before measuring.
+        One that reads the spatial context (``SelectiveScalingCalibrator(
+        context="spatial")``, ``LocalTemperatureScaling()``) gets each
+        pixel's context columns after its logits, computed per image from
+        ``seg_logits`` as ``flatten_segmentation(..., context="spatial")``
+        computes them.
     trusted : None, True or iterable of str, default=None
         For a ``calibrator`` path, what you vouch for (as in
         :func:`sksegcal.persistence.load`): ``None`` loads a skops file
@@ -161,6 +168,8 @@ class CalibrationMetric(BaseMetric):
         self.metrics = metrics
         self.classwise = bool(classwise)
         self.calibrator = None if calibrator is None else load_calibrator(calibrator, trusted)
+        # what the calibrator reads beside the logits; a context of the user's own fails here
+        self._context = calibrator_context(self.calibrator, "CalibrationMetric")
         self.values = values
         self.n_base_bins = int(n_base_bins)
         self.chunk_pixels = int(chunk_pixels)
@@ -187,7 +196,7 @@ class CalibrationMetric(BaseMetric):
         known = self.accumulator_ if self.accumulator_ is not None else self._held
         if known is None:
             if self.calibrator is not None:
-                check_calibrator_classes(self.calibrator, n_classes)
+                check_calibrator_classes(self.calibrator, n_classes, "CalibrationMetric")
         elif known.n_classes != n_classes:
             raise ValueError(
                 f"seg_logits with {n_classes} classes after images with {known.n_classes}."
@@ -253,11 +262,16 @@ class CalibrationMetric(BaseMetric):
             # img_path identifies an image across processes; otherwise a per-instance id
             image_id = sample.get("img_path") or f"{self._uid}-{self._n_seen}"
             self._n_seen += 1
+            # the context of the whole image (ignored pixels too), as flatten_segmentation's
+            ctx = None if self._context is None else _context_rows(logits.detach())
             for start in range(0, table.shape[0], self.chunk_pixels):
                 stop = start + self.chunk_pixels
                 x = table[start:stop]
                 if self.calibrator is not None:
-                    p = self.calibrator.predict_proba(x.cpu().numpy())
+                    rows = x.cpu().numpy()
+                    if ctx is not None:
+                        rows = np.concatenate([rows, ctx[start:stop]], axis=1)
+                    p = self.calibrator.predict_proba(rows)
                 elif is_proba:
                     p = x.cpu().numpy()
                 else:

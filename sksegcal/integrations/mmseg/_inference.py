@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ...pixels import _context_rows
 from ._calibrators import check_calibrator_classes, load_calibrator
 from ._common import CHUNK_PIXELS, PROBA_FLAG, PUBLIC_MODULE
 from ._loading import n_classes
@@ -25,14 +26,23 @@ if TYPE_CHECKING:
 __all__ = ["calibrate_model", "is_calibrated", "proba_map", "uncalibrate_model"]
 
 
-def proba_map(calibrator, logits, chunk_pixels: int):
-    """Calibrated probabilities (C, H, W) of one image's logits (C, H, W), as a tensor."""
+def proba_map(calibrator, logits, chunk_pixels: int, context: str | None = None):
+    """Calibrated probabilities (C, H, W) of one image's logits (C, H, W), as a tensor.
+
+    With ``context="spatial"`` each row of logits is followed by its pixel's
+    context columns, computed on the whole image (the rows of
+    ``flatten_segmentation(..., context="spatial", ignore_index=None)``).
+    """
     c, h, w = logits.shape
     table = logits.detach().float().permute(1, 2, 0).reshape(-1, c).cpu().numpy()
+    ctx = None if context is None else _context_rows(logits.detach())
     out = np.empty(table.shape, dtype=np.float32)
     for start in range(0, table.shape[0], chunk_pixels):
         stop = start + chunk_pixels
-        out[start:stop] = calibrator.predict_proba(table[start:stop])
+        rows = table[start:stop]
+        if ctx is not None:
+            rows = np.concatenate([rows, ctx[start:stop]], axis=1)
+        out[start:stop] = calibrator.predict_proba(rows)
     proba = torch.from_numpy(out).reshape(h, w, c).permute(2, 0, 1).contiguous()
     return proba.to(device=logits.device)
 
@@ -44,11 +54,13 @@ class _CalibratedPostprocess:
     pickling of the model carry a working calibrated model along.
     """
 
-    def __init__(self, model, calibrator, keep_logits: bool, chunk_pixels: int):
+    def __init__(self, model, calibrator, keep_logits: bool, chunk_pixels: int,
+                 context: str | None = None):
         self.model = model
         self.calibrator = calibrator
         self.keep_logits = keep_logits
         self.chunk_pixels = chunk_pixels
+        self.context = context
 
     def __call__(self, seg_logits, data_samples=None):
         from mmengine.structures import PixelData
@@ -56,7 +68,9 @@ class _CalibratedPostprocess:
         samples = type(self.model).postprocess_result(self.model, seg_logits, data_samples)
         for sample in samples:
             logits = sample.seg_logits.data
-            proba = proba_map(self.calibrator, logits, self.chunk_pixels)
+            # models patched before the context existed have no attribute for it
+            context = getattr(self, "context", None)
+            proba = proba_map(self.calibrator, logits, self.chunk_pixels, context)
             if self.keep_logits:
                 sample.set_data({"seg_logits_uncalibrated": PixelData(data=logits)})
             # pred_sem_seg was computed from the logits above and is left as it is
@@ -101,7 +115,12 @@ def calibrate_model(
         A fitted sksegcal calibrator (anything with ``predict_proba`` on
         (n_pixels, n_classes) float32 logits), or the path of one saved with
         :func:`sksegcal.persistence.save`, loaded by
-        :func:`sksegcal.persistence.load` with ``trusted``.
+        :func:`sksegcal.persistence.load` with ``trusted``. One that reads
+        the spatial context (``SelectiveScalingCalibrator(context="spatial")``,
+        ``LocalTemperatureScaling()``, or a pipeline or search ending in one)
+        gets each pixel's context columns after its logits, computed per
+        image from ``seg_logits`` as
+        ``flatten_segmentation(..., context="spatial")`` computes them.
     keep_logits : bool, default=False
         Also keep the raw logits in ``seg_logits_uncalibrated``.
     chunk_pixels : int, default=262144
@@ -121,7 +140,8 @@ def calibrate_model(
     ------
     ValueError
         If ``calibrator`` is the path of a pickle and ``trusted`` is not
-        True, or the calibrator's class count is not the model's.
+        True, the calibrator's class count is not the model's, or it reads a
+        context of the user's own (``LocalTemperatureScaling(n_context=3)``).
 
     Examples
     --------
@@ -136,12 +156,12 @@ def calibrate_model(
             "segmentor (BaseSegmentor subclass such as EncoderDecoder)."
         )
     calibrator = load_calibrator(calibrator, trusted)
-    check_calibrator_classes(calibrator, n_classes(model))
+    context = check_calibrator_classes(calibrator, n_classes(model))
     if not isinstance(chunk_pixels, numbers.Integral) or chunk_pixels < 1:
         raise ValueError(f"chunk_pixels must be a positive integer; got {chunk_pixels!r}.")
     # an instance attribute shadows the class's method; deleting it restores the original
     model.postprocess_result = _CalibratedPostprocess(
-        model, calibrator, bool(keep_logits), int(chunk_pixels)
+        model, calibrator, bool(keep_logits), int(chunk_pixels), context
     )
     return model
 

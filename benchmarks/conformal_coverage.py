@@ -1,0 +1,322 @@
+"""Coverage and set sizes of sksegcal.conformal on the real cases, over random splits.
+
+    python benchmarks/conformal_coverage.py --datasets mni152-tissue aal --splits 200 \
+        --out /tmp/conformal-coverage.md
+
+Data: the held-out ("calibration") slices of `sksegcal demo`'s datasets and the U-Nets shipped
+with the package (`load_demo_network`: nothing is trained). Each axial slice has two simulated
+acquisitions; the exchangeable unit is the slice (its two images go together everywhere).
+
+1. A fixed third of the slices (seed 0) fits the calibrators: temperature scaling and
+   SelectiveScalingCalibrator() at its defaults. They are never refitted.
+2. The other slices are split `--splits` times at random into conformal-calibration and test
+   halves (by slice). For every method (raw softmax, TS, selective) and score (LAC, APS):
+   - pixel sets (ConformalPixelSets): pooled test pixel coverage vs 1 - alpha, set sizes;
+   - conformal risk control over slices (ConformalRiskControl) of the miscoverage fraction
+     and of the false-negative rate of one class (--fnr-class, grey matter by default):
+     the mean test loss vs alpha.
+   Thresholds come from the library's own states: one ScoreHistogram / ImageRiskTally per
+   slice (the estimators fitted on that slice alone), merged over the calibration slices of
+   each split (merge == one pass is tested in tests/test_conformal.py). The test numbers are
+   read from per-slice histograms of the test pixels' score levels. Split 0 is checked
+   against the estimators fitted on all its calibration pixels and their predict_set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
+from sksegcal._segnet import (
+    DEMO_SETTINGS,
+    SegNetConfig,
+    cache_dir,
+    load_demo_network,
+    predict_logits,
+)
+from sksegcal.conformal import (
+    ConformalPixelSets,
+    ConformalRiskControl,
+    ImageRiskTally,
+    ScoreHistogram,
+    aps_scores,
+    lac_scores,
+)
+from sksegcal.datasets import load_dataset
+from sksegcal.features import softmax
+
+N_BINS = 2**16
+METHODS = ("raw softmax", "TS", "selective (default)")
+
+
+def real_case(name: str):
+    settings = DEMO_SETTINGS[(name, False)]
+    data = load_dataset(name, random_state=0, cache_dir=cache_dir(), **settings["data"])
+    cal = data.select("calibration")
+    model, _ = load_demo_network(name, config=SegNetConfig(**settings["net"]))
+    logits = predict_logits(model, cal.images)
+    return logits, cal.labels.astype(np.int64), cal.slice_index, data.class_names
+
+
+def table(Z):
+    n, c, h, w = Z.shape
+    return np.ascontiguousarray(np.moveaxis(Z, 1, -1).reshape(-1, c), dtype=np.float32)
+
+
+def levels_of(P, score):
+    s = lac_scores(P) if score == "lac" else aps_scores(P)
+    return np.ceil(s.astype(np.float64) * N_BINS).astype(np.int32)
+
+
+def per_unit(P, y, unit, score, fnr_class, alphas):
+    """Per slice: the library states and the test-side histograms."""
+    units = np.unique(unit)
+    L = levels_of(P, score)
+    r = np.arange(len(y))
+    true = L[r, y]
+    out = {
+        "units": units,
+        "H": [],
+        "A": [],
+        "F": [],
+        "n": [],
+        "nf": [],
+        "sets": [],
+        "crc": [],
+        "fnr": [],
+    }
+    for u in units:
+        rows = unit == u
+        out["H"].append(np.bincount(true[rows], minlength=N_BINS + 1))
+        out["A"].append(np.bincount(L[rows].ravel(), minlength=N_BINS + 1))
+        f = rows & (y == fnr_class)
+        out["F"].append(np.bincount(true[f], minlength=N_BINS + 1))
+        out["n"].append(rows.sum())
+        out["nf"].append(f.sum())
+        kw = {"conformity_score": score, "input_type": "probabilities"}
+        out["sets"].append(ConformalPixelSets(**kw).fit(P[rows], y[rows]).state_)
+        g = np.full(rows.sum(), u)
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # one slice: infinite threshold
+                out["crc"].append(ConformalRiskControl(**kw).fit(P[rows], y[rows], g).state_)
+                if f.any():
+                    out["fnr"].append(
+                        ConformalRiskControl(loss="fnr", target_class=fnr_class, **kw)
+                        .fit(P[rows], y[rows], g)
+                        .state_
+                    )
+                else:
+                    out["fnr"].append(None)
+    for key in ("H", "A", "F"):
+        out[key] = np.cumsum(np.asarray(out[key], dtype=np.float64), axis=1)  # counts <= t
+    out["n"], out["nf"] = np.asarray(out["n"], float), np.asarray(out["nf"], float)
+    return out
+
+
+def run_splits(U, n_splits, alphas, n_cal, seed=0):
+    rng = np.random.default_rng(seed)
+    m = len(U["units"])
+    res = {}
+    for _ in range(n_splits):
+        perm = rng.permutation(m)
+        cal, test = perm[:n_cal], perm[n_cal:]
+        for alpha in alphas:
+            h = ScoreHistogram(N_BINS)
+            for i in cal:
+                h.merge(U["sets"][i])
+            t = h.threshold_level(alpha)
+            t = N_BINS if t is None else t
+            cov = U["H"][test, t].sum() / U["n"][test].sum()
+            size = U["A"][test, t].sum() / U["n"][test].sum()
+            res.setdefault(("sets", alpha), []).append((cov, size))
+            tally = ImageRiskTally(N_BINS)
+            for i in cal:
+                tally.merge(U["crc"][i])
+            t = tally.lambda_level(alpha)
+            if t is not None:
+                risk = np.mean(1 - U["H"][test, t] / U["n"][test])
+                size = U["A"][test, t].sum() / U["n"][test].sum()
+                res.setdefault(("crc", alpha), []).append((risk, size))
+            tally = ImageRiskTally(N_BINS)
+            for i in cal:
+                if U["fnr"][i] is not None:
+                    tally.merge(U["fnr"][i])
+            t = tally.lambda_level(alpha)
+            if t is not None:
+                has = test[U["nf"][test] > 0]
+                risk = np.mean(1 - U["F"][has, t] / U["nf"][has])
+                size = U["A"][test, t].sum() / U["n"][test].sum()
+                res.setdefault(("fnr", alpha), []).append((risk, size))
+    return {k: np.asarray(v) for k, v in res.items()}
+
+
+def check_split0(P, y, unit, U, score, fnr_class, n_cal, alpha, seed=0):
+    """The merged per-slice states equal the estimators fitted on all calibration pixels."""
+    perm = np.random.default_rng(seed).permutation(len(U["units"]))
+    cal_units, test_units = U["units"][perm[:n_cal]], U["units"][perm[n_cal:]]
+    cal, test = np.isin(unit, cal_units), np.isin(unit, test_units)
+    kw = {"conformity_score": score, "input_type": "probabilities", "alpha": alpha}
+    est = ConformalPixelSets(**kw).fit(P[cal], y[cal])
+    h = ScoreHistogram(N_BINS)
+    for i in perm[:n_cal]:
+        h.merge(U["sets"][i])
+    assert est.threshold_level_ == h.threshold_level(alpha)
+    sets = est.predict_set(P[test])
+    direct = sets[np.arange(test.sum()), y[test]].mean()
+    t = est.threshold_level_
+    via = U["H"][perm[n_cal:], t].sum() / U["n"][perm[n_cal:]].sum()
+    assert abs(direct - via) < 1e-12, (direct, via)
+    crc = ConformalRiskControl(**kw, loss="fnr", target_class=fnr_class).fit(
+        P[cal], y[cal], unit[cal]
+    )
+    tally = ImageRiskTally(N_BINS)
+    for i in perm[:n_cal]:
+        if U["fnr"][i] is not None:
+            tally.merge(U["fnr"][i])
+    assert crc.threshold_level_ == (tally.lambda_level(alpha) or N_BINS)
+
+
+def fmt(v, se):
+    return f"{v:.4f} ± {se:.4f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--datasets", nargs="+", default=["mni152-tissue", "aal"])
+    ap.add_argument("--splits", type=int, default=200)
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    ap.add_argument(
+        "--fnr-class",
+        type=int,
+        default=None,
+        help="default: grey matter (1) on mni152-tissue, the largest region on aal",
+    )
+    ap.add_argument("--scores", nargs="+", default=["lac", "aps"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    lines = []
+    for name in args.datasets:
+        t0 = time.perf_counter()
+        Z, labels, slices, class_names = real_case(name)
+        n, c, h, w = Z.shape
+        X = table(Z)
+        y = labels.reshape(-1)
+        unit = np.repeat(slices, h * w)
+        all_units = np.unique(slices)
+        rng = np.random.default_rng(0)
+        fit_units = rng.choice(all_units, size=len(all_units) // 3, replace=False)
+        fit_rows = np.isin(unit, fit_units)
+        rest = ~fit_rows
+        image_of_pixel = np.repeat(np.arange(n), h * w)
+        ts = TemperatureScaling().fit(X[fit_rows], y[fit_rows])
+        sel = SelectiveScalingCalibrator(random_state=0).fit(
+            X[fit_rows], y[fit_rows], groups=image_of_pixel[fit_rows]
+        )
+        fnr_class = args.fnr_class
+        if fnr_class is None:
+            fnr_class = 1 if name == "mni152-tissue" else int(np.argmax(np.bincount(y)[1:]) + 1)
+        Xr, yr, ur = X[rest], y[rest], unit[rest]
+        probs = {
+            "raw softmax": softmax(Xr),
+            "TS": ts.predict_proba(Xr),
+            "selective (default)": sel.predict_proba(Xr),
+        }
+        m = len(np.unique(ur))
+        n_cal = m // 2 + m % 2
+        lines += [
+            f"## {name}",
+            "",
+            f"{n} images ({len(all_units)} slices x 2 acquisitions), {c} classes, "
+            f"{h}x{w}; calibrators fitted on {len(fit_units)} slices (TS temperature "
+            f"{ts.temperature_:.3f}); conformal on the other {m} slices: "
+            f"{args.splits} random splits into {n_cal} calibration / {m - n_cal} test "
+            f"slices. FNR class: {fnr_class} ({class_names[fnr_class]}).",
+            "",
+        ]
+        results = {}
+        for method, P in probs.items():
+            for score in args.scores:
+                U = per_unit(P, yr, ur, score, fnr_class, args.alphas)
+                check_split0(P, yr, ur, U, score, fnr_class, n_cal, 0.1)
+                results[(method, score)] = run_splits(U, args.splits, args.alphas, n_cal)
+        k = args.splits
+        lines += [
+            "### Pixel sets (ConformalPixelSets): pooled test coverage over splits",
+            "",
+            "| method | score | alpha | target | mean coverage ± SE | std | splits below "
+            "target | mean set size ± SE |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for (method, score), res in results.items():
+            for alpha in args.alphas:
+                v = res[("sets", alpha)]
+                cov, size = v[:, 0], v[:, 1]
+                lines.append(
+                    f"| {method} | {score} | {alpha} | {1 - alpha:.2f} | "
+                    f"{fmt(cov.mean(), cov.std() / np.sqrt(k))} | {cov.std():.4f} | "
+                    f"{np.mean(cov < 1 - alpha):.2f} | "
+                    f"{fmt(size.mean(), size.std() / np.sqrt(k))} |"
+                )
+        lines += [
+            "",
+            "### Conformal risk control over slices: mean test loss over splits",
+            "",
+            "| method | score | loss | alpha | mean risk ± SE | std | splits above alpha | "
+            "mean set size |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for (method, score), res in results.items():
+            for loss in ("crc", "fnr"):
+                for alpha in args.alphas:
+                    v = res.get((loss, alpha))
+                    label = "miscoverage" if loss == "crc" else f"FNR {class_names[fnr_class]}"
+                    if v is None:
+                        lines.append(
+                            f"| {method} | {score} | {label} | {alpha} | needs >= "
+                            f"{int(np.ceil(1 / alpha - 1))} calibration slices | | | |"
+                        )
+                        continue
+                    risk, size = v[:, 0], v[:, 1]
+                    lines.append(
+                        f"| {method} | {score} | {label} | {alpha} | "
+                        f"{fmt(risk.mean(), risk.std() / np.sqrt(len(risk)))} | "
+                        f"{risk.std():.4f} | {np.mean(risk > alpha):.2f} | {size.mean():.3f} |"
+                    )
+        # paired size comparison at the same alpha (same splits for every method)
+        lines += [
+            "",
+            "### Set sizes at the same coverage: paired over the same splits",
+            "",
+            "| score | alpha | raw | TS | selective | selective / TS (mean ± SE of the "
+            "paired ratio) | coverage raw / TS / selective |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for score in args.scores:
+            for alpha in args.alphas:
+                v = {mth: results[(mth, score)][("sets", alpha)] for mth in METHODS}
+                ratio = v["selective (default)"][:, 1] / v["TS"][:, 1]
+                lines.append(
+                    f"| {score} | {alpha} | "
+                    + " | ".join(f"{v[mth][:, 1].mean():.3f}" for mth in METHODS)
+                    + f" | {ratio.mean():.4f} ± {ratio.std() / np.sqrt(k):.4f} | "
+                    + " / ".join(f"{v[mth][:, 0].mean():.4f}" for mth in METHODS)
+                    + " |"
+                )
+        lines += ["", f"({time.perf_counter() - t0:.0f} s)", ""]
+        print("\n".join(lines), flush=True)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""``sksegcal conformal``: prediction sets and risk control on a store, with a report.
+
+The chosen images (by default the recorded split's test images, which no
+calibrator was fitted on) are split once more, by image and seeded, into
+conformal-calibration and evaluation images. For the uncalibrated model and
+each calibrator given, it calibrates pixel-level sets (per score), the
+image-level risk control of the miscoverage fraction and, with
+``--fnr-class``, of one class's false-negative rate, all over the store
+one image at a time; then evaluates them on the evaluation images and
+writes ``conformal.json``, ``conformal.md`` and ``set_sizes.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .._files import atomic_write_bytes, atomic_write_json
+from .._validation import check_calibrator_classes
+from ._common import (
+    UNCALIBRATED,
+    CommandError,
+    calibrator_names,
+    check_output_dir,
+    image_ids,
+    load_calibrator,
+    open_store,
+    say,
+)
+
+_N_MAP_IMAGES = 4  # evaluation images shown in the set-size heat map
+
+
+def _procedures(args, store, calibrator):
+    """{(procedure, score): unfitted estimator} for one calibrator."""
+    from ..conformal import ConformalPixelSets, ConformalRiskControl
+
+    common = {
+        "alpha": args.alpha,
+        "calibrator": calibrator,
+        "input_type": store.values,
+        "ignore_index": store.ignore_index,
+        "random_state": args.seed,
+    }
+    out = {}
+    for score in args.score:
+        out[("pixel sets", score)] = ConformalPixelSets(conformity_score=score, **common)
+        out[("CRC miscoverage", score)] = ConformalRiskControl(conformity_score=score, **common)
+        if args.fnr_class is not None:
+            out[(f"CRC FNR class {args.fnr_class}", score)] = ConformalRiskControl(
+                conformity_score=score, loss="fnr", target_class=args.fnr_class, **common
+            )
+    return out
+
+
+def _split(ids: np.ndarray, size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if not 0 < size < 1:
+        raise CommandError(f"--calibration-size must be in (0, 1), got {size}.")
+    n_cal = int(round(size * len(ids)))
+    if n_cal < 1 or n_cal >= len(ids):
+        raise CommandError(
+            f"{len(ids)} images cannot be split into conformal-calibration and evaluation "
+            f"images at --calibration-size {size}; give more images (--images) or another size."
+        )
+    perm = np.random.default_rng(seed).permutation(ids)
+    return np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+_COLUMNS = (
+    ("method", "method"),
+    ("procedure", "procedure"),
+    ("score", "score"),
+    ("threshold", "threshold"),
+    ("coverage", "pixel coverage"),
+    ("mean_image_coverage", "mean image coverage"),
+    ("mean_set_size", "mean set size"),
+    ("empty_fraction", "empty sets"),
+    ("mean_image_fnr", "mean image FNR"),
+)
+
+
+def _table(rows: list[dict], *, markdown: bool) -> str:
+    cells = [[_fmt(r.get(key)) for key, _ in _COLUMNS] for r in rows]
+    heads = [head for _, head in _COLUMNS]
+    if markdown:
+        lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+    widths = [max(len(h), *(len(c[j]) for c in cells)) for j, h in enumerate(heads)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*heads)] + [fmt.format(*c) for c in cells])
+
+
+def _heat_map(output, store, pixel_sets: dict, ids) -> str | None:
+    """set_sizes.png: set sizes of a few evaluation images, one row per method."""
+    try:
+        from ..plotting import plot_set_size_maps
+    except ImportError:  # pragma: no cover - matplotlib is optional
+        return None
+    from ._report import _save_figure
+
+    shown = ids[:_N_MAP_IMAGES]
+    maps = np.stack([np.asarray(store.load_image(int(i)).logits, dtype=np.float32) for i in shown])
+    sizes = {name: est.predict_set_size_maps(maps) for name, est in pixel_sets.items()}
+    try:
+        fig = plot_set_size_maps(
+            sizes,
+            n_classes=store.n_classes,
+            titles=[str(store.image_names[int(i)]) for i in shown],
+        )
+    except ImportError:
+        return None
+    _save_figure(fig, output / "set_sizes.png", dpi=110)
+    return "set_sizes.png"
+
+
+def conformal(args) -> int:
+    """The ``conformal`` command."""
+    from ..conformal import evaluate_conformal_store, fit_conformal_store
+
+    output = check_output_dir(args.output)  # before any work
+    if not 0 < args.alpha < 1:
+        raise CommandError(f"--alpha must be in (0, 1), got {args.alpha}.")
+    store = open_store(args.store)
+    if args.fnr_class is not None and not 0 <= args.fnr_class < store.n_classes:
+        raise CommandError(
+            f"--fnr-class {args.fnr_class} is not a class of the store "
+            f"(0 .. {store.n_classes - 1})."
+        )
+    paths = args.calibrator or []
+    calibrators = {UNCALIBRATED: None}
+    for name, path in zip(calibrator_names(paths), paths):
+        est = load_calibrator(path, trusted=args.trusted)
+        try:
+            check_calibrator_classes(
+                est,
+                store.n_classes,
+                what=f"the calibrator {path}",
+                where=f"the store {store.path}",
+            )
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        calibrators[name] = est
+    cal_ids, test_ids = _split(image_ids(store, args.images), args.calibration_size, args.seed)
+    say(
+        args,
+        f"conformal calibration on {len(cal_ids)} images, evaluation on {len(test_ids)} "
+        f"images of {store.path} (alpha = {args.alpha})",
+    )
+    t0 = time.perf_counter()
+    fitted = {}
+    for method, calibrator in calibrators.items():
+        for (procedure, score), est in _procedures(args, store, calibrator).items():
+            fitted[(method, procedure, score)] = fit_conformal_store(
+                est, store, images=cal_ids, n_jobs=args.n_jobs
+            )
+    keys = list(fitted)
+    names = {key: " / ".join(key) for key in keys}
+    accs = evaluate_conformal_store(
+        {names[k]: fitted[k] for k in keys}, store, images=test_ids, n_jobs=args.n_jobs
+    )
+    rows = []
+    for key in keys:
+        est, acc = fitted[key], accs[names[key]]
+        target = getattr(est, "target_class", None)
+        s = acc.summary(target_class=target)
+        rows.append(
+            {
+                "method": key[0],
+                "procedure": key[1],
+                "score": key[2],
+                "threshold": float(est.threshold_),
+                "n_calibration": int(est.n_calibration_),
+                "per_class_coverage": acc.per_class_coverage().tolist(),
+                **s,
+            }
+        )
+    pixel_sets = {k[0]: fitted[k] for k in keys if k[1] == "pixel sets" and k[2] == args.score[0]}
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    meta = {
+        "store": str(store.path),
+        "images": args.images,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "calibration_images": cal_ids.tolist(),
+        "evaluation_images": test_ids.tolist(),
+        "calibrators": {n: str(p) for n, p in zip(calibrator_names(paths), paths)},
+        "class_names": list(store.class_names) if store.class_names else None,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_json(output / "conformal.json", {"meta": meta, "results": rows})
+    written.append("conformal.json")
+    figure = _heat_map(output, store, pixel_sets, test_ids)
+    md = [
+        "# Conformal prediction sets and risk control",
+        "",
+        f"Store `{store.path}`; {len(cal_ids)} conformal-calibration images, {len(test_ids)} "
+        f"evaluation images ({args.images} images split with seed {args.seed}); "
+        f"alpha = {args.alpha} (target coverage {1 - args.alpha:g}).",
+        "",
+        "- *pixel sets*: split-conformal sets, marginal over pixels; the finite-sample "
+        "guarantee assumes exchangeable pixels, which pixels of whole images are not.",
+        "- *CRC*: conformal risk control over images: the mean per-image loss (miscoverage "
+        "fraction, or the class's false-negative rate) is at most alpha in expectation over "
+        "exchangeable images.",
+        "",
+        _table(rows, markdown=True),
+        "",
+    ]
+    if figure is not None:
+        md += [f"![set sizes]({figure})", ""]
+        written.append(figure)
+    atomic_write_bytes(output / "conformal.md", "\n".join(md).encode())
+    written.append("conformal.md")
+    print(_table(rows, markdown=False))
+    print(f"\nwritten: {output}/ ({', '.join(written)})")
+    return 0

@@ -1,0 +1,60 @@
+"""Conformal prediction sets and risk control for segmentation, in bounded memory.
+
+Calibrated probabilities are right on average; conformal methods turn them
+into promises that hold on new data, from a calibration split of images:
+
+* :class:`ConformalPixelSets`: split-conformal prediction sets per pixel
+  (LAC or APS scores) at miscoverage ``alpha``. The finite-sample guarantee
+  assumes exchangeable calibration and test *pixels*, which pixels of whole
+  images are not; across images it holds on average, as measured in
+  ``docs/conformal.md``.
+* :class:`ConformalRiskControl`: conformal risk control (Angelopoulos et al.
+  2022) with a per-image loss (the fraction of pixels not covered, or the
+  false-negative rate of one class), guaranteed in expectation over
+  exchangeable *images*.
+
+Both take the inputs of our calibrators (logits or probabilities, an
+optional fitted calibrator in front, ``ignore_index``) and keep their
+calibration scores in a fixed-size, mergeable state: a :class:`ScoreHistogram`
+or an :class:`ImageRiskTally` on a grid of ``2**16`` levels whose rounding
+only ever adds coverage. :func:`fit_conformal_store` and
+:func:`evaluate_conformal_store` run them over a
+:class:`~sksegcal.store.LogitStore` one image at a time, in parallel with
+joblib; :class:`ConformalSetAccumulator` tallies coverage, set sizes and
+per-image risks.
+
+Layout: ``_scores`` (score functions and levels), ``_histogram`` (the score
+histogram, the conformal rank), ``_risk`` (the per-image loss tally and the
+CRC threshold), ``_base`` (inputs, probabilities, sets), ``_sets`` and
+``_risk_control`` (the two estimators), ``_metrics`` (the set accumulator),
+``_store`` (the store path).
+"""
+
+from ._histogram import ScoreHistogram, conformal_rank
+from ._metrics import ConformalSetAccumulator
+from ._risk import ImageRiskTally
+from ._risk_control import ConformalRiskControl
+from ._scores import SCORES, aps_scores, lac_scores
+from ._sets import ConformalPixelSets
+from ._store import evaluate_conformal_store, fit_conformal_store
+
+__all__ = [
+    "SCORES",
+    "ConformalPixelSets",
+    "ConformalRiskControl",
+    "ConformalSetAccumulator",
+    "ImageRiskTally",
+    "ScoreHistogram",
+    "aps_scores",
+    "conformal_rank",
+    "evaluate_conformal_store",
+    "fit_conformal_store",
+    "lac_scores",
+]
+
+# public names say they live here, the one import path users see (pickles name it too)
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) or callable(_obj):
+        _obj.__module__ = __name__
+del _name, _obj

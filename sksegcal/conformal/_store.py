@@ -1,0 +1,198 @@
+"""Conformal calibration and evaluation over a LogitStore, one image at a time.
+
+Each joblib task takes a block of consecutive images, reads them one at a
+time in row chunks, and returns a fixed-size state (a score histogram or a
+risk tally) or a set accumulator; the states are merged in block order, so
+the result does not depend on ``n_jobs`` or the backend (randomised APS draws
+from a stream per image, so it does not either).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ._base import BaseConformal
+from ._metrics import ConformalSetAccumulator
+
+DEFAULT_TASK_PIXELS = 4_000_000
+
+
+def _blocks(store, ids: np.ndarray, task_pixels: int) -> list[np.ndarray]:
+    """Consecutive images of about ``task_pixels`` pixels a block (depends on the store only)."""
+    blocks, current, size = [], [], 0
+    for i in ids:
+        record = store.record(int(i))
+        current.append(int(i))
+        size += record["height"] * record["width"]
+        if size >= task_pixels:
+            blocks.append(np.array(current))
+            current, size = [], 0
+    if current:
+        blocks.append(np.array(current))
+    return blocks
+
+
+def _check_inputs(estimator, store) -> None:
+    if not isinstance(estimator, BaseConformal):
+        raise TypeError(
+            f"estimator must be a ConformalPixelSets or ConformalRiskControl, got "
+            f"{type(estimator).__name__}."
+        )
+    if estimator.calibrator is None and estimator.input_type != store.values:
+        raise ValueError(
+            f"the store {store.path} holds {store.values} but the estimator has input_type="
+            f"{estimator.input_type!r}; set input_type={store.values!r}."
+        )
+
+
+def _fit_block(estimator, store, ids, chunk_pixels):
+    state = estimator._new_state()
+    for image_id in ids:
+        chunks = ((X, y) for X, y, _ in store.iter_chunks(chunk_pixels, images=[image_id]))
+        counts = estimator._image_histogram(chunks, estimator._rng(2, int(image_id)))
+        estimator._add_image(state, counts)
+    return state
+
+
+def fit_conformal_store(
+    estimator,
+    store,
+    *,
+    images="validation",
+    n_jobs: int | None = 1,
+    backend=None,
+    chunk_pixels: int | None = None,
+    task_pixels: int = DEFAULT_TASK_PIXELS,
+):
+    """Calibrate a conformal estimator on a store's images, in bounded memory.
+
+    Images are read one at a time, in row chunks; each joblib task fills the
+    estimator's fixed-size state over a block of images and the states are
+    merged, so memory holds one chunk and one state per worker whatever the
+    number of pixels. The estimator is fitted in place, as ``fit`` would fit
+    it on the images' pixel table (up to the randomised draws of APS).
+
+    Parameters
+    ----------
+    estimator : ConformalPixelSets or ConformalRiskControl
+        Unfitted (or fitted: it is refitted). Its calibrator, if any, must
+        take the store's (n, C) rows.
+    store : LogitStore
+    images : None, "train", "validation", "test", array of ids or mask, default="validation"
+        The conformal calibration images. They must be exchangeable with the
+        images the sets are used on and not used to fit the calibrator.
+    n_jobs, backend
+        joblib's; states are merged in block order, so the result does not
+        depend on them.
+    chunk_pixels : int, optional
+        Pixels per chunk (default: 4M values, ``4194304 // n_classes``).
+    task_pixels : int, default=4000000
+        Pixels per joblib task.
+
+    Returns
+    -------
+    estimator
+        The fitted estimator.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from sksegcal.conformal import ConformalRiskControl, fit_conformal_store
+    >>> from sksegcal.store import LogitStore
+    >>> rng = np.random.default_rng(0)
+    >>> store = LogitStore.create(tempfile.mkdtemp() + "/s", n_classes=3)
+    >>> for name in range(20):
+    ...     t = rng.integers(0, 3, size=(8, 8))
+    ...     z = 3.0 * (np.moveaxis(np.eye(3)[t], -1, 0) + rng.normal(size=(3, 8, 8)))
+    ...     _ = store.add_image(name, z, t)
+    >>> crc = fit_conformal_store(ConformalRiskControl(alpha=0.2), store, images=None)
+    >>> crc.n_calibration_
+    20
+    """
+    from joblib import Parallel, delayed
+
+    _check_inputs(estimator, store)
+    ids = store._as_ids(images)
+    if len(ids) == 0:
+        raise ValueError("images selects no image of the store; there is nothing to calibrate on.")
+    for attr in ("state_", "n_features_in_"):
+        estimator.__dict__.pop(attr, None)
+    estimator.n_features_in_ = store.n_classes
+    estimator._start(store.n_classes)
+    chunk_pixels = store._chunk_pixels(chunk_pixels)
+    states = Parallel(n_jobs=n_jobs, backend=backend)(
+        delayed(_fit_block)(estimator, store, block, chunk_pixels)
+        for block in _blocks(store, ids, task_pixels)
+    )
+    for state in states:
+        estimator.state_.merge(state)  # in block order
+    if hasattr(estimator, "_images_seen"):
+        estimator._images_seen = {int(i) for i in ids}
+    return estimator._finish()
+
+
+def _evaluate_block(estimators, store, ids, chunk_pixels):
+    accs = {
+        name: ConformalSetAccumulator(store.n_classes, ignore_index=store.ignore_index)
+        for name in estimators
+    }
+    for image_id in ids:
+        for X, y, _ in store.iter_chunks(chunk_pixels, images=[image_id]):
+            for name, est in estimators.items():
+                accs[name].update(y, est.predict_set(X), image_id=int(image_id))
+    return accs
+
+
+def evaluate_conformal_store(
+    estimators: Mapping[str, Any],
+    store,
+    *,
+    images="test",
+    n_jobs: int | None = 1,
+    backend=None,
+    chunk_pixels: int | None = None,
+    task_pixels: int = DEFAULT_TASK_PIXELS,
+) -> dict[str, ConformalSetAccumulator]:
+    """Coverage, set sizes and per-image risks of fitted conformal estimators on a store.
+
+    Parameters
+    ----------
+    estimators : mapping of str to fitted ConformalPixelSets or ConformalRiskControl
+    store : LogitStore
+    images : default="test"
+        The images to evaluate on (not those the estimators were calibrated on).
+    n_jobs, backend, chunk_pixels, task_pixels
+        As in :func:`fit_conformal_store`.
+
+    Returns
+    -------
+    accumulators : dict of str to ConformalSetAccumulator
+        One per estimator, with per-image tallies keyed by store image id.
+    """
+    from joblib import Parallel, delayed
+
+    estimators = dict(estimators)
+    if not estimators:
+        raise ValueError("estimators is empty.")
+    for est in estimators.values():
+        _check_inputs(est, store)
+    chunk_pixels = store._chunk_pixels(chunk_pixels)
+    results = Parallel(n_jobs=n_jobs, backend=backend)(
+        delayed(_evaluate_block)(estimators, store, block, chunk_pixels)
+        for block in _blocks(store, store._as_ids(images), task_pixels)
+    )
+    accs = {
+        name: ConformalSetAccumulator(store.n_classes, ignore_index=store.ignore_index)
+        for name in estimators
+    }
+    for block in results:
+        for name in estimators:
+            accs[name].merge(block[name])
+    return accs
+
+
+__all__ = ["evaluate_conformal_store", "fit_conformal_store"]
