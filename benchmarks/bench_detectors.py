@@ -35,7 +35,7 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import evaluate  # noqa: E402  (the quality benchmark's scoring, reused)
 
-from sksegcal import SelectiveScalingCalibrator, TemperatureScaling  # noqa: E402
+from sksegcal import SelectiveScalingCalibrator, TemperatureScaling, TorchMLPClassifier  # noqa: E402
 from sksegcal._segnet import (  # noqa: E402
     DEMO_SETTINGS,
     SegNetConfig,
@@ -45,7 +45,8 @@ from sksegcal._segnet import (  # noqa: E402
 )
 from sksegcal.datasets import load_dataset  # noqa: E402
 from sksegcal.metrics import misprediction_detection_scores  # noqa: E402
-from sksegcal.pixels import flatten_segmentation, split_images  # noqa: E402
+from sksegcal.pixels import flatten_segmentation, split_images
+from sksegcal.selective import default_detector  # noqa: E402
 
 MODES = ("soft", "hard", "generalised")
 
@@ -55,12 +56,14 @@ def _confidence_columns(X, columns):
 
 
 def detectors(n_classes: int, seed: int) -> dict:
-    """The candidates, as a user would write them (``None``: the package default, the MLP)."""
+    """The candidates, as a user would write them; "LogisticRegression" is the default's."""
     k = min(5, n_classes)  # agnostic features: top-k log-probabilities, entropy, margin
     return {
-        "TorchMLPClassifier": None,
+        # the paper's MLP (the package default until issue 13's measurement)
+        "TorchMLPClassifier": TorchMLPClassifier(random_state=seed),
         "HistGradientBoosting": HistGradientBoostingClassifier(random_state=seed),
-        "LogisticRegression": make_pipeline(StandardScaler(), LogisticRegression()),
+        # the package default (classifier=None): StandardScaler + LogisticRegression
+        "LogisticRegression": default_detector(),
         # three class-agnostic summaries only: max log-probability, entropy, margin
         "LogisticRegression(3 features)": make_pipeline(
             FunctionTransformer(_confidence_columns, kw_args={"columns": [0, k, k + 1]}),

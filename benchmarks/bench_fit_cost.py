@@ -3,10 +3,11 @@
 Side by side in one process, on synthetic over-confident logits (float32, images
 of 4096 pixels, ``groups`` passed to fit): fit time and predict_proba
 throughput of the default calibrator as ratios to TemperatureScaling's, and,
-with ``--detectors``, the same for other correctness detectors (AUROC on the
-held-out pixels, fit and predict time).
+the same for the default before issue 13 (the paper's MLP as detector) and for
+``mode="generalised"``; with ``--detectors`` also for other correctness
+detectors (AUROC on the held-out pixels, fit and predict time).
 
-    python benchmarks/bench_fit_cost.py --pixels 200000 --classes 19 42 150 --detectors
+    python benchmarks/bench_fit_cost.py --pixels 1000000 --classes 19 42 150
 
 Goals (issue): fit within 3x TS, predict at least 1/3 of TS's throughput.
 """
@@ -52,17 +53,21 @@ def run(n: int, c: int, detectors: bool, repeat: int) -> list[dict]:
     ts_fit, ts = timed(lambda: TemperatureScaling().fit(X, y), repeat)
     ts_pred, _ = timed(lambda: ts.predict_proba(Xp), repeat)
     rows = [{"what": "TemperatureScaling", "fit_s": ts_fit, "predict_s": ts_pred}]
-    candidates = {"default (TorchMLPClassifier)": None}
+    # (detector, mode): today's default, the default before issue 13 (the paper's MLP) and
+    # the generalised temperature over the default detector
+    candidates = {
+        "default (LogisticRegression)": (None, "soft"),
+        "previous default (TorchMLP)": (TorchMLPClassifier(random_state=0), "soft"),
+        "default, mode='generalised'": (None, "generalised"),
+    }
     if detectors:
         candidates.update({
-            "TorchMLPClassifier(device='cpu')": TorchMLPClassifier(device="cpu",
-                                                                   random_state=0),
-            "LogisticRegression": LogisticRegression(max_iter=200),
-            "HistGradientBoostingClassifier": HistGradientBoostingClassifier(
-                max_iter=100, random_state=0),
+            "LogisticRegression, no scaler": (LogisticRegression(max_iter=200), "soft"),
+            "HistGradientBoostingClassifier": (HistGradientBoostingClassifier(
+                max_iter=100, random_state=0), "soft"),
         })
-    for name, det in candidates.items():
-        est = SelectiveScalingCalibrator(det, random_state=0)
+    for name, (det, mode) in candidates.items():
+        est = SelectiveScalingCalibrator(det, mode=mode, random_state=0)
         fit_s, est = timed(lambda est=est: est.fit(X, y, groups=groups), repeat)
         pred_s, _ = timed(lambda est=est: est.predict_proba(Xp), repeat)
         rows.append({
@@ -80,9 +85,14 @@ def main() -> None:
     parser.add_argument("--detectors", action="store_true",
                         help="also time LogisticRegression and HistGradientBoosting detectors")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (the MLP and the float32 softmax)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    import torch
+
     print(f"{args.pixels} pixels, float32, images of 4096 pixels")
+    torch.set_num_threads(args.threads)
     print(f"{'C':>4} {'calibrator':34} {'fit s':>7} {'pred s':>7} {'fit/TS':>7} "
           f"{'thru/TS':>8} {'AUROC':>6} guard")
     for c in args.classes:

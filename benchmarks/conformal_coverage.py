@@ -191,12 +191,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--datasets", nargs="+", default=["mni152-tissue", "aal"])
     ap.add_argument("--splits", type=int, default=200)
-    ap.add_argument("--alphas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
     ap.add_argument(
         "--fnr-class",
         type=int,
         default=None,
-        help="default: grey matter (1) on mni152-tissue, the largest region on aal",
+        help="default: grey matter (1) on mni152-tissue, the region in the most slices on aal",
     )
     ap.add_argument("--scores", nargs="+", default=["lac", "aps"])
     ap.add_argument("--out", default=None)
@@ -222,7 +222,10 @@ def main():
         )
         fnr_class = args.fnr_class
         if fnr_class is None:
-            fnr_class = 1 if name == "mni152-tissue" else int(np.argmax(np.bincount(y)[1:]) + 1)
+            # grey matter; on aal the region present in the most slices (an image without
+            # the class has no FNR, and CRC needs at least 1 / alpha - 1 images with it)
+            present = np.array([np.bincount(t.ravel(), minlength=c) > 0 for t in labels])
+            fnr_class = 1 if name == "mni152-tissue" else int(np.argmax(present[:, 1:].sum(0)) + 1)
         Xr, yr, ur = X[rest], y[rest], unit[rest]
         probs = {
             "raw softmax": softmax(Xr),
@@ -236,7 +239,8 @@ def main():
             "",
             f"{n} images ({len(all_units)} slices x 2 acquisitions), {c} classes, "
             f"{h}x{w}; calibrators fitted on {len(fit_units)} slices (TS temperature "
-            f"{ts.temperature_:.3f}); conformal on the other {m} slices: "
+            f"{ts.temperature_:.3f}; selective's guard chose "
+            f"{getattr(sel, 'guard_choice_', 'n/a')!r}); conformal on the other {m} slices: "
             f"{args.splits} random splits into {n_cal} calibration / {m - n_cal} test "
             f"slices. FNR class: {fnr_class} ({class_names[fnr_class]}).",
             "",

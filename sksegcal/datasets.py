@@ -218,6 +218,7 @@ def perturb_images(
     *,
     kinds: tuple[str, ...] = ("contrast", "blur", "noise"),
     max_level: dict | None = None,
+    channel_axis: int = 1,
     random_state=None,
 ) -> np.ndarray:
     """Perturbed copies of images, for fitting a calibrator that must survive a shift.
@@ -239,8 +240,8 @@ def perturb_images(
         in ``[-a, a]``, ``a = log(max_level["contrast"])`` (darker or brighter
         mid-tones; 0 and 1 stay put).
     ``"blur"``
-        A Gaussian blur over the last two axes (each channel on its own) with
-        standard deviation uniform in ``[0, max_level["blur"]]`` pixels.
+        A Gaussian blur over the two spatial axes (each channel on its own)
+        with standard deviation uniform in ``[0, max_level["blur"]]`` pixels.
     ``"noise"``
         Additive Gaussian noise with standard deviation uniform in
         ``[0, max_level["noise"]]`` (in the images' intensity units; the
@@ -253,12 +254,17 @@ def perturb_images(
 
     Parameters
     ----------
-    images : ndarray of shape (N, H, W) or (N, channels, H, W)
-        Images, float.
+    images : ndarray of shape (N, H, W), (N, channels, H, W) or (N, H, W, channels)
+        Images, float, intensities roughly in [0, 1] (divide 8-bit images by
+        255 first: the contrast change assumes that range, the noise level is
+        in its units).
     kinds : tuple of {"contrast", "blur", "noise"}, default=("contrast", "blur", "noise")
         Perturbations to apply (always in the order above, whatever the order given).
     max_level : dict, optional
         Largest level per kind; missing kinds take :data:`PERTURBATIONS`.
+    channel_axis : {1, 3, -1}, default=1
+        Axis of the channels of 4-D ``images`` (3 or -1: channels last, as
+        mmcv and PIL give them); never blurred across. Unused for 3-D input.
     random_state : int, Generator or None
         Seed. Image ``i`` uses its own stream spawned from it, so with an int
         seed an image's copy does not depend on the other images' levels.
@@ -305,7 +311,10 @@ def perturb_images(
     else:
         seq = np.random.SeedSequence(random_state)
         streams = [np.random.default_rng(s) for s in seq.spawn(len(images))]
-    sigma_axes = (0, 1) if images.ndim == 3 else (1, 2)  # of one image
+    if images.ndim == 4 and channel_axis not in (1, 3, -1):
+        raise ValueError(f"channel_axis must be 1, 3 or -1, got {channel_axis!r}.")
+    # the spatial axes of one image
+    sigma_axes = (0, 1) if images.ndim == 3 else (1, 2) if channel_axis == 1 else (0, 1)
     out = np.empty(images.shape, dtype=np.float32)
     for i, rng in enumerate(streams):
         # a fixed number of draws per image whatever ``kinds``: the levels of one kind do

@@ -389,11 +389,17 @@ def plot_set_size_maps(
     rows = len(maps)
     fig = Figure(figsize=(panel_size * n + 0.8, panel_size * rows), layout="constrained")
     axes = np.asarray(fig.subplots(rows, n, squeeze=False))
+    from matplotlib import colormaps
+
+    # one colour per size: sizes are integers 0 .. top
+    cmap = colormaps["viridis"].resampled(top + 1)
     image = None
     for r, (name, m) in enumerate(maps.items()):
         for j in range(n):
             ax = axes[r, j]
-            image = ax.imshow(m[j], cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
+            image = ax.imshow(
+                m[j], cmap=cmap, vmin=-0.5, vmax=top + 0.5, interpolation="nearest"
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"mean {m[j].mean():.2f}", fontsize=8)
@@ -401,5 +407,7 @@ def plot_set_size_maps(
                 ax.set_title(f"{titles[j]}\nmean {m[j].mean():.2f}", fontsize=8)
             if j == 0:
                 ax.set_ylabel(name, fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="classes in the set")
+    bar = fig.colorbar(image, ax=axes, shrink=0.8, label="classes in the set")
+    if top <= 12:
+        bar.set_ticks(range(top + 1))
     return fig

@@ -383,6 +383,13 @@ def test_from_state_dict_rejects_malformed_regions():
     s = _filled(classwise=True).state_dict()
     top = s["region_top"].copy()
     top[0, 0, -1] += 1.0  # one more weight in a region than in the pool
+    # one pixel's weight moved to an empty bin within a region: every total holds,
+    # only the sum over the regions of the grid differs from the pooled grid
+    shifted = s["region_top"].copy()
+    full = int(np.flatnonzero(shifted[0, 0] >= 1)[-1])
+    empty = int(np.flatnonzero(s["top"][0] == 0)[0])
+    shifted[0, :, full] *= 1.0 - 1.0 / shifted[0, 0, full]
+    shifted[0, 0, empty] += 1.0
     sums = s["region_sums"].copy()
     sums[0, 3] += 0.5
     img = s["region_image_tallies"].copy()
@@ -392,7 +399,7 @@ def test_from_state_dict_rejects_malformed_regions():
     swapped = s["region_top"][::-1].copy()
     cases = {
         "regions": ['["boundary"]', '["a", "a"]', "not json", "[1, 2]"],
-        "region_top": [top, s["region_top"][:1], s["region_top"].astype(np.float32)],
+        "region_top": [top, shifted, s["region_top"][:1], s["region_top"].astype(np.float32)],
         "region_sums": [sums, s["region_sums"][:, :3]],
         "region_image_tallies": [img],
         "region_confusion_matrix": [negative],

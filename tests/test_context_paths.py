@@ -138,8 +138,9 @@ class SpyLTS(LocalTemperatureScaling):
 
 
 def spatial_selective(**kwargs):
-    return SpySelective(LogisticRegression(max_iter=300), context="spatial", random_state=0,
-                        **kwargs)
+    return SpySelective(
+        LogisticRegression(max_iter=300), context="spatial", random_state=0, **kwargs
+    )
 
 
 # ------------------------------------------------------------------- which context
@@ -183,15 +184,18 @@ def test_a_fitted_search_answers_with_its_best_estimator(images):
     X, y, groups = reference(images)
     search = GridSearchCV(
         SelectiveScalingCalibrator(LogisticRegression(max_iter=300), random_state=0),
-        {"context": [None, "spatial"]}, cv=2,
+        {"context": [None, "spatial"]},
+        cv=2,
     )
     with pytest.raises(ValueError, match="differ in their context"):
         _estimator_context(search)
     # once fitted, the best candidate says it
     search = GridSearchCV(
-        SelectiveScalingCalibrator(LogisticRegression(max_iter=300), context="spatial",
-                                   random_state=0),
-        {"t2": [2.0, 1e10]}, cv=2,
+        SelectiveScalingCalibrator(
+            LogisticRegression(max_iter=300), context="spatial", random_state=0
+        ),
+        {"t2": [2.0, 1e10]},
+        cv=2,
     ).fit(X, y)
     assert _estimator_context(search) == "spatial"
 
@@ -222,8 +226,11 @@ def test_wrong_width_is_refused(store, images):
     plain = SelectiveScalingCalibrator(LogisticRegression(max_iter=300), random_state=0)
     plain.fit(X[:, :N_CLASSES], y, groups=groups)
     # the context switched on after fitting: fitted on C columns, reads C + K
-    with pytest.raises(ValueError, match=rf"spatial context.*{N_CLASSES + K} in all.*fitted on "
-                                         rf"{N_CLASSES} columns"):
+    with pytest.raises(
+        ValueError,
+        match=rf"spatial context.*{N_CLASSES + K} in all.*fitted on "
+        rf"{N_CLASSES} columns",
+    ):
         evaluate_store(store, {"sel": plain.set_params(context="spatial")})
 
 
@@ -232,15 +239,17 @@ def test_wrong_width_is_refused(store, images):
 def test_store_sample_rows_are_flatten_segmentation_rows(store, images, chunk_pixels):
     X_ref, y_ref, g_ref = reference(images)
     # every labelled pixel: the very table of flatten_segmentation, bit for bit
-    X, y, groups = sample_table(store, 10**6, context="spatial", chunk_pixels=chunk_pixels,
-                                random_state=0)
+    X, y, groups = sample_table(
+        store, 10**6, context="spatial", chunk_pixels=chunk_pixels, random_state=0
+    )
     assert X.dtype == np.float32 and X.shape == (len(y_ref), N_CLASSES + K)
     np.testing.assert_array_equal(X, X_ref)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(groups, g_ref)
     # a subsample: the rows of store.sample (same pixels, same order), each with its context
-    X, y, groups = sample_table(store, 150, context="spatial", chunk_pixels=chunk_pixels,
-                                random_state=3)
+    X, y, groups = sample_table(
+        store, 150, context="spatial", chunk_pixels=chunk_pixels, random_state=3
+    )
     X0, y0, g0 = store.sample(150, chunk_pixels=chunk_pixels, random_state=3)
     np.testing.assert_array_equal(X[:, :N_CLASSES], X0)
     np.testing.assert_array_equal(y, y0)
@@ -257,8 +266,9 @@ def test_context_survives_any_float32_value(store):
 
     rng = np.random.default_rng(0)
     bits = rng.integers(0, 2**32, size=(1000, K), dtype=np.uint64).astype(np.uint32)
-    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -3.4e38, 65504.0],
-                       dtype=np.float32)
+    special = np.array(
+        [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -3.4e38, 65504.0], dtype=np.float32
+    )
     values = np.concatenate([bits.view(np.float32), np.tile(special[:, None], (1, K))])
     encoded = _encode(values)
     assert encoded.dtype == np.float32 and (encoded < -65504).all()  # never a row's argmax
@@ -318,7 +328,7 @@ def test_predict_store_equals_in_memory_predict_proba(store, images, tmp_path):
     X_ref, y_ref, g_ref = reference(images)
     sel = spatial_selective().fit(X_ref, y_ref, groups=g_ref)
     SEEN["predict"].clear()
-    out = predict_store(sel, store, tmp_path / "proba", chunk_pixels=10_000)
+    out = predict_store(sel, store, tmp_path / "proba", chunk_pixels=20)
     assert out.source["context"] == "spatial"
     X_all, _, g_all = reference(images, ignore_index=None)
     np.testing.assert_array_equal(np.concatenate(SEEN["predict"]), X_all)
@@ -336,8 +346,9 @@ def test_predict_store_equals_in_memory_predict_proba(store, images, tmp_path):
 
 def test_fingerprint_and_resume_tell_context_settings_apart(store, images, tmp_path):
     X_ref, y_ref, g_ref = reference(images)
-    sel = SelectiveScalingCalibrator(LogisticRegression(max_iter=300), context="spatial",
-                                     random_state=0).fit(X_ref, y_ref, groups=g_ref)
+    sel = SelectiveScalingCalibrator(
+        LogisticRegression(max_iter=300), context="spatial", random_state=0
+    ).fit(X_ref, y_ref, groups=g_ref)
     # the same fitted state, the context parameter alone differs
     other = clone(sel)
     other.__dict__.update({k: v for k, v in vars(sel).items() if k.endswith("_")})
@@ -345,14 +356,17 @@ def test_fingerprint_and_resume_tell_context_settings_apart(store, images, tmp_p
     other.set_params(context=None)
     assert calibrator_fingerprint(other) != calibrator_fingerprint(sel)
     assert calibrator_fingerprint(LocalTemperatureScaling()) != calibrator_fingerprint(
-        LocalTemperatureScaling(n_context=0))
+        LocalTemperatureScaling(n_context=0)
+    )
     # wrapped: the pipeline's and the search's fingerprints see the context too
     assert calibrator_fingerprint(Pipeline([("c", other)])) != calibrator_fingerprint(
-        Pipeline([("c", sel)]))
+        Pipeline([("c", sel)])
+    )
     # a resume with the other context setting is refused
     predict_store(sel, store, tmp_path / "proba", images=[0])
     plain = SelectiveScalingCalibrator(LogisticRegression(max_iter=300), random_state=0).fit(
-        X_ref[:, :N_CLASSES], y_ref, groups=g_ref)
+        X_ref[:, :N_CLASSES], y_ref, groups=g_ref
+    )
     with pytest.raises(ValueError, match="mix two calibrations"):
         predict_store(plain, store, tmp_path / "proba")
 
@@ -376,24 +390,30 @@ def test_pipeline_and_grid_search_through_the_store(store, images, tmp_path):
     b = evaluate_store(store, {"pipe": fitted, "search": loaded})
     assert a["search"].summary() == b["search"].summary()
     assert a["pipe"].summary() == pytest.approx(
-        evaluate_store(store, {"direct": direct})["direct"].summary())
+        evaluate_store(store, {"direct": direct})["direct"].summary()
+    )
     out = predict_store(loaded, store, tmp_path / "proba")
     X_all, _, g_all = reference(images, ignore_index=None)
     for i in range(len(images[0])):
         got = np.asarray(out.load_image(i).logits, np.float32).reshape(N_CLASSES, -1).T
-        np.testing.assert_allclose(got, search.predict_proba(X_all[g_all == i]), atol=1e-3,
-                                   rtol=0)
+        np.testing.assert_allclose(got, search.predict_proba(X_all[g_all == i]), atol=1e-3, rtol=0)
 
 
 def test_store_paths_end_to_end_with_both_calibrators(store):
     store.make_split(random_state=0)
-    sel = fit_store(SelectiveScalingCalibrator(LogisticRegression(max_iter=300),
-                                               context="spatial", random_state=0),
-                    store, max_pixels=400, random_state=0)
+    sel = fit_store(
+        SelectiveScalingCalibrator(
+            LogisticRegression(max_iter=300), context="spatial", random_state=0
+        ),
+        store,
+        max_pixels=400,
+        random_state=0,
+    )
     lts = fit_store(LocalTemperatureScaling(), store, max_pixels=400, random_state=0)
     calibrators = {"uncalibrated": None, "sel": sel, "lts": lts}
-    accs = evaluate_store(store, calibrators, images=None, n_jobs=2, backend="threading",
-                          task_pixels=100)
+    accs = evaluate_store(
+        store, calibrators, images=None, n_jobs=2, backend="threading", task_pixels=100
+    )
     one = evaluate_store(store, calibrators, images=None)
     for name in accs:
         # several blocks on two threads: the same sums as one block in this thread
@@ -415,24 +435,70 @@ def test_cli_fit_evaluate_with_spatial_context(tmp_path, capsys):
     np.save(tmp_path / "logits.npy", logits.astype(np.float32))
     np.save(tmp_path / "labels.npy", labels.astype(np.uint8))
     store = tmp_path / "store"
-    assert main(["extract", "--logits", str(tmp_path / "logits.npy"), "--labels",
-                 str(tmp_path / "labels.npy"), "--store", str(store), "-q"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--logits",
+                str(tmp_path / "logits.npy"),
+                "--labels",
+                str(tmp_path / "labels.npy"),
+                "--store",
+                str(store),
+                "-q",
+            ]
+        )
+        == 0
+    )
     sel, lts = tmp_path / "sel.skops", tmp_path / "lts.skops"
-    assert main(["fit", str(store), "--context", "spatial", "--classifier", "logistic",
-                 "--t2", "auto", "2", "-o", str(sel), "-q"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(store),
+                "--context",
+                "spatial",
+                "--classifier",
+                "logistic",
+                "--t2",
+                "auto",
+                "2",
+                "-o",
+                str(sel),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "context = spatial" in capsys.readouterr().out
     assert main(["fit", str(store), "--method", "lts", "-o", str(lts), "-q"]) == 0
     assert "lts: TS temperature (start) = " in capsys.readouterr().out
-    assert main(["fit", str(store), "--method", "temperature", "--context", "spatial", "-o",
-                 str(tmp_path / "ts.skops"), "-q"]) == 1
+    assert (
+        main(
+            [
+                "fit",
+                str(store),
+                "--method",
+                "temperature",
+                "--context",
+                "spatial",
+                "-o",
+                str(tmp_path / "ts.skops"),
+                "-q",
+            ]
+        )
+        == 1
+    )
     assert "--context spatial is for --method selective" in capsys.readouterr().err
     loaded = {"sel": load(sel), "lts": load(lts)}
     assert loaded["sel"].context == "spatial"
     assert {est.n_features_in_ for est in loaded.values()} == {c + K}
 
     results = tmp_path / "results"
-    assert main(["evaluate", str(store), "-c", str(sel), "-c", str(lts), "-o", str(results),
-                 "-q"]) == 0
+    assert (
+        main(["evaluate", str(store), "-c", str(sel), "-c", str(lts), "-o", str(results), "-q"])
+        == 0
+    )
     metrics = json.loads((results / "metrics.json").read_text())["results"]["test"]
     opened = LogitStore.open(store)
     ref = evaluate_store(opened, {"uncalibrated": None, **loaded}, images="test")
@@ -441,24 +507,46 @@ def test_cli_fit_evaluate_with_spatial_context(tmp_path, capsys):
             assert metrics[name][key] == pytest.approx(ref[name].summary()[key], rel=1e-9)
     # the fitted calibrator is the one fit_store-like sampling gives: the flatten rows
     split = opened.split
-    X, y, groups = sample_table(opened, 400_000, context="spatial",
-                                images=np.concatenate([split.train, split.validation]),
-                                random_state=0)
+    X, y, groups = sample_table(
+        opened,
+        400_000,
+        context="spatial",
+        images=np.concatenate([split.train, split.validation]),
+        random_state=0,
+    )
     ref_lts = LocalTemperatureScaling().fit(X, y)
     np.testing.assert_allclose(loaded["lts"].coef_, ref_lts.coef_)
 
 
 # ------------------------------------------------------------------- mmseg
+def _mmseg_noise(test):
+    # third-party noise on every run with mmcv-lite and torch 2.13 (not about our code)
+    for text in (
+        "ignore::DeprecationWarning:torch.jit",
+        "ignore:Fail to import ``MultiScaleDeformableAttention``",
+        "ignore:``build_loss`` would be deprecated",
+        "ignore:Default ``avg_non_ignore`` is False",
+    ):
+        test = pytest.mark.filterwarnings(text)(test)
+    return test
+
+
+_MMSEG_NOISE = _mmseg_noise
+
+
 def _sample(logits, label):
     """A data sample as mmengine's Evaluator hands it to a metric."""
     import torch
 
-    return {"seg_logits": {"data": torch.from_numpy(logits)},
-            "gt_sem_seg": {"data": torch.from_numpy(label.astype(np.int64))[None]}}
+    return {
+        "seg_logits": {"data": torch.from_numpy(logits)},
+        "gt_sem_seg": {"data": torch.from_numpy(label.astype(np.int64))[None]},
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.integration
+@_MMSEG_NOISE
 def test_mmseg_paths_feed_the_same_rows_as_the_store(store, images):
     """For the same image, the metric, calibrated inference and the store give the same rows."""
     pytest.importorskip("mmseg")
@@ -481,7 +569,7 @@ def test_mmseg_paths_feed_the_same_rows_as_the_store(store, images):
     per_image = np.cumsum([0] + [z[0].size for z in logits])
     metric_rows = np.concatenate(SEEN["predict"])
     for i, rows in enumerate(store_rows):
-        np.testing.assert_array_equal(metric_rows[per_image[i]:per_image[i + 1]], rows)
+        np.testing.assert_array_equal(metric_rows[per_image[i] : per_image[i + 1]], rows)
     got = metric.evaluate(len(logits))
     ref = evaluate_store(store, {"sel": sel})["sel"].summary()
     assert got["ECE"] == pytest.approx(ref["ece"], rel=1e-5)
@@ -492,17 +580,22 @@ def test_mmseg_paths_feed_the_same_rows_as_the_store(store, images):
         SEEN["predict"].clear()
         proba = proba_map(sel, torch.from_numpy(z.astype(np.float32)), 50, "spatial")
         np.testing.assert_array_equal(np.concatenate(SEEN["predict"]), store_rows[i])
-        np.testing.assert_allclose(proba.numpy(), sel.predict_proba(store_rows[i]).T.reshape(
-            z.shape), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            proba.numpy(), sel.predict_proba(store_rows[i]).T.reshape(z.shape), rtol=0, atol=1e-6
+        )
 
     with pytest.raises(ValueError, match="n_context=3.*CalibrationMetric cannot"):
         X, y, _ = flatten_segmentation(logits, labels)
-        CalibrationMetric(calibrator=LocalTemperatureScaling(n_context=3).fit(
-            np.hstack([X, np.zeros((len(X), 3), np.float32)]), y))
+        CalibrationMetric(
+            calibrator=LocalTemperatureScaling(n_context=3).fit(
+                np.hstack([X, np.zeros((len(X), 3), np.float32)]), y
+            )
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.integration
+@_MMSEG_NOISE
 def test_calibrate_model_with_spatial_selective_scaling(tmp_path):
     """A real mmseg segmentor: calibrate_model gives the calibrator flatten's rows."""
     pytest.importorskip("mmseg")
@@ -524,8 +617,7 @@ def test_calibrate_model_with_spatial_selective_scaling(tmp_path):
     image = rng.integers(0, 256, size=(32, 40, 3), dtype=np.uint8)
     logits = inference_model(model, image).seg_logits.data.numpy()  # (C, H, W) float32
     blank = np.zeros(logits.shape[1:], dtype=np.int64)
-    X, _, _ = flatten_segmentation(logits[None], blank[None], context="spatial",
-                                   ignore_index=None)
+    X, _, _ = flatten_segmentation(logits[None], blank[None], context="spatial", ignore_index=None)
     y = rng.integers(0, N_CLASSES, size=len(X))
     sel = spatial_selective().fit(X, y)
     SEEN["predict"].clear()
@@ -535,5 +627,9 @@ def test_calibrate_model_with_spatial_selective_scaling(tmp_path):
     np.testing.assert_allclose(result.seg_logits.data.numpy(), expected, rtol=0, atol=1e-6)
     mm.uncalibrate_model(model)
     with pytest.raises(ValueError, match="n_context=2.*calibrate_model cannot"):
-        mm.calibrate_model(model, LocalTemperatureScaling(n_context=2).fit(
-            np.hstack([X[:, :N_CLASSES], np.zeros((len(X), 2), np.float32)]), y))
+        mm.calibrate_model(
+            model,
+            LocalTemperatureScaling(n_context=2).fit(
+                np.hstack([X[:, :N_CLASSES], np.zeros((len(X), 2), np.float32)]), y
+            ),
+        )

@@ -307,6 +307,17 @@ def test_perturb_images_blur_is_a_gaussian_filter_within_its_level():
         assert min(refined.fun, misfit(best)) < 1e-6
 
 
+def test_perturb_images_channels_last_are_never_mixed():
+    images = np.zeros((3, 21, 21, 3), dtype=np.float32)
+    images[:, 10, 10, 0] = 1.0  # (N, H, W, channels), as mmcv gives images
+    last = perturb_images(images, kinds=("blur",), channel_axis=-1, random_state=1)
+    first = perturb_images(np.moveaxis(images, -1, 1), kinds=("blur",), random_state=1)
+    np.testing.assert_array_equal(np.moveaxis(last, -1, 1), first)
+    assert np.abs(last[..., 1:]).max() == 0
+    with pytest.raises(ValueError, match="channel_axis"):
+        perturb_images(images, channel_axis=2)
+
+
 def test_perturb_images_noise_levels_span_none_to_the_maximum():
     images = np.full((40, 32, 32), 0.5, dtype=np.float32)  # (N, H, W) works as well
     out = perturb_images(images, kinds=("noise",), max_level={"noise": 0.2}, random_state=2)

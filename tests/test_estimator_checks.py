@@ -95,6 +95,7 @@ def _expected_failures(estimator):
     [
         TemperatureScaling(),
         SelectiveScalingCalibrator(LogisticRegression(), random_state=0),
+        SelectiveScalingCalibrator(LogisticRegression(), mode="generalised", random_state=0),
         VectorScaling(),
         DirichletScaling(),
         EnsembleTemperatureScaling(),
@@ -115,6 +116,7 @@ def _all_calibrators():
         SelectiveScalingCalibrator(LogisticRegression(), random_state=0),
         SelectiveScalingCalibrator(LogisticRegression(), t1=1.0, t2=1e10, threshold=0.5,
                                    mode="hard", random_state=0),
+        SelectiveScalingCalibrator(LogisticRegression(), mode="generalised", random_state=0),
         VectorScaling(),
         DirichletScaling(),
         EnsembleTemperatureScaling(),
@@ -231,6 +233,8 @@ _FLAT = [
                                random_state=0, on_single_class="constant"),
     SelectiveScalingCalibrator(LogisticRegression(), random_state=0,
                                on_single_class="constant"),
+    SelectiveScalingCalibrator(LogisticRegression(), mode="generalised", random_state=0,
+                               on_single_class="constant"),
     VectorScaling(max_iter=20),
     DirichletScaling(max_iter=20),
     EnsembleTemperatureScaling(),
@@ -296,7 +300,8 @@ def _extreme(dtype):
 @pytest.mark.parametrize(
     "estimator",
     [TemperatureScaling(), EnsembleTemperatureScaling(), MetaCalScaling(), DirichletScaling(),
-     SelectiveScalingCalibrator(LogisticRegression(), random_state=0)]
+     SelectiveScalingCalibrator(LogisticRegression(), random_state=0),
+     SelectiveScalingCalibrator(LogisticRegression(), mode="generalised", random_state=0)]
     + [SelectiveScalingCalibrator(random_state=0)],
     ids=lambda e: type(e).__name__ + ("+mlp" if getattr(e, "classifier", 1) is None else ""),
 )

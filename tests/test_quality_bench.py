@@ -130,18 +130,29 @@ def _brute_boundary(t, width):
 
 
 @pytest.mark.parametrize("width", [1, 2])
-def test_label_boundary_mask_against_a_loop(quality, width):
+def test_local_boundary_mask_against_a_loop(quality, width):
+    # the fallback for a package without sksegcal.metrics.boundary_mask
     rng = np.random.default_rng(3)
     labels = np.zeros((3, 13, 11), dtype=np.uint8)
     labels[0, :, 6:] = 1  # one straight boundary
     labels[1] = rng.integers(0, 3, size=(13, 11)) * (rng.random((13, 11)) < 0.1)
     # labels[2]: a single class, no boundary at all
-    mask = quality.label_boundary_mask(labels, width=width)
+    mask = quality._local_boundary_mask(labels, width=width)
     for t, m in zip(labels, mask):
         np.testing.assert_array_equal(m, _brute_boundary(t, width))
     assert not mask[2].any()
     # the straight boundary: columns 5 and 6 are boundary pixels; width px on each side
     assert mask[0].any(axis=0).tolist() == [abs(c - 5.5) <= width + 0.5 for c in range(11)]
+
+
+def test_benchmark_uses_the_packages_boundary_band(quality):
+    metrics = pytest.importorskip("sksegcal.metrics")
+    if not hasattr(metrics, "boundary_mask"):
+        pytest.skip("this package has no sksegcal.metrics.boundary_mask yet")
+    _, labels = _maps(seed=5, h=24, w=20, block=4)
+    np.testing.assert_array_equal(
+        quality.label_boundary_mask(labels), metrics.boundary_mask(labels)
+    )
 
 
 def test_boundary_and_interior_ece_equal_the_one_shot_metric(quality):

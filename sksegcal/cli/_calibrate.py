@@ -88,6 +88,9 @@ def fit_selective(store, split, *, max_pixels, seed, quick, classifier, t2_grid,
         best = search.best_estimator_
     # the cache folder is gone: keep the fitted calibrator free of a dangling Memory
     best.set_params(memory=None)
+    # and of the search's routing request (set_fit_request above): it served the search
+    # only, and its objects point back at each other, which skops cannot write (recursion)
+    vars(best).pop("_metadata_request", None)
     return best, search
 
 

@@ -221,10 +221,12 @@ class ConformalSetAccumulator:
         return float(np.mean(vals)) if vals else float("nan")
 
     def summary(self, target_class: int | None = None) -> dict[str, float]:
-        """Headline numbers: ``n_pixels``, ``coverage``, ``mean_set_size``,
-        ``empty_fraction``, ``min_class_coverage``; with image ids
-        ``n_images`` and ``mean_image_coverage``; with ``target_class`` also
-        ``mean_image_fnr``."""
+        """Headline numbers as a dict of floats.
+
+        Keys: ``n_pixels``, ``coverage``, ``mean_set_size``, ``empty_fraction``,
+        ``min_class_coverage``; with image ids also ``n_images`` and
+        ``mean_image_coverage``; with ``target_class`` also ``mean_image_fnr``.
+        """
         per_class = self.per_class_coverage()
         out = {
             "n_pixels": float(self.n_pixels_),

@@ -101,7 +101,7 @@ class ImageRiskTally:
             return None
         # n/(n+1) R + B/(n+1) <= alpha  <=>  sum_i L_i + B <= alpha (n + 1); a relative 1e-12
         # of slack on the left, in the conservative direction, absorbs the sums' rounding
-        ok = self.loss_sums_ * (1 + 1e-12) <= a * (n + 1)
+        ok = self.loss_sums_ * (1 + 1e-12) + bound <= a * (n + 1)
         if not ok.any():
             return None
         return int(np.argmax(ok))

@@ -319,7 +319,7 @@ def _regions_from_state(acc, d: dict, keys: list) -> None:
             raise _bad("region_confusion_matrix", "does not sum to the region's total weight")
         if pixels[j] == 0 and total > 0:
             raise _bad("region_sums", "holds a region with weight but no pixels")
-    pass
+    _near("region_top", top.sum(0), acc._top, "confidence grid")
     _near("region_confusion_matrix", cm.sum(0), acc.confusion_matrix_, "confusion matrix")
     _near(
         "region_image_tallies",
