@@ -124,8 +124,13 @@ def main() -> None:
 
     from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
     from sksegcal._base import fit_inverse_temperatures
-    from sksegcal._segnet import DEMO_SETTINGS, SegNetConfig, cache_dir
-    from sksegcal._segnet import load_demo_network, predict_logits
+    from sksegcal._segnet import (
+        DEMO_SETTINGS,
+        SegNetConfig,
+        cache_dir,
+        load_demo_network,
+        predict_logits,
+    )
     from sksegcal.datasets import load_dataset
     from sksegcal.features import softmax
     from sksegcal.metrics import expected_calibration_error, misprediction_detection_scores
@@ -181,7 +186,7 @@ def main() -> None:
         mean = np.array([f[mtr].mean() for f in np.moveaxis(Ftr, 1, 0)], np.float32)
         std = np.array([f[mtr].std() for f in np.moveaxis(Ftr, 1, 0)], np.float32) + 1e-6
 
-        def standard(F):
+        def standard(F, mean=mean, std=std):
             return np.ascontiguousarray((F - mean[:, None, None]) / std[:, None, None])
 
         t0 = time.perf_counter()
@@ -194,7 +199,7 @@ def main() -> None:
         )  # fmt: skip
         t_conv = time.perf_counter() - t0
 
-        def conv_p(k, image_mask):
+        def conv_p(k, image_mask, net=net, standard=standard):
             """P(correct) of the valid pixels, in the tables' row order."""
             p = predict_conv(net, standard(maps[k][image_mask]))
             return p[valid[k][image_mask]]
@@ -222,7 +227,8 @@ def main() -> None:
         a, b = fit.x
         row = {"seed": seed, "epochs": epochs, "best_epoch": best_epoch + 1,
                "t1": 1 / a, "t2": 1 / b, "conv_s": t_conv, "selective_s": t_sel}  # fmt: skip
-        for case, k, mask in (("in-domain", "cal", img["test"]), ("shifted", "sh", img["shifted"])):
+        cases = (("in-domain", "cal", img["test"]), ("shifted", "sh", img["shifted"]))
+        for case, k, mask in cases:
             Xk, yk, _ = tables[k]
             rows = rows_of(k, mask)
             Xe, ye = Xk[rows], yk[rows]

@@ -30,8 +30,10 @@ Every image is computed on its own, in bounded memory (one image's logits in
 float32, or float64 for float64 input, at a time), with a fixed order of
 operations: the same image gives the same float32 features bit for bit alone
 or inside any batch. With numba installed (``pip install sksegcal[fast]``)
-the per-pixel pass over the classes is compiled; the NumPy fallback gives
-the same numbers.
+the pass over the classes and the window operations are compiled (the window
+kernels cut the window by their loop bounds; the clipped distance searches
+only ``max_distance`` rows and columns); the NumPy fallback gives the same
+bits (the exponentials are NumPy's on both paths, the sums add in one order).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ import numpy as np
 from scipy import ndimage
 
 from . import _kernels
-from ._kernels import HAVE_NUMBA  # noqa: F401 - numba found at import; calls read _kernels'
+
+# whether numba was found at import; each call reads _kernels.HAVE_NUMBA (which can be switched)
+from ._kernels import HAVE_NUMBA  # noqa: F401
 from ._validation import check_finite
 
 __all__ = ["CONTEXT_FEATURES", "image_context", "n_context_features", "spatial_context"]

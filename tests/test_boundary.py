@@ -513,6 +513,13 @@ def test_report_writes_the_boundary_table_and_keeps_the_printed_one(store, tmp_p
     assert "## Boundary and interior" in md and "within 1 px" in md
     assert f"| uncalibrated | {s['boundary_ece']:.4f} | {s['interior_ece']:.4f} |" in md
     assert "boundary_ece" in (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    # the evaluate command's saved results (JSON + npz, no pickle) keep the regions
+    from sksegcal.cli._report import load_results, save_results
+
+    (tmp_path / "saved").mkdir()
+    save_results(tmp_path / "saved", with_regions, {"dataset": "toy"})
+    back, _, _ = load_results(tmp_path / "saved")
+    assert summaries(back) == summaries(with_regions)
     (tmp_path / "plain").mkdir()
     write_report(tmp_path / "plain", without, {"dataset": "toy"})
     assert "Boundary" not in (tmp_path / "plain" / "report.md").read_text()

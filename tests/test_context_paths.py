@@ -633,3 +633,34 @@ def test_calibrate_model_with_spatial_selective_scaling(tmp_path):
                 np.hstack([X[:, :N_CLASSES], np.zeros((len(X), 2), np.float32)]), y
             ),
         )
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_with_spatial_context(tmp_path, capsys):
+    """``demo --context spatial``: the detector reads the context; evaluate reads the need."""
+    pytest.importorskip("nilearn")
+    pytest.importorskip("matplotlib")
+    from sksegcal.cli import main
+    from sksegcal.persistence import load
+
+    out = tmp_path / "report"
+    args = ["demo", "--quick", "--context", "spatial", "-o", str(out), "--keep-stores", "-q",
+            "--classifier", "logistic", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(args) == 0
+    assert "  context: spatial" in capsys.readouterr().out
+    cal = load(out / "calibrator.joblib", trusted=True)
+    assert cal.context == "spatial" and cal.n_features_in_ == 3 + K
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["command"] == "sksegcal demo --quick --context spatial"
+    results = tmp_path / "results"
+    store, saved = out / "stores" / "calibration", out / "calibrator.joblib"
+    assert (
+        main(["evaluate", str(store), "-c", str(saved), "-o", str(results), "-q", "--trusted"])
+        == 0
+    )
+    evaluated = json.loads((results / "metrics.json").read_text())["results"]["test"]
+    for key in ("ece", "nll", "brier"):
+        assert evaluated["calibrator"][key] == pytest.approx(
+            metrics["results"]["test"]["selective scaling"][key], rel=1e-9
+        )
