@@ -225,7 +225,7 @@ def _estimator_context(estimator, *, where: str = "this path") -> str | None:
     if isinstance(steps, list) and steps and isinstance(steps[-1], tuple):  # a Pipeline
         return _estimator_context(steps[-1][-1], where=where)
     inner = getattr(estimator, "estimator", None)
-    if inner is not None and hasattr(inner, "get_params"):  # a search or a meta-estimator
+    if hasattr(inner, "get_params") and not isinstance(inner, type):  # a search or meta
         own = _estimator_context(inner, where=where)
         grids = _search_candidates(estimator)
         if not grids:

@@ -202,14 +202,15 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
     holdout_fraction : float in (0, 1), default=0.25
         Share of the fit data (of the images when ``groups`` is given to
         ``fit``) held out from the classifier to fit "auto" temperatures.
-        Unused when no temperature is "auto".
+        Unused when no temperature is "auto" (always used in generalised
+        mode).
     max_fit_pixels : int, default=500_000
         At most this many pixels train the classifier, and at most this many
         fit the temperatures; sampled with the seed, stratified by
         correctness so that rare mispredictions keep their share.
     guard : {"ts"} or None, default="ts"
         Never do worse than temperature scaling. With both temperatures
-        "auto", the held-out pixels are cut into 5 folds (by image when
+        "auto" (or in generalised mode), the held-out pixels are cut into 5 folds (by image when
         ``groups`` is given to ``fit``, else into contiguous blocks of rows,
         which in a pixel table are runs of whole images); on each fold the
         selective temperatures and a single TS temperature are fitted on the

@@ -556,3 +556,44 @@ def test_sklearn_compatible(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # infinite thresholds on tiny data
         check(estimator)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ConformalPixelSets(),
+        lambda: ConformalPixelSets(conformity_score="aps", randomized=True, random_state=0),
+        lambda: ConformalRiskControl(loss="fnr", target_class=1),
+    ],
+)
+def test_what_the_xfailed_checks_guard_on_logit_data(make, tmp_path):
+    # fit returns self, leaves its parameters alone, and reads a read-only memmap
+    import pickle
+
+    X, y, g = _images()
+    path = tmp_path / "X.npy"
+    np.save(path, X)
+    Xm = np.load(path, mmap_mode="r")
+    est = make()
+    before = pickle.dumps(est.get_params())
+    args = (Xm, y, g) if isinstance(est, ConformalRiskControl) else (Xm, y)
+    assert est.fit(*args) is est
+    assert pickle.dumps(est.get_params()) == before
+    again = make().fit(*[np.asarray(a) for a in args])
+    assert again.threshold_level_ == est.threshold_level_
+
+
+def test_randomized_aps_coverage_over_random_splits():
+    # the estimator end to end (fit, then predict_set) on exchangeable pixels
+    X, y = _logits(n=1500, c=4, scale=1.5, seed=7)
+    alpha, n_cal, cover = 0.1, 300, []
+    rng = np.random.default_rng(1)
+    for seed in range(64):
+        perm = rng.permutation(len(y))
+        cal, test = perm[:n_cal], perm[n_cal:]
+        est = ConformalPixelSets(
+            alpha=alpha, conformity_score="aps", randomized=True, random_state=seed
+        ).fit(X[cal], y[cal])
+        cover.append(est.predict_set(X[test])[np.arange(len(test)), y[test]].mean())
+    mean, se = np.mean(cover), np.std(cover) / 8
+    assert 1 - alpha - 3 * se <= mean <= 1 - alpha + 1 / (n_cal + 1) + 3 * se

@@ -553,3 +553,25 @@ def test_spatial_context_input_errors_and_round_trips(tmp_path):
     search = GridSearchCV(cal, {"t2": [2.0, "auto"]}, cv=GroupKFold(n_splits=2))
     search.fit(X, y, groups=groups)
     assert search.best_estimator_.predict_proba(X).shape == (len(X), logits.shape[1])
+
+
+# ------------------------------------------------------------- the default detector
+def test_default_detector_is_a_standardised_logistic_regression(logits_data):
+    from sklearn.pipeline import Pipeline
+
+    from sksegcal.selective import default_detector
+
+    X, y = logits_data
+    cal = SelectiveScalingCalibrator(random_state=0).fit(X, y)
+    assert isinstance(cal.classifier_, Pipeline)
+    steps = [type(step).__name__ for _, step in cal.classifier_.steps]
+    assert steps == ["StandardScaler", "LogisticRegression"]
+    assert cal.classifier_[-1].max_iter == 500
+    # the same as passing it explicitly
+    explicit = SelectiveScalingCalibrator(default_detector(), random_state=0).fit(X, y)
+    np.testing.assert_array_equal(cal.predict_proba(X), explicit.predict_proba(X))
+    # and a detector with skill: it ranks the mispredicted pixels low
+    correct = X.argmax(1) == y
+    assert cal.detection_auroc_ > 0.65  # on noise-only errors (make_logits): a weak signal
+    assert cal.predict_correctness(X)[~correct].mean() < cal.predict_correctness(X)[correct].mean()
+    assert not cal.__sklearn_tags__().non_deterministic
