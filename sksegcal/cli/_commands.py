@@ -181,12 +181,17 @@ def evaluate(args) -> int:
     ids = image_ids(store, args.images)
     split_name = args.images if args.images != "all" else "all images"
     say(args, f"evaluating {len(calibrators)} methods on {len(ids)} images of {store.path}")
+    if args.boundary_width is not None and args.boundary_width < 1:
+        raise CommandError(f"--boundary-width must be a whole number of pixels >= 1, got "
+                           f"{args.boundary_width}")
     accumulators = {split_name: evaluate_store(store, calibrators, images=ids,
-                                               n_jobs=args.n_jobs)}
+                                               n_jobs=args.n_jobs,
+                                               boundary_width=args.boundary_width)}
     meta = {"store": str(store.path), "images": args.images,
             "calibrators": {name: str(p) for name, p in zip(names, paths)},
             "dataset": store.source.get("dataset", str(store.path)),
-            "class_names": list(store.class_names) if store.class_names else None}
+            "class_names": list(store.class_names) if store.class_names else None,
+            "boundary_width": args.boundary_width}
     results = summaries(accumulators)
     output.mkdir(parents=True, exist_ok=True)
     written = write_metrics(output, results, meta) + save_results(output, accumulators, meta)

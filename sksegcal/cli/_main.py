@@ -193,6 +193,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="sksegcal-results",
                    help="results folder (default: ./sksegcal-results)")
     p.add_argument("--n-jobs", type=int, default=1, help="parallel workers (default: 1)")
+    p.add_argument("--boundary-width", type=int, default=None, metavar="K",
+                   help="also measure pixels within K px of a label boundary and the interior "
+                        "separately (sksegcal.metrics.boundary_mask; default: off)")
     common(p)
     p.set_defaults(func=evaluate)
 
