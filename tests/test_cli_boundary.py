@@ -43,8 +43,8 @@ def test_evaluate_boundary_width_matches_a_direct_computation(store, tmp_path, c
     # the independent reference: the stored float16 logits, the mask per image, one-shot ECE
     s = LogitStore.open(store)
     z, y, mask = [], [], []
-    for i in range(s.n_images):
-        logits, labels = s.read(i) if hasattr(s, "read") else s[i]
+    for image in s.iter_images():
+        logits, labels = image.logits, image.labels
         z.append(np.moveaxis(np.asarray(logits, np.float32), 0, -1).reshape(-1, s.n_classes))
         y.append(np.asarray(labels).ravel())
         mask.append(boundary_mask(np.asarray(labels), width=1).ravel())

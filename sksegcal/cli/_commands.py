@@ -164,6 +164,9 @@ def evaluate(args) -> int:
     """``evaluate``: metrics of the uncalibrated model and each calibrator on a store."""
     from ..store import evaluate_store
 
+    if args.boundary_width is not None and args.boundary_width < 1:
+        raise CommandError(f"--boundary-width must be a whole number of pixels >= 1, got "
+                           f"{args.boundary_width}")
     output = check_output_dir(args.output)  # before the (long) evaluation
     store = open_store(args.store)
     paths = args.calibrator or []
@@ -181,9 +184,6 @@ def evaluate(args) -> int:
     ids = image_ids(store, args.images)
     split_name = args.images if args.images != "all" else "all images"
     say(args, f"evaluating {len(calibrators)} methods on {len(ids)} images of {store.path}")
-    if args.boundary_width is not None and args.boundary_width < 1:
-        raise CommandError(f"--boundary-width must be a whole number of pixels >= 1, got "
-                           f"{args.boundary_width}")
     accumulators = {split_name: evaluate_store(store, calibrators, images=ids,
                                                n_jobs=args.n_jobs,
                                                boundary_width=args.boundary_width)}
