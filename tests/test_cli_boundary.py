@@ -21,8 +21,21 @@ def store(tmp_path):
     np.save(tmp_path / "logits.npy", logits.astype(np.float32))
     np.save(tmp_path / "labels.npy", labels.astype(np.uint8))
     path = tmp_path / "store"
-    assert main(["extract", "--logits", str(tmp_path / "logits.npy"), "--labels",
-                 str(tmp_path / "labels.npy"), "--store", str(path), "-q"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--logits",
+                str(tmp_path / "logits.npy"),
+                "--labels",
+                str(tmp_path / "labels.npy"),
+                "--store",
+                str(path),
+                "-q",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -33,8 +46,22 @@ def _softmax(z):
 
 def test_evaluate_boundary_width_matches_a_direct_computation(store, tmp_path, capsys):
     out = tmp_path / "results"
-    assert main(["evaluate", str(store), "--images", "all", "--boundary-width", "1",
-                 "-o", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(store),
+                "--images",
+                "all",
+                "--boundary-width",
+                "1",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     rows = json.loads((out / "metrics.json").read_text())
     text = json.dumps(rows)
@@ -75,6 +102,8 @@ def test_evaluate_boundary_width_matches_a_direct_computation(store, tmp_path, c
 
 
 def test_evaluate_boundary_width_must_be_positive(store, tmp_path, capsys):
-    assert main(["evaluate", str(store), "--boundary-width", "0", "-o",
-                 str(tmp_path / "r"), "-q"]) != 0
+    assert (
+        main(["evaluate", str(store), "--boundary-width", "0", "-o", str(tmp_path / "r"), "-q"])
+        != 0
+    )
     assert "--boundary-width" in capsys.readouterr().err

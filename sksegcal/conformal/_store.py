@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..pixels import _context_width, _estimator_context
 from ._base import BaseConformal
 from ._metrics import ConformalSetAccumulator
 
@@ -48,10 +49,35 @@ def _check_inputs(estimator, store) -> None:
         )
 
 
+def _context_of(estimator, store) -> str | None:
+    """The context the estimator's calibrator reads (None without a calibrator)."""
+    if estimator.calibrator is None:
+        return None
+    return _estimator_context(estimator.calibrator, where=f"the store {store.path}")
+
+
+def _image_tables(store, image_id: int, chunk_pixels: int, context: str | None):
+    """Yield (X, y) tables of one image; with context, the context columns follow the logits.
+
+    The context is computed on the whole stored image before ignored pixels are
+    dropped (the store engine's reader), so the calibrator in front gets the rows
+    ``flatten_segmentation(..., context="spatial")`` would give it.
+    """
+    if context is None:
+        for X, y, _ in store.iter_chunks(chunk_pixels, images=[image_id]):
+            yield X, y
+        return
+    from ..store._context import iter_tables
+
+    for X, y, ctx in iter_tables(store, int(image_id), chunk_pixels, context):
+        yield np.concatenate([X, ctx], axis=1), y
+
+
 def _fit_block(estimator, store, ids, chunk_pixels):
     state = estimator._new_state()
+    context = _context_of(estimator, store)
     for image_id in ids:
-        chunks = ((X, y) for X, y, _ in store.iter_chunks(chunk_pixels, images=[image_id]))
+        chunks = _image_tables(store, image_id, chunk_pixels, context)
         counts = estimator._image_histogram(chunks, estimator._rng(2, int(image_id)))
         estimator._add_image(state, counts)
     return state
@@ -121,8 +147,11 @@ def fit_conformal_store(
         raise ValueError("images selects no image of the store; there is nothing to calibrate on.")
     for attr in ("state_", "n_features_in_"):
         estimator.__dict__.pop(attr, None)
-    estimator.n_features_in_ = store.n_classes
-    estimator._start(store.n_classes)
+    context = _context_of(estimator, store)
+    # a calibrator that reads the spatial context takes C logits and K context columns
+    n_features = store.n_classes + (_context_width(context) if context else 0)
+    estimator.n_features_in_ = n_features
+    estimator._start(n_features)
     chunk_pixels = store._chunk_pixels(chunk_pixels)
     states = Parallel(n_jobs=n_jobs, backend=backend)(
         delayed(_fit_block)(estimator, store, block, chunk_pixels)
@@ -140,10 +169,13 @@ def _evaluate_block(estimators, store, ids, chunk_pixels):
         name: ConformalSetAccumulator(store.n_classes, ignore_index=store.ignore_index)
         for name in estimators
     }
+    contexts = {name: _context_of(est, store) for name, est in estimators.items()}
     for image_id in ids:
-        for X, y, _ in store.iter_chunks(chunk_pixels, images=[image_id]):
-            for name, est in estimators.items():
-                accs[name].update(y, est.predict_set(X), image_id=int(image_id))
+        for context in sorted(set(contexts.values()), key=str):
+            names = [name for name in estimators if contexts[name] == context]
+            for X, y in _image_tables(store, image_id, chunk_pixels, context):
+                for name in names:
+                    accs[name].update(y, estimators[name].predict_set(X), image_id=int(image_id))
     return accs
 
 
