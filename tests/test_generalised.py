@@ -62,8 +62,13 @@ def test_fit_matches_scipy_on_the_same_objective():
         lambda t, h: softplus_nll(t, Z, y, phi, sample_weight=w, l2=l2, hessian=h, chunk_size=512),
         theta0,
     )
-    ref = minimize(_torch_objective(Z, y, phi, w, l2), theta0, jac=True, method="BFGS",
-                   options={"gtol": 1e-11, "maxiter": 1000})
+    ref = minimize(
+        _torch_objective(Z, y, phi, w, l2),
+        theta0,
+        jac=True,
+        method="BFGS",
+        options={"gtol": 1e-11, "maxiter": 1000},
+    )
     assert fit.converged and fit.n_iter < 20
     np.testing.assert_allclose(fit.theta, ref.x, atol=1e-6)
     assert fit.loss == pytest.approx(ref.fun, rel=1e-12, abs=1e-12)
@@ -72,7 +77,10 @@ def test_fit_matches_scipy_on_the_same_objective():
     # L-BFGS reaches the same point, in more passes
     slow = fit_softplus_temperature(
         lambda t, h: softplus_nll(t, Z, y, phi, sample_weight=w, l2=l2, hessian=h),
-        theta0, method="lbfgs", tol=1e-10, max_iter=500,
+        theta0,
+        method="lbfgs",
+        tol=1e-10,
+        max_iter=500,
     )
     np.testing.assert_allclose(slow.theta, ref.x, atol=1e-5)
 
@@ -80,16 +88,20 @@ def test_fit_matches_scipy_on_the_same_objective():
 def test_gradient_and_hessian_match_finite_differences():
     Z, y, phi, w = _problem(n=400, seed=3)
     theta = np.array([0.3, -0.2, 0.1, 0.4])
-    f, g, H = softplus_nll(theta, Z, y, phi, sample_weight=w, l2=0.1, hessian=True,
-                           chunk_size=64)
+    f, g, H = softplus_nll(theta, Z, y, phi, sample_weight=w, l2=0.1, hessian=True, chunk_size=64)
     ref_f, ref_g = _torch_objective(Z, y, phi, w, 0.1)(theta)
     assert f == pytest.approx(ref_f, rel=1e-12)
     np.testing.assert_allclose(g, ref_g, rtol=1e-9, atol=1e-12)
-    num_h = np.array([
-        approx_fprime(theta, lambda t, j=j: softplus_nll(
-            t, Z, y, phi, sample_weight=w, l2=0.1)[1][j], 1e-6)
-        for j in range(len(theta))
-    ])
+    num_h = np.array(
+        [
+            approx_fprime(
+                theta,
+                lambda t, j=j: softplus_nll(t, Z, y, phi, sample_weight=w, l2=0.1)[1][j],
+                1e-6,
+            )
+            for j in range(len(theta))
+        ]
+    )
     np.testing.assert_allclose(H, num_h, rtol=1e-4, atol=1e-6)
 
 
@@ -103,7 +115,8 @@ def test_constant_inputs_reduce_to_temperature_scaling():
     phi = (raw - mean) / scale
     fit = fit_softplus_temperature(
         lambda t, h: softplus_nll(t, X, y, phi, l2=_GENERALISED_L2, hessian=h),
-        np.array([0.3, -0.1, 0.0]), constant=constant,
+        np.array([0.3, -0.1, 0.0]),
+        constant=constant,
     )
     ts = TemperatureScaling().fit(X, y)
     np.testing.assert_array_equal(fit.theta[:-1], 0.0)
@@ -117,14 +130,16 @@ def test_standardisation_is_the_weighted_mean_and_deviation():
     w = rng.uniform(0, 2, 5000)
     mean, scale, constant = standardisation(lambda p: u[p], 5000, 3, w, 777)
     np.testing.assert_allclose(mean, np.average(u, axis=0, weights=w), rtol=1e-10)
-    np.testing.assert_allclose(scale, np.sqrt(np.cov(u.T, aweights=w, bias=True).diagonal()),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        scale, np.sqrt(np.cov(u.T, aweights=w, bias=True).diagonal()), rtol=1e-6
+    )
     assert not constant.any()
 
 
 # ------------------------------------------------------------------ the estimator
 def _fixed_split(monkeypatch, n_train):
     """The first n_train rows train the detector, the others are held out (no sampling)."""
+
     def split(self, correct, groups, needs_holdout, rng):
         n = len(correct)
         return np.arange(n_train), np.arange(n_train, n)
@@ -137,8 +152,9 @@ def _reference_inputs(detector, X):
     lp = log_softmax(X, axis=1)
     top = -np.sort(-lp, axis=1)
     k = min(5, X.shape[1])
-    features = np.column_stack([top[:, :k], -(np.exp(lp) * lp).sum(1),
-                                np.exp(top[:, 0]) - np.exp(top[:, 1])])
+    features = np.column_stack(
+        [top[:, :k], -(np.exp(lp) * lp).sum(1), np.exp(top[:, 0]) - np.exp(top[:, 1])]
+    )
     p = detector.predict_proba(features)[:, 1]
     return np.column_stack([p, top[:, 0], features[:, k], features[:, k + 1]])
 
@@ -149,8 +165,9 @@ def test_estimator_fit_is_the_minimum_of_the_held_out_nll(monkeypatch):
     order = np.random.default_rng(0).permutation(len(y))
     X, y = X[order], y[order]
     _fixed_split(monkeypatch, 2000)
-    cal = SelectiveScalingCalibrator(LogisticRegression(), mode="generalised", guard=None,
-                                     max_fit_pixels=10**6, random_state=0).fit(X, y)
+    cal = SelectiveScalingCalibrator(
+        LogisticRegression(), mode="generalised", guard=None, max_fit_pixels=10**6, random_state=0
+    ).fit(X, y)
     assert cal.temperature_inputs_ == ("p_correct", "max_log_proba", "entropy", "margin")
     held = slice(2000, None)
     u = _reference_inputs(cal.classifier_, X[held])
@@ -159,15 +176,21 @@ def test_estimator_fit_is_the_minimum_of_the_held_out_nll(monkeypatch):
     np.testing.assert_allclose(cal.temperature_scale_, std, rtol=1e-6)
     phi = (u - mean) / std
     theta = np.r_[cal.temperature_coef_, cal.temperature_intercept_]
-    ref = minimize(_torch_objective(X[held], y[held], phi, np.ones(len(phi)), _GENERALISED_L2),
-                   theta + 0.05, jac=True, method="BFGS", options={"gtol": 1e-10})
+    ref = minimize(
+        _torch_objective(X[held], y[held], phi, np.ones(len(phi)), _GENERALISED_L2),
+        theta + 0.05,
+        jac=True,
+        method="BFGS",
+        options={"gtol": 1e-10},
+    )
     assert ref.nit < 200
     np.testing.assert_allclose(theta, ref.x, atol=1e-6)
     # and predictions use that beta: softmax(beta z)
     beta = np.logaddexp(0.0, phi @ theta[:-1] + theta[-1])
     np.testing.assert_allclose(cal.temperatures(X[held]), 1.0 / beta, rtol=1e-6)
-    np.testing.assert_allclose(cal.predict_proba(X[held]), softmax(beta[:, None] * X[held], 1),
-                               rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(
+        cal.predict_proba(X[held]), softmax(beta[:, None] * X[held], 1), rtol=1e-6, atol=1e-12
+    )
     assert cal.converged_ and cal.n_iter_ > 0
 
 
@@ -185,8 +208,9 @@ def _two_populations(n=12_000, seed=0):
 
 def test_generalised_beats_ts_and_the_guard_keeps_it():
     X, y, groups = _two_populations()
-    cal = SelectiveScalingCalibrator(LogisticRegression(), mode="generalised",
-                                     random_state=0).fit(X, y, groups=groups)
+    cal = SelectiveScalingCalibrator(LogisticRegression(), mode="generalised", random_state=0).fit(
+        X, y, groups=groups
+    )
     assert cal.guard_choice_ == "selective"
     assert cal.guard_scores_["wins"] == cal.guard_scores_["n_folds"] == 5
     assert cal.t2_ > 10 * cal.t1_  # flagged pixels get flatter probabilities
@@ -207,10 +231,12 @@ def _ts_world(n, seed):
 def test_guard_falls_back_to_ts_where_the_generalised_form_can_only_overfit():
     X, y = _ts_world(3000, seed=0)
     groups = np.repeat(np.arange(30), 100)
-    cal = SelectiveScalingCalibrator(LogisticRegression(), mode="generalised",
-                                     random_state=0).fit(X, y, groups=groups)
-    raw = SelectiveScalingCalibrator(LogisticRegression(), mode="generalised", guard=None,
-                                     random_state=0).fit(X, y, groups=groups)
+    cal = SelectiveScalingCalibrator(LogisticRegression(), mode="generalised", random_state=0).fit(
+        X, y, groups=groups
+    )
+    raw = SelectiveScalingCalibrator(
+        LogisticRegression(), mode="generalised", guard=None, random_state=0
+    ).fit(X, y, groups=groups)
     assert cal.guard_choice_ == "ts"
     scores = cal.guard_scores_
     # the folds do not support it: it wins in at most half of them (or loses on average)
@@ -221,8 +247,10 @@ def test_guard_falls_back_to_ts_where_the_generalised_form_can_only_overfit():
     assert cal.t1_ == cal.t2_ == pytest.approx(ts.temperature_, rel=1e-6)
     np.testing.assert_allclose(cal.temperatures(X), ts.temperature_, rtol=1e-6)
     np.testing.assert_allclose(cal.predict_proba(X), ts.predict_proba(X), rtol=1e-5, atol=1e-7)
-    np.testing.assert_array_equal(cal.guard_scores_["replaced"]["theta"],
-                                  np.r_[raw.temperature_coef_, raw.temperature_intercept_])
+    np.testing.assert_array_equal(
+        cal.guard_scores_["replaced"]["theta"],
+        np.r_[raw.temperature_coef_, raw.temperature_intercept_],
+    )
 
 
 def test_affine_change_of_a_context_input_leaves_the_temperatures_unchanged():
@@ -240,8 +268,9 @@ def test_affine_change_of_a_context_input_leaves_the_temperatures_unchanged():
 
     def fitted(context):
         A = np.hstack([X.astype(np.float64), context])
-        cal = SelectiveScalingCalibrator(DummyClassifier(), mode="generalised", guard=None,
-                                         context="spatial", random_state=0).fit(A, y)
+        cal = SelectiveScalingCalibrator(
+            DummyClassifier(), mode="generalised", guard=None, context="spatial", random_state=0
+        ).fit(A, y)
         return cal, cal.temperatures(A)
 
     cal, t = fitted(ctx)
@@ -254,16 +283,20 @@ def test_affine_change_of_a_context_input_leaves_the_temperatures_unchanged():
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 @settings(max_examples=30, deadline=None)
 @given(
-    X=arrays(np.float64, st.tuples(st.integers(12, 40), st.integers(2, 6)),
-             elements=st.floats(-30, 30, width=32)),
+    X=arrays(
+        np.float64,
+        st.tuples(st.integers(12, 40), st.integers(2, 6)),
+        elements=st.floats(-30, 30, width=32),
+    ),
     intercept=st.sampled_from([None, -60.0, 30.0]),
 )
 def test_argmax_of_predict_proba_is_predict_in_float32(X, intercept):
     X = X.astype(np.float32)
     y = np.argmax(X, axis=1)
     y[::3] = (y[::3] + 1) % X.shape[1]
-    cal = SelectiveScalingCalibrator(LogisticRegression(), mode="generalised", random_state=0,
-                                     on_single_class="constant").fit(X, y)
+    cal = SelectiveScalingCalibrator(
+        LogisticRegression(), mode="generalised", random_state=0, on_single_class="constant"
+    ).fit(X, y)
     if intercept is not None:  # beta ~ 1e-26 (flat rows) or 30 (sharp rows)
         cal.temperature_coef_ = np.zeros_like(cal.temperature_coef_)
         cal.temperature_intercept_ = intercept
@@ -275,8 +308,9 @@ def test_argmax_of_predict_proba_is_predict_in_float32(X, intercept):
 def test_the_paper_features_and_weights_work_too():
     X, y, groups = _two_populations(n=6000)
     w = np.random.default_rng(0).uniform(0.5, 1.5, len(y))
-    cal = SelectiveScalingCalibrator(LogisticRegression(), mode="generalised",
-                                     features="log_softmax", random_state=0)
+    cal = SelectiveScalingCalibrator(
+        LogisticRegression(), mode="generalised", features="log_softmax", random_state=0
+    )
     cal.fit(X, y, sample_weight=w, groups=groups)
     assert cal.guard_choice_ == "selective"
     proba = cal.predict_proba(X)
