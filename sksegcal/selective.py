@@ -234,8 +234,10 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         correctness detector sees its usual features plus the context; the
         temperatures scale the C logit columns only, and ``predict_proba``
         returns (n, C). ``n_features_in_`` is then C + K and ``classes_`` is
-        ``arange(C)``. The store's and mmseg's paths do not compute the
-        context yet: use this on pixel tables.
+        ``arange(C)``. The store engine (``fit_store``, ``evaluate_store``,
+        ``predict_store``), mmseg's ``calibrate_model`` and
+        ``CalibrationMetric`` and the command line compute the context per
+        image themselves when the calibrator asks for it.
     on_single_class : {"raise", "constant"}, default="raise"
         What to do when every fit pixel is correct (or every one wrong):
         raise a ValueError, or use a constant classifier (everything gets

@@ -83,8 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "'apt-get install mricron-data') (default: mni152-tissue)")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="default",
                    help="correctness classifier of selective scaling: the calibrator's "
-                        "default (the paper's MLP on class-agnostic features), the MLP with "
-                        "40 epochs, gradient boosting or logistic regression (default: default)")
+                        "default (logistic regression on class-agnostic features), the paper's "
+                        "MLP with 40 epochs, gradient boosting or logistic regression (default: default)")
     p.add_argument("--context", choices=("none", "spatial"), default="none",
                    help="what selective scaling's detector reads beside each pixel's "
                         "probabilities: nothing, or the spatial context of its neighbourhood "
@@ -158,8 +158,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "searched together with --t2 (default: 1)")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="default",
                    help="selective: correctness classifier: SelectiveScalingCalibrator's "
-                        "default (the paper's MLP), the MLP with 40 epochs, gradient boosting "
-                        "or logistic regression (default: default)")
+                        "default (logistic regression), the paper's MLP with 40 epochs, gradient "
+                        "boosting or logistic regression (default: default)")
     p.add_argument("--features", choices=("agnostic", "log_softmax"), default="agnostic",
                    help="selective: what the classifier sees: class-agnostic summaries (the "
                         "calibrator's default) or the log-probability vector (the paper) "
