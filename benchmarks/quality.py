@@ -621,6 +621,8 @@ def run_regimes(
                         "wins": g.get("wins"),
                         "n_folds": g.get("n_folds"),
                         "mean_improvement": g.get("mean_improvement"),
+                        # classifier=None: which detector the package's default fitted
+                        "detector": _detector_name(est.classifier_),
                     }
                 for case, (X, y, s, b) in cases.items():
                     r = evaluate_regime(est, X, y, n_classes, s, b, reads_context)
@@ -959,6 +961,13 @@ def _boundary_definition() -> str:
     return "sksegcal.metrics.boundary_mask with its defaults: within 2 px, Chebyshev"
 
 
+def _detector_name(classifier) -> str:
+    steps = getattr(classifier, "steps", None)
+    if steps is not None:
+        return "Pipeline(" + ", ".join(type(step).__name__ for _, step in steps) + ")"
+    return type(classifier).__name__
+
+
 def _commit() -> str:
     import subprocess
 
@@ -1001,7 +1010,10 @@ def spatial_markdown(results, detection, timings, args, guards, tallies, seconds
         "",
         f"Package: commit {_commit()}; the default's parameters: "
         f"`{_non_default_free_params(SelectiveScalingCalibrator())}`; "
-        f"LocalTemperatureScaling: `{_non_default_free_params(LocalTemperatureScaling())}`.",
+        f"LocalTemperatureScaling: `{_non_default_free_params(LocalTemperatureScaling())}`; "
+        "the detector the default fitted: "
+        + ", ".join(sorted({g["detector"] for (_, _, m), g in guards.items() if m == DEFAULT}))
+        + ".",
         "",
     ]
     lines += regime_report(
@@ -1121,7 +1133,7 @@ def main(argv=None):
                     "seed": s,
                     "method": m,
                     **{
-                        k: (None if v is None else float(v) if k != "choice" else v)
+                        k: (None if v is None else v if k in ("choice", "detector") else float(v))
                         for k, v in g.items()
                     },
                 }

@@ -536,6 +536,11 @@ def nll_derivatives(
     return f, g, H
 
 
+# a Newton step whose predicted decrease of the mean NLL (nats per pixel) is below this,
+# relative to the NLL (or absolute below 1 nat), changes nothing representable
+_NEGLIGIBLE_DECREASE = 1e-15
+
+
 def fit_inverse_temperatures(
     Z: np.ndarray,
     y: np.ndarray,
@@ -616,6 +621,12 @@ def fit_inverse_temperatures(
         if np.all(np.abs(step) <= rtol * np.abs(x)):
             # the next step is below the tolerance: x is the minimum to within it (Newton
             # converges quadratically, so the step is about the remaining distance)
+            converged = True
+            break
+        if abs(float(g @ step)) <= _NEGLIGIBLE_DECREASE * max(abs(float(f)), 1.0):
+            # the step would lower the mean NLL by less than its rounding (e.g. a group of
+            # pixels all correct, whose NLL still falls towards 0 as beta grows, with a
+            # gradient of 1e-45): no representable progress is left
             converged = True
             break
         accepted, t = False, 1.0

@@ -268,3 +268,26 @@ def test_huge_float64_logits_are_fitted_on_a_rescaled_problem():
     T_big, fit = fit_temperature(big, y, bounds=(0.01 * 2.0**1000, 100 * 2.0**1000))
     assert fit.converged
     assert T_big / 2.0**1000 == pytest.approx(T, rel=1e-9)
+
+
+def test_all_correct_group_stops_when_no_decrease_is_representable():
+    # every pixel correct by a wide margin: the NLL falls towards 0 as beta grows, with a
+    # gradient that underflows (1e-45); the fit must stop there as converged, not run to
+    # max_iter and warn (a hard-mode group of the clean pixels does exactly this)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 3000)
+    Z = 12.0 * np.eye(4)[y] + 0.3 * rng.normal(size=(3000, 4))
+    fit = fit_inverse_temperatures(Z, y, bounds=(1e-10, 1e10))
+    assert fit.converged and fit.n_iter < 100
+    assert fit.nll < 1e-14  # it went where the NLL is negligible (< 1e-15 nats to gain)
+    # the reference: the direct NLL at the fitted beta, and no better point within reach
+    beta = float(fit.x[0])
+    # NLL = log(1 + sum_{k != y} exp(beta (z_k - z_y))), exact for tiny values via log1p
+    gaps = beta * (Z - Z[np.arange(3000), y][:, None])
+    gaps[np.arange(3000), y] = -np.inf
+    direct = np.mean(np.log1p(np.exp(gaps).sum(axis=1)))
+    assert direct == pytest.approx(fit.nll, rel=1e-3)
+    for other in (0.5 * beta, 0.9 * beta):  # smaller beta: strictly worse
+        g2 = other * (Z - Z[np.arange(3000), y][:, None])
+        g2[np.arange(3000), y] = -np.inf
+        assert np.mean(np.log1p(np.exp(g2).sum(axis=1))) > direct
