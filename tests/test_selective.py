@@ -464,6 +464,28 @@ def test_guard_rule():
     assert _guard_keeps(np.array([0.01, 0.02, -0.001, 0.03, 0.01]))
     assert not _guard_keeps(np.array([0.5, -0.01, -0.01, -0.01, -0.01]))  # one lucky fold
     assert not _guard_keeps(np.array([0.001, 0.001, 0.001, -0.01, -0.01]))  # mean < 0
+    # the AAL demo's folds (x 1e-4): 3 of 5 wins and a positive mean, but t = 0.21
+    assert not _guard_keeps(1e-4 * np.array([10.56, 17.86, 11.87, -2.71, -28.81]))
+    # the MNI152 demo's seed 1: one fold lost, t = 2.65 > t_0.9(4) = 1.533
+    assert _guard_keeps(1e-4 * np.array([5.57, -1.6, 4.29, 3.82, 4.86]))
+    assert _guard_keeps(np.full(5, 1e-4)) and not _guard_keeps(np.full(5, -1e-4))
+
+
+def test_guard_t_statistic_is_scipys_paired_test():
+    from scipy.stats import ttest_1samp
+
+    from sksegcal.selective import _guard_keeps, _guard_t_statistic
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(40):
+        imp = rng.normal(0.001, 0.002, size=5)
+        want = ttest_1samp(imp, 0.0, alternative="greater")
+        assert _guard_t_statistic(imp) == pytest.approx(want.statistic, rel=1e-12)
+        if imp.mean() > 0 and (imp > 0).sum() >= 3:  # the rule's other two conditions hold
+            assert _guard_keeps(imp) == (want.pvalue <= 0.10)
+            checked += 1
+    assert checked >= 10
 
 
 def test_guard_fallback_is_the_temperature_scaling_of_all_fit_rows():

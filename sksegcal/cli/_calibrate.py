@@ -137,7 +137,9 @@ def selective_info(selective, search) -> dict:
         info["guard"] = (f"kept {'selective scaling' if choice == 'selective' else 'TS'}: "
                          f"held-out NLL better than TS in {scores['wins']} of "
                          f"{scores['n_folds']} folds by {scores['by']}, mean "
-                         f"{scores['mean_improvement']:+.5f}")
+                         f"{scores['mean_improvement']:+.5f}"
+                         + (f", t = {scores['t_statistic']:.2f}" if "t_statistic" in scores
+                            else ""))
     return info
 
 
