@@ -996,7 +996,9 @@ def _non_default_free_params(estimator) -> str:
     )
 
 
-def spatial_markdown(results, detection, timings, args, guards, tallies, seconds) -> str:
+def spatial_markdown(
+    results, detection, timings, args, guards, tallies, seconds, commit="unknown"
+) -> str:
     lines = [
         "# Quality benchmark: regimes, spatial variants, perturbed fits",
         "",
@@ -1008,7 +1010,7 @@ def spatial_markdown(results, detection, timings, args, guards, tallies, seconds
         f"{len(args.seeds)} seeds (image-level split of the calibration slices and every "
         "calibrator's randomness).",
         "",
-        f"Package: commit {_commit()}; the default's parameters: "
+        f"Package: commit {commit} (at the start of the run); the default's parameters: "
         f"`{_non_default_free_params(SelectiveScalingCalibrator())}`; "
         f"LocalTemperatureScaling: `{_non_default_free_params(LocalTemperatureScaling())}`; "
         "the detector the default fitted: "
@@ -1077,6 +1079,7 @@ def main(argv=None):
     timings = defaultdict(list)
     guards, tallies = {}, {}
     start = time.perf_counter()
+    commit = _commit()  # the package as imported, not as it may be when the run ends
     if args.methods == "spatial":
         for name in args.datasets:
             run_regimes(
@@ -1092,7 +1095,14 @@ def main(argv=None):
                 args.lts_pixels,
             )
         report = spatial_markdown(
-            results, detection, timings, args, guards, tallies, time.perf_counter() - start
+            results,
+            detection,
+            timings,
+            args,
+            guards,
+            tallies,
+            time.perf_counter() - start,
+            commit,
         )
     else:
         for name in args.datasets:
