@@ -55,6 +55,12 @@ _GUARD_LEVEL = 0.10
 def _guard_t_statistic(improvement: np.ndarray) -> float:
     """The paired t statistic of the fold improvements (inf when they are all equal and > 0)."""
     k = len(improvement)
+    # t is scale-free: divide by the largest gain first, so that the squares of NLL gains
+    # of extreme logits (1e281 nats) cannot overflow
+    top = float(np.max(np.abs(improvement), initial=0.0))
+    if not np.isfinite(top):
+        return float(np.sign(np.sum(np.sign(improvement)))) * np.inf
+    improvement = improvement / top if top > 0 else improvement
     mean = float(improvement.mean())
     sd = float(improvement.std(ddof=1)) if k > 1 else 0.0
     if sd == 0.0:
@@ -483,7 +489,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
 
         Parameters
         ----------
-        X : array-like of shape (n_pixels, n_features_in_)
+        X : array-like of shape (n_pixels, n_features)
+            The rows ``fit`` took (``n_features_in_`` columns).
 
         Returns
         -------
