@@ -84,7 +84,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", choices=CLASSIFIERS, default="default",
                    help="correctness classifier of selective scaling: the calibrator's "
                         "default (logistic regression on class-agnostic features), the paper's "
-                        "MLP with 40 epochs, gradient boosting or logistic regression (default: default)")
+                        "MLP with 40 epochs, gradient boosting or logistic regression "
+                        "(default: default)")
     p.add_argument("--context", choices=("none", "spatial"), default="none",
                    help="what selective scaling's detector reads beside each pixel's "
                         "probabilities: nothing, or the spatial context of its neighbourhood "
