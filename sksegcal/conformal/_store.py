@@ -15,25 +15,14 @@ from typing import Any
 import numpy as np
 
 from ..pixels import _context_width, _estimator_context
+from ..store._engine import DEFAULT_TASK_PIXELS, image_blocks
 from ._base import BaseConformal
 from ._metrics import ConformalSetAccumulator
 
-DEFAULT_TASK_PIXELS = 4_000_000
-
 
 def _blocks(store, ids: np.ndarray, task_pixels: int) -> list[np.ndarray]:
-    """Consecutive images of about ``task_pixels`` pixels a block (depends on the store only)."""
-    blocks, current, size = [], [], 0
-    for i in ids:
-        record = store.record(int(i))
-        current.append(int(i))
-        size += record["height"] * record["width"]
-        if size >= task_pixels:
-            blocks.append(np.array(current))
-            current, size = [], 0
-    if current:
-        blocks.append(np.array(current))
-    return blocks
+    """Consecutive images of about ``task_pixels`` pixels a block (the store engine's blocks)."""
+    return image_blocks(store, ids, task_pixels)
 
 
 def _check_inputs(estimator, store) -> None:
