@@ -260,19 +260,25 @@ def test_store_sample_rows_are_flatten_segmentation_rows(store, images, chunk_pi
         np.testing.assert_array_equal(row, by_logits[(g, row[:N_CLASSES].tobytes())])
 
 
-def test_context_survives_any_float32_value(store):
-    """The sampler's transport of the context columns is exact for every float32 bit pattern."""
-    from sksegcal.store._context import _decode, _encode
+def test_sampler_strata_read_the_logit_columns_only(store):
+    """Context columns after the logits (of any value) never change which pixels are drawn."""
+    from sksegcal.store._context import _WithContext
 
-    rng = np.random.default_rng(0)
-    bits = rng.integers(0, 2**32, size=(1000, K), dtype=np.uint64).astype(np.uint32)
-    special = np.array(
-        [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -3.4e38, 65504.0], dtype=np.float32
-    )
-    values = np.concatenate([bits.view(np.float32), np.tile(special[:, None], (1, K))])
-    encoded = _encode(values)
-    assert encoded.dtype == np.float32 and (encoded < -65504).all()  # never a row's argmax
-    np.testing.assert_array_equal(_decode(encoded).view(np.uint32), values.view(np.uint32))
+    class HugeContext(_WithContext):
+        # context columns far above every logit: an argmax over the whole row would put
+        # every pixel in the "wrong" stratum and disagree with the records' counts
+        def _iter_image_tables(self, image_id, chunk_pixels, drop_ignored=True):
+            for x, y in self._store._iter_image_tables(image_id, chunk_pixels, drop_ignored):
+                yield np.concatenate([x, np.full((len(y), K), 1e30, np.float32)], axis=1), y
+
+    from sksegcal.store._sampling import sample_store
+
+    X, y, groups = sample_store(HugeContext(store, "spatial"), 300, random_state=0)
+    X0, y0, g0 = store.sample(300, random_state=0)
+    np.testing.assert_array_equal(X[:, :N_CLASSES], X0)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(groups, g0)
+    assert (X[:, N_CLASSES:] == 1e30).all()
 
 
 @pytest.mark.parametrize("make", [spatial_selective, lambda: SpyLTS()], ids=["selective", "lts"])

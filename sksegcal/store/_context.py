@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..pixels import _context_rows, _context_width
+from ..pixels import _context_rows
 from ._format import VALUE_DTYPE
 from ._sampling import sample_store
 
@@ -86,28 +86,12 @@ def iter_tables(
             yield x[keep], y[keep], ctx[keep]
 
 
-# The context rides through the sampler in extra columns. The sampler picks rows by
-# the argmax of each row (its correctness strata), so the extra columns must never be
-# a row's maximum and must come back bit for bit: each float32 context value is cut
-# into its two 16-bit halves, stored as the float32 integers -(2^17 + half), exact
-# and below every float16 logit (>= -65504).
-_HALF_OFFSET = np.float32(2**17)
-
-
-def _encode(ctx: np.ndarray) -> np.ndarray:
-    bits = np.ascontiguousarray(ctx, dtype=np.float32).view(np.uint32)
-    halves = np.concatenate([bits >> 16, bits & 0xFFFF], axis=1)
-    return -(halves.astype(np.float32) + _HALF_OFFSET)
-
-
-def _decode(columns: np.ndarray) -> np.ndarray:
-    k = columns.shape[1] // 2
-    halves = (-columns - _HALF_OFFSET).astype(np.uint32)
-    return ((halves[:, :k] << 16) | halves[:, k:]).view(np.float32)
-
-
 class _WithContext:
-    """A store as the sampler reads it: each table row carries its encoded context."""
+    """A store as the sampler reads it: each table row carries its context columns.
+
+    The sampler stratifies by the argmax of the first ``n_classes`` columns, so the
+    context after them never changes which pixels are drawn.
+    """
 
     def __init__(self, store, context: str):
         self._store = store
@@ -120,7 +104,7 @@ class _WithContext:
         for x, y, ctx in iter_tables(
             self._store, image_id, chunk_pixels, self._context, drop_ignored
         ):
-            yield np.concatenate([x, _encode(ctx)], axis=1), y
+            yield np.concatenate([x, ctx], axis=1), y
 
 
 def sample_table(store, max_pixels: int, *, context: str | None = None, **kwargs):
@@ -134,9 +118,4 @@ def sample_table(store, max_pixels: int, *, context: str | None = None, **kwargs
     """
     if context is None:
         return store.sample(max_pixels, **kwargs)
-    X, y, groups = sample_store(_WithContext(store, context), max_pixels, **kwargs)
-    c = store.n_classes
-    out = np.empty((X.shape[0], c + _context_width(context)), dtype=np.float32)
-    out[:, :c] = X[:, :c]
-    out[:, c:] = _decode(X[:, c:])
-    return out, y, groups
+    return sample_store(_WithContext(store, context), max_pixels, **kwargs)

@@ -115,7 +115,9 @@ def sample_store(
         seen = np.zeros(len(n_s), dtype=np.int64)
         for x, y in store._iter_image_tables(image_id, chunk_pixels):
             stratum = (
-                (x.argmax(axis=1) == y).astype(np.int64)
+                # the logit columns only: rows may carry more columns after them (the
+                # spatial context of store._context.sample_table)
+                (x[:, : store.n_classes].argmax(axis=1) == y).astype(np.int64)
                 if stratify_by_correctness
                 else np.zeros(len(y), np.int64)
             )
