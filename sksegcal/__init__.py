@@ -9,6 +9,7 @@ logits ``X`` (n_pixels, n_classes) and labels ``y`` (n_pixels,), then
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 __version__ = "0.1.0.dev0"
 
@@ -26,22 +27,14 @@ _LAZY = {
     "flatten_segmentation": "pixels",
     "unflatten_segmentation": "pixels",
 }
+# every public submodule (a name without a leading underscore), found on disk: none is
+# left out of the list, and none is imported before it is used
 _SUBMODULES = {
-    "context",
-    "datasets",
-    "features",
-    "integrations",
-    "metrics",
-    "mlp",
-    "persistence",
-    "pixels",
-    "plotting",
-    "scaling",
-    "selective",
-    "store",
+    info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")
 }
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
+
 
 def __getattr__(name: str):
     if name in _LAZY:

@@ -14,11 +14,9 @@ from ._kernels import agnostic_parts
 
 __all__ = [
     "FEATURE_SETS",
-    "correctness",
     "features_from_logits",
     "log_softmax",
     "make_features",
-    "n_features_for",
     "softmax",
 ]
 
@@ -128,17 +126,6 @@ def features_from_logits(z: np.ndarray, kind: str = "log_softmax", *, top_k: int
             out[:, k + 1] = (1.0 - second) / total
             return out
     return make_features(log_softmax(z), kind, top_k=top_k)
-
-
-def correctness(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Whether the top-scoring column of each row is the label (bool array)."""
-    return np.argmax(X, axis=1) == y
-
-
-def n_features_for(kind: str, n_classes: int, top_k: int = 5) -> int:
-    if kind == "log_softmax":
-        return n_classes
-    return min(top_k, n_classes) + 2
 
 
 def make_features(log_proba: np.ndarray, kind: str = "log_softmax", *, top_k: int = 5):

@@ -30,33 +30,29 @@ def segmentation_data():
 # both counting paths: the compiled (numba) one and the NumPy one
 # ---------------------------------------------------------------------------
 
-# Test modules whose every test runs once per counting path. The switch is
-# ``sksegcal._kernels.HAVE_NUMBA``, read at call time by every caller (the kernels
-# themselves and sksegcal.store), so patching that one binding switches them all.
-COUNTING_PATH_MODULES = {
-    "test_metrics", "test_store", "test_selective", "test_kernels", "test_boundary",
-    "test_context",
-}
-# Long tests of those modules that never count (concurrent store writers: ~160 s on
-# two paths for nothing). Better: mark such a test ``one_counting_path`` where it is.
-_NOT_COUNTING = {"test_concurrent_writers_never_mix_an_image_many_rounds"}
-
-
+# A test marked ``counting_paths`` (a module marks all its tests with ``pytestmark``) runs
+# once per counting path. The switch is ``sksegcal._kernels.HAVE_NUMBA``, read at call
+# time by every caller (the kernels themselves and sksegcal.store), so patching that one
+# binding switches them all. ``one_counting_path`` exempts a test of such a module (it
+# switches the path itself, or never counts).
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "one_counting_path: the test switches the counting path itself "
+        "counting_paths: run the test once per counting path (numba and NumPy)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "one_counting_path: the test switches the counting path itself, or never counts "
         "(it is not run once per path)",
     )
 
 
 def pytest_generate_tests(metafunc):
-    module = metafunc.module.__name__.rpartition(".")[2]
+    marked = metafunc.definition.get_closest_marker("counting_paths") is not None
     if (
-        module in COUNTING_PATH_MODULES
+        marked
         and "counting_path" in metafunc.fixturenames
         and metafunc.definition.get_closest_marker("one_counting_path") is None
-        and metafunc.function.__name__ not in _NOT_COUNTING
     ):
         metafunc.parametrize("counting_path", ["numba", "numpy"], indirect=True)
 
@@ -81,7 +77,7 @@ def _use_workers_of(env):
 
 @pytest.fixture(autouse=True)
 def counting_path(request, monkeypatch):
-    """"numba" or "numpy" in the modules above (None elsewhere): the path tallies take."""
+    """"numba" or "numpy" in tests marked ``counting_paths`` (None elsewhere)."""
     path = getattr(request, "param", None)
     _use_workers_of("numpy" if path == "numpy" else "default")
     if path is None:

@@ -25,6 +25,9 @@ from sksegcal.metrics import (
 from sksegcal.scaling import TemperatureScaling, VectorScaling
 from sksegcal.store import LogitStore, evaluate_store
 
+# every test runs once per counting path (numba and NumPy): tests/conftest.py
+pytestmark = pytest.mark.counting_paths
+
 no_count = pytest.mark.one_counting_path
 
 

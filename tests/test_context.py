@@ -8,6 +8,9 @@ from sksegcal import context as cx
 from sksegcal.context import CONTEXT_FEATURES, image_context, n_context_features, spatial_context
 from sksegcal.pixels import flatten_segmentation
 
+# every test runs once per counting path (numba and NumPy): tests/conftest.py
+pytestmark = pytest.mark.counting_paths
+
 IDX = {name: i for i, name in enumerate(CONTEXT_FEATURES)}
 
 

@@ -9,6 +9,9 @@ import pytest
 
 from sksegcal import _kernels
 
+# every test runs once per counting path (numba and NumPy): tests/conftest.py
+pytestmark = pytest.mark.counting_paths
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_argmax_rows_is_numpy_argmax_ties_included(counting_path, dtype):

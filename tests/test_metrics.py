@@ -13,6 +13,9 @@ from sklearn.model_selection import GridSearchCV, KFold
 from sksegcal import metrics as M
 from sksegcal.metrics import CalibrationAccumulator, _inputs
 
+# every test runs once per counting path (numba and NumPy): tests/conftest.py
+pytestmark = pytest.mark.counting_paths
+
 IGNORE = 255
 
 

@@ -24,6 +24,9 @@ from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
 from sksegcal.features import log_softmax
 from sksegcal.pixels import flatten_segmentation, split_images
 
+# every test runs once per counting path (numba and NumPy): tests/conftest.py
+pytestmark = pytest.mark.counting_paths
+
 
 def _cal(**kwargs):
     kwargs.setdefault("random_state", 0)

@@ -25,6 +25,9 @@ from sksegcal.pixels import flatten_segmentation, predict_proba_maps
 from sksegcal.scaling import TemperatureScaling, VectorScaling
 from sksegcal.store import LogitStore, evaluate_store, fit_store, predict_store
 
+# every test runs once per counting path (numba and NumPy): tests/conftest.py
+pytestmark = pytest.mark.counting_paths
+
 N_CLASSES = 4
 REPO = Path(__file__).resolve().parents[1]
 
@@ -636,6 +639,7 @@ def run_concurrency(tmp_path, *args):
     return report
 
 
+@pytest.mark.one_counting_path  # writers never count; the soak is benchmarks/store_concurrency.py
 @pytest.mark.parametrize("mode", ["same", "overwrite", "disjoint"])
 def test_concurrent_writers_never_mix_an_image(tmp_path, mode):
     # two processes released by one barrier add images at the same moment: the same
@@ -646,13 +650,6 @@ def test_concurrent_writers_never_mix_an_image(tmp_path, mode):
         assert report["refused"] == report["images"] == 60
     else:
         assert report["refused"] == 0
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["same", "overwrite"])
-def test_concurrent_writers_never_mix_an_image_many_rounds(tmp_path, mode):
-    report = run_concurrency(tmp_path, "--mode", mode, "--rounds", "200", "--names", "60")
-    assert report["images"] == 200 * 60
 
 
 def test_losing_writer_is_refused_and_leaves_nothing(store, images, monkeypatch):
