@@ -30,26 +30,15 @@ from typing import Any
 
 from ._files import atomic_write_via_path
 
-__all__ = ["TRUSTED_TYPES", "detect_format", "load", "save"]
+__all__ = ["TRUSTED_TYPES", "detect_format", "load", "save"]  # noqa: F822 - TRUSTED_TYPES: __getattr__
 
-#: The sksegcal types a skops file may hold without ``trusted``: the
-#: calibrators, the correctness MLP and the constant stand-in classifier that
-#: :class:`~sksegcal.SelectiveScalingCalibrator` uses when every fit pixel is
-#: correct (or every one wrong). Their state is numpy arrays and Python
-#: scalars, lists, tuples and dicts only: loading them runs none of our code
-#: but ``__setstate__``, which compares the recorded library versions.
-TRUSTED_TYPES: tuple[str, ...] = (
-    "sksegcal.selective.SelectiveScalingCalibrator",
-    "sksegcal.selective._ConstantCorrectness",
-    "sksegcal.scaling.TemperatureScaling",
-    "sksegcal.scaling.VectorScaling",
-    "sksegcal.scaling.DirichletScaling",
-    "sksegcal.scaling.EnsembleTemperatureScaling",
-    "sksegcal.scaling.MetaCalScaling",
-    "sksegcal.local_scaling.LocalTemperatureScaling",
-    "sksegcal.mlp.TorchMLPClassifier",
-)
-
+#: TRUSTED_TYPES (a module attribute, computed when read): the sksegcal types a skops
+#: file may hold without ``trusted``: every estimator class of the package (the
+#: calibrators, the correctness MLP, the conformal estimators) and the plain-data state
+#: classes they hold, each by the module that defines it and every module that exports
+#: it. Their state is numpy arrays and Python scalars, lists, tuples and dicts only:
+#: loading them runs none of our code but ``__setstate__``, which compares the recorded
+#: library versions.
 _FORMATS = ("joblib", "skops")
 
 # first bytes of a pickle (protocol >= 2) and of joblib's compressed containers
@@ -64,17 +53,68 @@ _COMPRESSED_MAGIC = (
 )
 
 
-def _sksegcal_estimator_types() -> tuple[type, ...]:
-    from ._base import BaseLogitCalibrator
-    from .mlp import TorchMLPClassifier
+# The state classes a trusted estimator holds that are neither estimators nor numpy, scipy
+# or scikit-learn types: plain data (arrays, scalars, lists, dicts) in each. Named as
+# classes, so that a rename or a move updates the trusted names with them.
+def _state_classes() -> tuple[type, ...]:
+    from .conformal import ImageRiskTally, ScoreHistogram
+    from .selective import _ConstantCorrectness
 
-    return (BaseLogitCalibrator, TorchMLPClassifier)
+    return (_ConstantCorrectness, ScoreHistogram, ImageRiskTally)
+
+
+def _estimator_classes() -> tuple[type, ...]:
+    """Every estimator class the package defines: calibrators, the MLP, conformal estimators.
+
+    Found, not listed: the subclasses of scikit-learn's ``BaseEstimator`` defined in
+    ``sksegcal`` once the modules that export estimators are imported (the public names
+    of ``sksegcal`` and :mod:`sksegcal.conformal`); bases and private helpers left out.
+    """
+    import importlib
+
+    from sklearn.base import BaseEstimator
+
+    import sksegcal
+
+    for module in sorted(set(sksegcal._LAZY.values())) + ["conformal"]:
+        importlib.import_module(f"sksegcal.{module}")
+    found, todo = set(), [BaseEstimator]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    own = [
+        cls
+        for cls in found
+        if cls.__module__.partition(".")[0] == "sksegcal"
+        and not cls.__name__.startswith(("_", "Base"))
+    ]
+    return tuple(sorted(own, key=lambda c: (c.__module__, c.__qualname__)))
+
+
+def _names_of(classes) -> tuple[str, ...]:
+    """``module.Class`` of each class where it is defined and where the package exports it."""
+    import sys
+
+    names = set()
+    for cls in classes:
+        names.add(f"{cls.__module__}.{cls.__qualname__}")
+        for name, module in list(sys.modules.items()):
+            if name.partition(".")[0] == "sksegcal" and vars(module).get(cls.__name__) is cls:
+                names.add(f"{name}.{cls.__name__}")
+    return tuple(sorted(names))
+
+
+def __getattr__(name: str):
+    if name == "TRUSTED_TYPES":
+        return _names_of(_estimator_classes() + _state_classes())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _calibrator_inside(obj: Any) -> Any | None:
     """The sksegcal estimator ``obj`` is or wraps (Pipeline, search), else None."""
-    own = _sksegcal_estimator_types()
-    if isinstance(obj, own):
+    if isinstance(obj, _estimator_classes()):
         return obj
     from sklearn.model_selection._search import BaseSearchCV
     from sklearn.pipeline import Pipeline
@@ -93,11 +133,10 @@ def _describe(obj: Any) -> str:
 
 def _check_calibrator(obj: Any, where: str) -> None:
     if _calibrator_inside(obj) is None:
+        names = ", ".join(cls.__name__ for cls in _estimator_classes())
         raise TypeError(
-            f"{where} holds a {_describe(obj)}, not a sksegcal calibrator. Expected one of "
-            "SelectiveScalingCalibrator, TemperatureScaling, VectorScaling, DirichletScaling, "
-            "EnsembleTemperatureScaling, MetaCalScaling, TorchMLPClassifier, or a "
-            "Pipeline / GridSearchCV ending in one."
+            f"{where} holds a {_describe(obj)}, not a sksegcal calibrator or conformal "
+            f"estimator. Expected one of {names}, or a Pipeline / GridSearchCV ending in one."
         )
 
 
@@ -136,7 +175,7 @@ def save(estimator: Any, path: str | os.PathLike, *, format: str = "joblib") -> 
     Raises
     ------
     TypeError
-        If ``estimator`` is not a sksegcal calibrator.
+        If ``estimator`` is not a sksegcal calibrator or conformal estimator.
     ValueError
         If ``format`` is unknown.
 
@@ -356,7 +395,7 @@ def _load_skops(path: Path, trusted: bool | Iterable[str] | None) -> Any:
         allowed = list(found)
     else:
         extra = set() if trusted is None else {str(t) for t in trusted}
-        allowed_names = set(TRUSTED_TYPES) | extra
+        allowed_names = set(__getattr__("TRUSTED_TYPES")) | extra
         refused = [t for t in found if t not in allowed_names]
         if refused:
             raise TypeError(

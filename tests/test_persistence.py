@@ -329,3 +329,41 @@ def test_damaged_skops_files_give_a_value_error_naming_the_file(tmp_path, fitted
     (tmp_path / "cut.skops").write_bytes(cut[:-10])
     with pytest.raises(ValueError, match="cut.skops"):
         load(tmp_path / "cut.skops")
+
+
+def test_conformal_estimators_save_and_load_under_the_trust_policy(tmp_path):
+    pytest.importorskip("skops")
+    from sksegcal.conformal import ConformalPixelSets, ConformalRiskControl
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=1200)
+    X = (4.0 * (np.eye(3)[y] + rng.normal(size=(1200, 3)))).astype(np.float32)
+    groups = np.arange(1200) // 60
+    ts = TemperatureScaling().fit(X, y)
+    for est in (
+        ConformalPixelSets(0.1, calibrator=ts).fit(X, y),
+        ConformalRiskControl(0.1).fit(X, y, groups),
+    ):
+        path = save(est, tmp_path / f"{type(est).__name__}.skops", format="skops")
+        loaded = load(path)  # no trust needed: the package's own types
+        np.testing.assert_array_equal(loaded.predict_set(X), est.predict_set(X))
+        with pytest.raises(ValueError, match="trusted=True"):
+            load(save(est, tmp_path / "c.joblib"))
+        assert load(tmp_path / "c.joblib", trusted=True).predict_set(X).shape == (1200, 3)
+
+
+def test_trusted_types_and_the_error_come_from_the_classes():
+    import sksegcal.persistence as persistence
+    from sksegcal import LocalTemperatureScaling
+    from sksegcal.conformal import ConformalPixelSets
+
+    names = persistence.TRUSTED_TYPES
+    for cls in (LocalTemperatureScaling, ConformalPixelSets, SelectiveScalingCalibrator):
+        assert f"{cls.__module__}.{cls.__qualname__}" in names
+    assert "sksegcal.selective.SelectiveScalingCalibrator" in names
+    with pytest.raises(
+        TypeError,
+        match="LocalTemperatureScaling.*ConformalPixelSets|"
+        "ConformalPixelSets.*LocalTemperatureScaling",
+    ):
+        save(object(), "never-written.joblib")
