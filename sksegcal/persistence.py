@@ -63,12 +63,14 @@ def _state_classes() -> tuple[type, ...]:
     return (_ConstantCorrectness, ScoreHistogram, ImageRiskTally)
 
 
-def _estimator_classes() -> tuple[type, ...]:
+def _estimator_classes(*, bases: bool = False) -> tuple[type, ...]:
     """Every estimator class the package defines: calibrators, the MLP, conformal estimators.
 
     Found, not listed: the subclasses of scikit-learn's ``BaseEstimator`` defined in
     ``sksegcal`` once the modules that export estimators are imported (the public names
-    of ``sksegcal`` and :mod:`sksegcal.conformal`); bases and private helpers left out.
+    of ``sksegcal`` and :mod:`sksegcal.conformal`); private helpers left out, and the
+    bases (``BaseLogitCalibrator``, ...) too unless ``bases``: an instance of a subclass of
+    one (a calibrator of your own) is a sksegcal estimator, but not a trusted type.
     """
     import importlib
 
@@ -88,7 +90,8 @@ def _estimator_classes() -> tuple[type, ...]:
         cls
         for cls in found
         if cls.__module__.partition(".")[0] == "sksegcal"
-        and not cls.__name__.startswith(("_", "Base"))
+        and not cls.__name__.startswith("_")
+        and (bases or not cls.__name__.startswith("Base"))
     ]
     return tuple(sorted(own, key=lambda c: (c.__module__, c.__qualname__)))
 
@@ -114,7 +117,7 @@ def __getattr__(name: str):
 
 def _calibrator_inside(obj: Any) -> Any | None:
     """The sksegcal estimator ``obj`` is or wraps (Pipeline, search), else None."""
-    if isinstance(obj, _estimator_classes()):
+    if isinstance(obj, _estimator_classes(bases=True)):
         return obj
     from sklearn.model_selection._search import BaseSearchCV
     from sklearn.pipeline import Pipeline

@@ -131,6 +131,15 @@ def test_fit_without_options_is_the_python_default(arrays, capsys):
     np.testing.assert_array_equal(cal.predict_proba(X), ref.predict_proba(X))
 
 
+def test_the_old_classifier_name_warns(arrays):
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    with pytest.warns(FutureWarning, match="--classifier logistic is --classifier default"):
+        assert main(["fit", str(store), "--classifier", "logistic", "--t2", "2",
+                     "-o", str(arrays / "s.skops"), "-q"]) == 0
+
+
 def test_a_library_error_keeps_its_traceback(arrays, monkeypatch, capsys):
     """Only the command's own usage errors become one line; a bug elsewhere shows itself."""
     import sksegcal.store

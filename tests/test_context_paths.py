@@ -508,8 +508,6 @@ def test_cli_fit_evaluate_with_spatial_context(tmp_path, capsys):
                 str(store),
                 "--context",
                 "spatial",
-                "--classifier",
-                "logistic",
                 "--t2",
                 "auto",
                 "2",
@@ -539,7 +537,7 @@ def test_cli_fit_evaluate_with_spatial_context(tmp_path, capsys):
         )
         == 1
     )
-    assert "--context spatial is for --method selective" in capsys.readouterr().err
+    assert "--context sets a parameter of selective scaling" in capsys.readouterr().err
     loaded = {"sel": load(sel), "lts": load(lts)}
     assert loaded["sel"].context == "spatial"
     assert {est.n_features_in_ for est in loaded.values()} == {c + K}

@@ -160,9 +160,10 @@ def fit(args) -> int:
         given = [f"--{n}" for n in _SELECTIVE_OPTIONS if getattr(args, n, None) is not None]
         if given:
             raise CommandError(
-                f"{', '.join(given)} set parameters of selective scaling (--method "
-                f"selective); --method {args.method} has none of them (--method lts always "
-                "reads the spatial context, --method temperature never)."
+                f"{', '.join(given)} "
+                f"{'sets a parameter' if len(given) == 1 else 'set parameters'} of selective "
+                f"scaling (--method selective); --method {args.method} has none of them "
+                "(--method lts always reads the spatial context, --method temperature never)."
             )
     params, grid = selective_options(args)
     output = check_output_file(args.output)
