@@ -30,6 +30,7 @@ def segmentation_data():
 # both counting paths: the compiled (numba) one and the NumPy one
 # ---------------------------------------------------------------------------
 
+
 # A test marked ``counting_paths`` (a module marks all its tests with ``pytestmark``) runs
 # once per counting path. The switch is ``sksegcal._kernels.HAVE_NUMBA``, read at call
 # time by every caller (the kernels themselves and sksegcal.store), so patching that one
@@ -77,7 +78,7 @@ def _use_workers_of(env):
 
 @pytest.fixture(autouse=True)
 def counting_path(request, monkeypatch):
-    """"numba" or "numpy" in tests marked ``counting_paths`` (None elsewhere)."""
+    """ "numba" or "numpy" in tests marked ``counting_paths`` (None elsewhere)."""
     path = getattr(request, "param", None)
     _use_workers_of("numpy" if path == "numpy" else "default")
     if path is None:

@@ -57,26 +57,84 @@ def test_top_level_help_and_version(capsys):
 
 def test_extract_fit_evaluate_report(arrays, capsys):
     store = arrays / "store"
-    assert main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-                 str(arrays / "labels.npy"), "--store", str(store), "-q"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--logits",
+                str(arrays / "logits.npy"),
+                "--labels",
+                str(arrays / "labels.npy"),
+                "--store",
+                str(store),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "12 images, 3 classes" in capsys.readouterr().out
     # resumable: a second run writes nothing new
-    assert main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-                 str(arrays / "labels.npy"), "--store", str(store), "-q"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--logits",
+                str(arrays / "logits.npy"),
+                "--labels",
+                str(arrays / "labels.npy"),
+                "--store",
+                str(store),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "0 written now" in capsys.readouterr().out
 
     ts = arrays / "ts.joblib"
     assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
     assert "temperature = " in capsys.readouterr().out
     sel = arrays / "selective.joblib"
-    assert main(["fit", str(store), "--method", "selective", "--t1", "1",
-                 "--t2", "auto", "2", "-o", str(sel), "-q"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(store),
+                "--method",
+                "selective",
+                "--t1",
+                "1",
+                "--t2",
+                "auto",
+                "2",
+                "-o",
+                str(sel),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "chosen = t2=" in capsys.readouterr().out
 
     results = arrays / "results"
     # joblib files are pickles: they load only with --trusted
-    assert main(["evaluate", str(store), "-c", str(ts), "-c", str(sel), "-o", str(results),
-                 "-q", "--trusted"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(store),
+                "-c",
+                str(ts),
+                "-c",
+                str(sel),
+                "-o",
+                str(results),
+                "-q",
+                "--trusted",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for name in ("uncalibrated", "ts", "selective", "ECE", "mIoU"):
         assert name in out
@@ -114,8 +172,18 @@ def test_fit_without_options_is_the_python_default(arrays, capsys):
     from sksegcal.store import LogitStore
 
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     assert main(["fit", str(store), "-o", str(arrays / "cal.skops"), "-q"]) == 0
     cal = load(arrays / "cal.skops")
     opened = LogitStore.open(store)
@@ -133,11 +201,35 @@ def test_fit_without_options_is_the_python_default(arrays, capsys):
 
 def test_the_old_classifier_name_warns(arrays):
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     with pytest.warns(FutureWarning, match="--classifier logistic is --classifier default"):
-        assert main(["fit", str(store), "--classifier", "logistic", "--t2", "2",
-                     "-o", str(arrays / "s.skops"), "-q"]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    str(store),
+                    "--classifier",
+                    "logistic",
+                    "--t2",
+                    "2",
+                    "-o",
+                    str(arrays / "s.skops"),
+                    "-q",
+                ]
+            )
+            == 0
+        )
 
 
 def test_a_library_error_keeps_its_traceback(arrays, monkeypatch, capsys):
@@ -145,18 +237,31 @@ def test_a_library_error_keeps_its_traceback(arrays, monkeypatch, capsys):
     import sksegcal.store
 
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
-    assert main(["fit", str(store), "--method", "temperature", "-o", str(arrays / "t.skops"),
-                 "-q"]) == 0
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
+    assert (
+        main(["fit", str(store), "--method", "temperature", "-o", str(arrays / "t.skops"), "-q"])
+        == 0
+    )
 
     def broken(*args, **kwargs):
         raise ValueError("a bug in the library")
 
     monkeypatch.setattr(sksegcal.store, "evaluate_store", broken)
     with pytest.raises(ValueError, match="a bug in the library"):
-        main(["evaluate", str(store), "-c", str(arrays / "t.skops"), "-q",
-              "-o", str(arrays / "r")])
+        main(
+            ["evaluate", str(store), "-c", str(arrays / "t.skops"), "-q", "-o", str(arrays / "r")]
+        )
 
 
 def test_skops_calibrators_need_no_trust(arrays, capsys):
@@ -164,8 +269,18 @@ def test_skops_calibrators_need_no_trust(arrays, capsys):
     from sksegcal.persistence import detect_format
 
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     ts = arrays / "ts.skops"
     sel = arrays / "sel.skops"
     assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
@@ -173,8 +288,10 @@ def test_skops_calibrators_need_no_trust(arrays, capsys):
     assert "(skops)" in capsys.readouterr().out
     assert detect_format(ts) == detect_format(sel) == "skops"
     results = arrays / "results"
-    assert main(["evaluate", str(store), "-c", str(ts), "-c", str(sel), "-o", str(results),
-                 "-q"]) == 0
+    assert (
+        main(["evaluate", str(store), "-c", str(ts), "-c", str(sel), "-o", str(results), "-q"])
+        == 0
+    )
     test = json.loads((results / "metrics.json").read_text())["results"]["test"]
     assert set(test) == {"uncalibrated", "ts", "sel"}
 
@@ -196,13 +313,36 @@ def _malicious_pickle(path, marker):
 
 def test_malicious_calibrator_is_not_loaded(arrays, capsys):
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     capsys.readouterr()
     marker = arrays / "PWNED"
     evil = _malicious_pickle(arrays / "ts.joblib", marker)
-    assert main(["evaluate", str(store), "--images", "all", "-c", str(evil), "-o",
-                 str(arrays / "results")]) == 1
+    assert (
+        main(
+            [
+                "evaluate",
+                str(store),
+                "--images",
+                "all",
+                "-c",
+                str(evil),
+                "-o",
+                str(arrays / "results"),
+            ]
+        )
+        == 1
+    )
     assert not marker.exists()
     line = _error_line(capsys)
     assert str(evil) in line and "--trusted" in line
@@ -230,8 +370,10 @@ def test_old_pickled_results_load_when_trusted(arrays, capsys):
     acc = CalibrationAccumulator(n_classes=3).update(y, p)
     results = arrays / "old-results"
     results.mkdir()
-    joblib.dump({"accumulators": {"test": {"uncalibrated": acc}}, "meta": {"dataset": "x"}},
-                results / "accumulators.joblib")
+    joblib.dump(
+        {"accumulators": {"test": {"uncalibrated": acc}}, "meta": {"dataset": "x"}},
+        results / "accumulators.joblib",
+    )
     assert main(["report", str(results), "--trusted", "-q"]) == 0
     assert "uncalibrated" in capsys.readouterr().out
     assert (results / "report.md").is_file()
@@ -245,30 +387,82 @@ def test_corrupt_results(arrays, capsys):
     line = _error_line(capsys)
     assert "accumulators.json" in line and "not a readable 'sksegcal evaluate' result" in line
     (results / "accumulators.json").write_text(
-        '{"format": "sksegcal.evaluate-results", "version": 1, "accumulators": []}')
+        '{"format": "sksegcal.evaluate-results", "version": 1, "accumulators": []}'
+    )
     assert main(["report", str(results)]) == 1
     assert "accumulators.npz" in _error_line(capsys)
 
 
 def test_same_calibrator_stem_twice(arrays, capsys):
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     for folder in ("a", "b"):
-        assert main(["fit", str(store), "--method", "temperature", "-o",
-                     str(arrays / folder / "ts.joblib"), "-q"]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    str(store),
+                    "--method",
+                    "temperature",
+                    "-o",
+                    str(arrays / folder / "ts.joblib"),
+                    "-q",
+                ]
+            )
+            == 0
+        )
     capsys.readouterr()
     results = arrays / "results"
-    assert main(["evaluate", str(store), "-c", str(arrays / "a" / "ts.joblib"), "-c",
-                 str(arrays / "b" / "ts.joblib"), "-o", str(results), "-q", "--trusted"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(store),
+                "-c",
+                str(arrays / "a" / "ts.joblib"),
+                "-c",
+                str(arrays / "b" / "ts.joblib"),
+                "-o",
+                str(results),
+                "-q",
+                "--trusted",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((results / "metrics.json").read_text())
     assert set(metrics["results"]["test"]) == {"uncalibrated", "a/ts", "b/ts"}
-    assert metrics["calibrators"] == {"a/ts": str(arrays / "a" / "ts.joblib"),
-                                      "b/ts": str(arrays / "b" / "ts.joblib")}
+    assert metrics["calibrators"] == {
+        "a/ts": str(arrays / "a" / "ts.joblib"),
+        "b/ts": str(arrays / "b" / "ts.joblib"),
+    }
     # the same file twice is refused
     capsys.readouterr()
-    assert main(["evaluate", str(store), "-c", str(arrays / "a" / "ts.joblib"), "-c",
-                 str(arrays / "a" / ".." / "a" / "ts.joblib"), "--trusted"]) == 1
+    assert (
+        main(
+            [
+                "evaluate",
+                str(store),
+                "-c",
+                str(arrays / "a" / "ts.joblib"),
+                "-c",
+                str(arrays / "a" / ".." / "a" / "ts.joblib"),
+                "--trusted",
+            ]
+        )
+        == 1
+    )
     assert "given twice" in _error_line(capsys)
 
 
@@ -297,8 +491,18 @@ def test_outputs_are_checked_before_the_work(arrays, monkeypatch, capsys):
     assert str(taken) in line and "not a folder" in line and "--output" in line
 
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     ts = arrays / "ts.joblib"
     assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
     capsys.readouterr()
@@ -308,23 +512,46 @@ def test_outputs_are_checked_before_the_work(arrays, monkeypatch, capsys):
     assert str(taken) in _error_line(capsys)
     assert main(["fit", str(store), "--method", "temperature", "-o", str(arrays)]) == 1
     assert "is a folder" in _error_line(capsys)
-    assert main(["fit", str(store), "--method", "temperature", "-o",
-                 str(taken / "ts.joblib")]) == 1
+    assert (
+        main(["fit", str(store), "--method", "temperature", "-o", str(taken / "ts.joblib")]) == 1
+    )
     assert f"{taken} exists and is not a folder" in _error_line(capsys)
 
 
 def test_messages_name_the_file_and_the_problem(arrays, capsys):
     notes = arrays / "notes.txt"
     notes.write_text("some notes, not an array\n")
-    assert main(["extract", "--logits", str(notes), "--labels", str(arrays / "labels.npy"),
-                 "--store", str(arrays / "s")]) == 1
+    assert (
+        main(
+            [
+                "extract",
+                "--logits",
+                str(notes),
+                "--labels",
+                str(arrays / "labels.npy"),
+                "--store",
+                str(arrays / "s"),
+            ]
+        )
+        == 1
+    )
     line = _error_line(capsys)
     assert str(notes) in line and ".npy" in line and "(N, C, H, W)" in line
     assert "allow_pickle" not in line
 
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     capsys.readouterr()
     garbage = arrays / "garbage"
     garbage.write_text("not a calibrator\n")  # joblib.load said KeyError(110)
@@ -343,8 +570,20 @@ def test_missing_store(tmp_path, capsys):
 
 
 def test_missing_input_files(tmp_path, capsys):
-    assert main(["extract", "--logits", str(tmp_path / "x.npy"), "--labels",
-                 str(tmp_path / "y.npy"), "--store", str(tmp_path / "s")]) == 1
+    assert (
+        main(
+            [
+                "extract",
+                "--logits",
+                str(tmp_path / "x.npy"),
+                "--labels",
+                str(tmp_path / "y.npy"),
+                "--store",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 1
+    )
     assert "x.npy does not exist" in _error_line(capsys)
     assert main(["report", str(tmp_path / "results")]) == 1
     assert "does not exist" in _error_line(capsys)
@@ -352,18 +591,39 @@ def test_missing_input_files(tmp_path, capsys):
 
 def test_missing_calibrator(arrays, capsys):
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     capsys.readouterr()
-    assert main(["evaluate", str(store), "--images", "all", "-c",
-                 str(arrays / "nope.joblib")]) == 1
+    assert (
+        main(["evaluate", str(store), "--images", "all", "-c", str(arrays / "nope.joblib")]) == 1
+    )
     assert "nope.joblib does not exist" in _error_line(capsys)
 
 
 def test_corrupt_store(arrays, capsys):
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     capsys.readouterr()
     (store / "manifest.json").write_text("{not json")
     assert main(["fit", str(store), "-q"]) == 1
@@ -374,8 +634,18 @@ def test_corrupt_store(arrays, capsys):
 
 def test_corrupt_calibrator(arrays, capsys):
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     capsys.readouterr()
     bad = arrays / "bad.joblib"
     bad.write_bytes(b"this is not a pickle")
@@ -390,8 +660,18 @@ def test_corrupt_calibrator(arrays, capsys):
 
 def test_wrong_class_count(arrays, capsys):
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     ts = arrays / "ts.joblib"
     assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
     # a store of 5 classes, evaluated with a 3-class calibrator
@@ -399,8 +679,21 @@ def test_wrong_class_count(arrays, capsys):
     np.save(arrays / "logits5.npy", rng.normal(size=(4, 5, 8, 8)).astype(np.float32))
     np.save(arrays / "labels5.npy", rng.integers(0, 5, size=(4, 8, 8)).astype(np.uint8))
     store5 = arrays / "store5"
-    assert main(["extract", "--logits", str(arrays / "logits5.npy"), "--labels",
-                 str(arrays / "labels5.npy"), "--store", str(store5), "-q"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--logits",
+                str(arrays / "logits5.npy"),
+                "--labels",
+                str(arrays / "labels5.npy"),
+                "--store",
+                str(store5),
+                "-q",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["evaluate", str(store5), "--images", "all", "-c", str(ts), "--trusted"]) == 1
     assert "3 classes" in _error_line(capsys)
@@ -408,22 +701,59 @@ def test_wrong_class_count(arrays, capsys):
     assert main(["fit", str(store5), "--n-classes", "3", "-q"]) == 1
     assert "5 classes, not 3" in _error_line(capsys)
     # writing 5-class logits into the 3-class store
-    assert main(["extract", "--logits", str(arrays / "logits5.npy"), "--labels",
-                 str(arrays / "labels5.npy"), "--store", str(store), "-q"]) == 1
+    assert (
+        main(
+            [
+                "extract",
+                "--logits",
+                str(arrays / "logits5.npy"),
+                "--labels",
+                str(arrays / "labels5.npy"),
+                "--store",
+                str(store),
+                "-q",
+            ]
+        )
+        == 1
+    )
     assert "n_classes" in _error_line(capsys)
 
 
 def test_bad_arguments(arrays, capsys):
-    assert main(["extract", "--logits", str(arrays / "logits.npy"), "--store",
-                 str(arrays / "s")]) == 1
+    assert (
+        main(["extract", "--logits", str(arrays / "logits.npy"), "--store", str(arrays / "s")])
+        == 1
+    )
     assert "--labels" in _error_line(capsys)
     np.save(arrays / "flat.npy", np.zeros((3, 4), np.float32))
-    assert main(["extract", "--logits", str(arrays / "flat.npy"), "--labels",
-                 str(arrays / "labels.npy"), "--store", str(arrays / "s")]) == 1
+    assert (
+        main(
+            [
+                "extract",
+                "--logits",
+                str(arrays / "flat.npy"),
+                "--labels",
+                str(arrays / "labels.npy"),
+                "--store",
+                str(arrays / "s"),
+            ]
+        )
+        == 1
+    )
     assert "(N, C, H, W)" in _error_line(capsys)
     store = arrays / "store"
-    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
-          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    main(
+        [
+            "extract",
+            "--logits",
+            str(arrays / "logits.npy"),
+            "--labels",
+            str(arrays / "labels.npy"),
+            "--store",
+            str(store),
+            "-q",
+        ]
+    )
     capsys.readouterr()
     assert main(["fit", str(store), "--t2", "hot", "-q"]) == 1
     assert "--t2" in _error_line(capsys)
@@ -434,8 +764,22 @@ def test_bad_arguments(arrays, capsys):
 
 def test_aal_missing_is_a_clean_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SKSEGCAL_MRICRON_DIR", str(tmp_path))
-    assert main(["demo", "--dataset", "aal", "--quick", "-o", str(tmp_path / "r"),
-                 "--cache-dir", str(tmp_path / "cache"), "-q"]) == 1
+    assert (
+        main(
+            [
+                "demo",
+                "--dataset",
+                "aal",
+                "--quick",
+                "-o",
+                str(tmp_path / "r"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "-q",
+            ]
+        )
+        == 1
+    )
     assert "apt-get install mricron-data" in _error_line(capsys)
 
 
@@ -444,7 +788,12 @@ def test_no_traceback_in_a_real_process(tmp_path):
     env.pop("SKSEGCAL_DEBUG", None)
     proc = subprocess.run(
         [sys.executable, "-m", "sksegcal.cli", "evaluate", str(tmp_path / "nowhere")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("sksegcal evaluate: error:")
@@ -465,15 +814,41 @@ def test_demo_quick(tmp_path, capsys):
     pytest.importorskip("nilearn")
     pytest.importorskip("matplotlib")
     out = tmp_path / "report"
-    args = ["demo", "--quick", "-o", str(out), "--cache-dir", str(tmp_path / "cache"), "-q",
-            "--classifier", "hgb"]
+    args = [
+        "demo",
+        "--quick",
+        "-o",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-q",
+        "--classifier",
+        "hgb",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    for text in ("uncalibrated", "temperature scaling", "selective scaling", "ECE", "MCE",
-                 "NLL", "Brier", "accuracy", "mIoU", "shifted test"):
+    for text in (
+        "uncalibrated",
+        "temperature scaling",
+        "selective scaling",
+        "ECE",
+        "MCE",
+        "NLL",
+        "Brier",
+        "accuracy",
+        "mIoU",
+        "shifted test",
+    ):
         assert text in printed
-    for name in ("metrics.json", "metrics.csv", "calibrator.joblib", "report.md",
-                 "reliability_test.png", "reliability_shifted-test.png", "examples.png"):
+    for name in (
+        "metrics.json",
+        "metrics.csv",
+        "calibrator.joblib",
+        "report.md",
+        "reliability_test.png",
+        "reliability_shifted-test.png",
+        "examples.png",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["results"]) == {"test", "shifted-test"}
@@ -500,16 +875,46 @@ def test_demo_quick(tmp_path, capsys):
 
     # the kept store (split recorded) works with the other subcommands and the saved calibrator
     results = tmp_path / "results"
-    assert main(["evaluate", str(out / "stores" / "calibration"), "-c",
-                 str(out / "calibrator.joblib"), "-o", str(results), "-q", "--trusted"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out / "stores" / "calibration"),
+                "-c",
+                str(out / "calibrator.joblib"),
+                "-o",
+                str(results),
+                "-q",
+                "--trusted",
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads((results / "metrics.json").read_text())["results"]["test"]
     assert evaluated["calibrator"]["ece"] == pytest.approx(
-        metrics["results"]["test"]["selective scaling"]["ece"], rel=1e-6)
+        metrics["results"]["test"]["selective scaling"]["ece"], rel=1e-6
+    )
 
     # extract from the embedded dataset with the cached network
     store = tmp_path / "extracted"
-    assert main(["extract", "--dataset", "mni152-tissue", "--quick", "--subset", "shifted",
-                 "--store", str(store), "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--dataset",
+                "mni152-tissue",
+                "--quick",
+                "--subset",
+                "shifted",
+                "--store",
+                str(store),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "3 classes" in capsys.readouterr().out
 
 
@@ -518,8 +923,18 @@ def test_demo_quick(tmp_path, capsys):
 def test_demo_retrain_trains_once_then_uses_the_cache(tmp_path, capsys):
     pytest.importorskip("nilearn")
     out = tmp_path / "report"
-    args = ["demo", "--quick", "--retrain", "-o", str(out), "--cache-dir",
-            str(tmp_path / "cache"), "-q", "--classifier", "logistic"]
+    args = [
+        "demo",
+        "--quick",
+        "--retrain",
+        "-o",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-q",
+        "--classifier",
+        "logistic",
+    ]
     assert main(args) == 0
     first = json.loads((out / "metrics.json").read_text())["network"]
     assert not first["shipped"] and not first["cached"] and first["train_seconds"] > 0
@@ -535,20 +950,41 @@ def test_demo_report_explains_the_maps_and_where_selective_is_worse(tmp_path, ca
     pytest.importorskip("nilearn")
     pytest.importorskip("matplotlib")
     out = tmp_path / "report"
-    assert main(["demo", "--quick", "-o", str(out), "--cache-dir", str(tmp_path / "cache"),
-                 "-q"]) == 0
+    assert (
+        main(["demo", "--quick", "-o", str(out), "--cache-dir", str(tmp_path / "cache"), "-q"])
+        == 0
+    )
     capsys.readouterr()
     report = (out / "report.md").read_text()
     assert (out / "examples.png").is_file()
-    for text in ("**Errors**", "**Detector P(correct)**", "**Temperature**",
-                 "of the flagged pixels are errors of the network", "median T"):
+    for text in (
+        "**Errors**",
+        "**Detector P(correct)**",
+        "**Temperature**",
+        "of the flagged pixels are errors of the network",
+        "median T",
+    ):
         assert text in report, text
-    lower_is_better = {"ece": True, "mce": True, "nll": True, "brier": True,
-                       "accuracy": False, "miou": False}
-    headers = {"ece": "ECE", "mce": "MCE", "nll": "NLL", "brier": "Brier",
-               "accuracy": "accuracy", "miou": "mIoU"}
-    split_titles = {"test": "## test (in-domain)",
-                    "shifted-test": "## shifted test (acquisition shift)"}
+    lower_is_better = {
+        "ece": True,
+        "mce": True,
+        "nll": True,
+        "brier": True,
+        "accuracy": False,
+        "miou": False,
+    }
+    headers = {
+        "ece": "ECE",
+        "mce": "MCE",
+        "nll": "NLL",
+        "brier": "Brier",
+        "accuracy": "accuracy",
+        "miou": "mIoU",
+    }
+    split_titles = {
+        "test": "## test (in-domain)",
+        "shifted-test": "## shifted test (acquisition shift)",
+    }
     results = json.loads((out / "metrics.json").read_text())["results"]
     for split, methods in results.items():
         # the section of this split: from its heading to the next one

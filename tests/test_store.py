@@ -179,17 +179,29 @@ def test_resume_compares_the_source(tmp_path, images):
     assert LogitStore.open(path).source == first
     store.add_image(0, logits[0], labels[0])
     with pytest.raises(ValueError, match=r"checkpoint='a.pth', not 'b.pth'.*mix"):
-        LogitStore.create(path, n_classes=N_CLASSES, exist_ok=True,
-                          source={"checkpoint": "b.pth", "version": "1.0"})
+        LogitStore.create(
+            path,
+            n_classes=N_CLASSES,
+            exist_ok=True,
+            source={"checkpoint": "b.pth", "version": "1.0"},
+        )
     # only the named keys are compared; keys one side lacks are not
-    resumed = LogitStore.create(path, n_classes=N_CLASSES, exist_ok=True,
-                                source={"checkpoint": "a.pth", "version": "2.0"},
-                                match_source=["checkpoint"])
-    resumed = LogitStore.create(path, n_classes=N_CLASSES, exist_ok=True,
-                                source={"other": 1})
+    resumed = LogitStore.create(
+        path,
+        n_classes=N_CLASSES,
+        exist_ok=True,
+        source={"checkpoint": "a.pth", "version": "2.0"},
+        match_source=["checkpoint"],
+    )
+    resumed = LogitStore.create(path, n_classes=N_CLASSES, exist_ok=True, source={"other": 1})
     assert resumed.source == first and len(resumed) == 1
-    LogitStore.create(path, n_classes=N_CLASSES, exist_ok=True,
-                      source={"checkpoint": "b.pth"}, match_source=False)
+    LogitStore.create(
+        path,
+        n_classes=N_CLASSES,
+        exist_ok=True,
+        source={"checkpoint": "b.pth"},
+        match_source=False,
+    )
     assert LogitStore.open(path).source == first  # a resumed store keeps its record
 
 
@@ -631,7 +643,9 @@ CONCURRENCY = REPO / "benchmarks" / "store_concurrency.py"
 def run_concurrency(tmp_path, *args):
     proc = subprocess.run(
         [sys.executable, str(CONCURRENCY), "--json", "--dir", str(tmp_path), *args],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.stdout, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -682,8 +696,11 @@ def test_record_names_its_exact_files(store):
 def test_clean_removes_old_strays_only(store, tmp_path):
     folder = store.path / "images"
     old_time = time.time() - 7200
-    strays = [folder / ".tmp-abc.part", folder / "9.0123456789abcdef.logits.npy",
-              store.path / ".tmp-manifest.part"]
+    strays = [
+        folder / ".tmp-abc.part",
+        folder / "9.0123456789abcdef.logits.npy",
+        store.path / ".tmp-manifest.part",
+    ]
     for f in strays:
         f.write_bytes(b"x")
         os.utime(f, (old_time, old_time))
@@ -747,9 +764,7 @@ def test_calibrator_fingerprint_sees_fitted_state_only():
     b.temperature_ = a.temperature_ * 1.5
     assert calibrator_fingerprint(a) != calibrator_fingerprint(b)
     assert calibrator_fingerprint(None) is None
-    assert calibrator_fingerprint(VectorScaling().fit(X, y)) != (
-        calibrator_fingerprint(a)
-    )
+    assert calibrator_fingerprint(VectorScaling().fit(X, y)) != (calibrator_fingerprint(a))
 
 
 # ----------------------------------------------------------------------------- damaged stores

@@ -22,8 +22,7 @@ def parse_temperature(value: str, option: str = "--t2"):
     try:
         t = float(value)
     except ValueError:
-        raise CommandError(f"{option} takes 'auto' or positive numbers, got {value!r}.") \
-            from None
+        raise CommandError(f"{option} takes 'auto' or positive numbers, got {value!r}.") from None
     if not t > 0:
         raise CommandError(f"{option} must be positive, got {value!r}.")
     return t
@@ -112,9 +111,12 @@ def fit_selective(estimator, store, split, *, grid=None, max_pixels: int, seed: 
 
 def local_temperature_info(lts) -> dict:
     """What to print and record about a fitted LocalTemperatureScaling."""
-    return {"TS temperature (start)": round(float(lts.ts_temperature_), 4),
-            "inputs": len(lts.input_names_), "L-BFGS iterations": int(lts.n_iter_),
-            "converged": bool(lts.converged_)}
+    return {
+        "TS temperature (start)": round(float(lts.ts_temperature_), 4),
+        "inputs": len(lts.input_names_),
+        "L-BFGS iterations": int(lts.n_iter_),
+        "converged": bool(lts.converged_),
+    }
 
 
 def selective_info(selective, search) -> dict:
@@ -144,12 +146,13 @@ def selective_info(selective, search) -> dict:
     choice = getattr(selective, "guard_choice_", None)
     if choice is not None:  # what the cross-fitted guard against losing to TS decided
         scores = selective.guard_scores_
-        info["guard"] = (f"kept {'selective scaling' if choice == 'selective' else 'TS'}: "
-                         f"held-out NLL better than TS in {scores['wins']} of "
-                         f"{scores['n_folds']} folds by {scores['by']}, mean "
-                         f"{scores['mean_improvement']:+.5f}"
-                         + (f", t = {scores['t_statistic']:.2f}" if "t_statistic" in scores
-                            else ""))
+        info["guard"] = (
+            f"kept {'selective scaling' if choice == 'selective' else 'TS'}: "
+            f"held-out NLL better than TS in {scores['wins']} of "
+            f"{scores['n_folds']} folds by {scores['by']}, mean "
+            f"{scores['mean_improvement']:+.5f}"
+            + (f", t = {scores['t_statistic']:.2f}" if "t_statistic" in scores else "")
+        )
     return info
 
 
@@ -163,8 +166,10 @@ def output_format(path) -> str:
     try:
         import skops.io  # noqa: F401
     except ImportError:
-        raise CommandError(f"writing {path} (a .skops file) needs the skops package: "
-                           "pip install skops, or save to a .joblib file.") from None
+        raise CommandError(
+            f"writing {path} (a .skops file) needs the skops package: "
+            "pip install skops, or save to a .joblib file."
+        ) from None
     return "skops"
 
 

@@ -50,11 +50,14 @@ def extract(args) -> int:
         logits = load_npy(args.logits, "the logits file", "(N, C, H, W) float logits")
         labels = load_npy(args.labels, "the labels file", "(N, H, W) integer labels")
         if logits.ndim != 4:
-            raise CommandError(f"{args.logits} must hold (N, C, H, W) logits, got shape "
-                               f"{logits.shape}.")
+            raise CommandError(
+                f"{args.logits} must hold (N, C, H, W) logits, got shape {logits.shape}."
+            )
         if labels.shape != (logits.shape[0],) + logits.shape[2:]:
-            raise CommandError(f"{args.labels} has shape {labels.shape} but the logits need "
-                               f"{(logits.shape[0],) + logits.shape[2:]} (N, H, W).")
+            raise CommandError(
+                f"{args.labels} has shape {labels.shape} but the logits need "
+                f"{(logits.shape[0],) + logits.shape[2:]} (N, H, W)."
+            )
         class_names = args.class_names.split(",") if args.class_names else None
         source = {"logits": str(args.logits), "labels": str(args.labels)}
         n_classes = logits.shape[1]
@@ -72,17 +75,27 @@ def extract(args) -> int:
         part = data.select(args.subset)
         class_names = list(data.class_names)
         n_classes = data.n_classes
-        source = {"dataset": args.dataset, "subset": args.subset, "sksegcal": __version__,
-                  "net": net_info["config"]}
+        source = {
+            "dataset": args.dataset,
+            "subset": args.subset,
+            "sksegcal": __version__,
+            "net": net_info["config"],
+        }
         names = [f"z{part.slice_index[i]:03d}-{i:04d}" for i in range(len(part))]
 
         def get(i):
-            return predict_logits(model, part.images[i:i + 1])[0], part.labels[i]
+            return predict_logits(model, part.images[i : i + 1])[0], part.labels[i]
 
     try:  # a store of another model or data, or arrays the store refuses: the user's to fix
-        store = LogitStore.create(args.store, n_classes=n_classes, class_names=class_names,
-                                  ignore_index=args.ignore_index, source=source, exist_ok=True,
-                                  match_source=_EXTRACT_SOURCE_KEYS)
+        store = LogitStore.create(
+            args.store,
+            n_classes=n_classes,
+            class_names=class_names,
+            ignore_index=args.ignore_index,
+            source=source,
+            exist_ok=True,
+            match_source=_EXTRACT_SOURCE_KEYS,
+        )
         todo = store.missing(names)  # resumable: images already written are skipped
         position = {name: i for i, name in enumerate(names)}
         for name in progress(todo, enabled=not args.quiet, desc="extract", unit="image"):
@@ -90,8 +103,10 @@ def extract(args) -> int:
             store.add_image(name, z, t)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    print(f"{args.store}: {len(store.refresh())} images, {n_classes} classes, "
-          f"{store.n_pixels:,} labelled pixels ({len(todo)} written now)")
+    print(
+        f"{args.store}: {len(store.refresh())} images, {n_classes} classes, "
+        f"{store.n_pixels:,} labelled pixels ({len(todo)} written now)"
+    )
     return 0
 
 
@@ -108,12 +123,19 @@ def _extract_mmseg(args) -> int:
     if args.checkpoint is not None:
         need_file(args.checkpoint, "the checkpoint")
     store = extract_logits(
-        args.config, args.split, args.store, checkpoint=args.checkpoint, device=args.device,
-        size=tuple(args.size) if args.size else None, batch_size=args.batch_size,
+        args.config,
+        args.split,
+        args.store,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        size=tuple(args.size) if args.size else None,
+        batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    print(f"{args.store}: {store.n_images} images, {store.n_classes} classes, "
-          f"{store.n_pixels:,} labelled pixels")
+    print(
+        f"{args.store}: {store.n_images} images, {store.n_classes} classes, "
+        f"{store.n_pixels:,} labelled pixels"
+    )
     return 0
 
 
@@ -230,8 +252,9 @@ def evaluate(args) -> int:
     from ..store import evaluate_store
 
     if args.boundary_width is not None and args.boundary_width < 1:
-        raise CommandError(f"--boundary-width must be a whole number of pixels >= 1, got "
-                           f"{args.boundary_width}")
+        raise CommandError(
+            f"--boundary-width must be a whole number of pixels >= 1, got {args.boundary_width}"
+        )
     output = check_output_dir(args.output)  # before the (long) evaluation
     store = open_store(args.store)
     paths = args.calibrator or []
@@ -241,29 +264,40 @@ def evaluate(args) -> int:
         est = load_calibrator(path, trusted=args.trusted)
         try:
             # the class count, and the context it reads (evaluate_store computes that per image)
-            _check_context_calibrator(est, store.n_classes, what=f"the calibrator {path}",
-                                      where=f"the store {store.path}", path="sksegcal evaluate")
+            _check_context_calibrator(
+                est,
+                store.n_classes,
+                what=f"the calibrator {path}",
+                where=f"the store {store.path}",
+                path="sksegcal evaluate",
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         calibrators[name] = est
     ids = image_ids(store, args.images)
     split_name = args.images if args.images != "all" else "all images"
     say(args, f"evaluating {len(calibrators)} methods on {len(ids)} images of {store.path}")
-    accumulators = {split_name: evaluate_store(store, calibrators, images=ids,
-                                               n_jobs=args.n_jobs,
-                                               boundary_width=args.boundary_width)}
-    meta = {"store": str(store.path), "images": args.images,
-            "calibrators": {name: str(p) for name, p in zip(names, paths)},
-            "roles": {name: method_role(est) for name, est in calibrators.items()},
-            "dataset": store.source.get("dataset", str(store.path)),
-            "class_names": list(store.class_names) if store.class_names else None,
-            "boundary_width": args.boundary_width}
+    accumulators = {
+        split_name: evaluate_store(
+            store, calibrators, images=ids, n_jobs=args.n_jobs, boundary_width=args.boundary_width
+        )
+    }
+    meta = {
+        "store": str(store.path),
+        "images": args.images,
+        "calibrators": {name: str(p) for name, p in zip(names, paths)},
+        "roles": {name: method_role(est) for name, est in calibrators.items()},
+        "dataset": store.source.get("dataset", str(store.path)),
+        "class_names": list(store.class_names) if store.class_names else None,
+        "boundary_width": args.boundary_width,
+    }
     results = summaries(accumulators)
     output.mkdir(parents=True, exist_ok=True)
     written = write_metrics(output, results, meta) + save_results(output, accumulators, meta)
     print(format_table(results))
-    print(f"\nwritten: {output}/ ({', '.join(written)}); make figures with: "
-          f"sksegcal report {output}")
+    print(
+        f"\nwritten: {output}/ ({', '.join(written)}); make figures with: sksegcal report {output}"
+    )
     return 0
 
 
@@ -280,4 +314,3 @@ def report(args) -> int:
     print(format_table(summaries(accumulators)))
     print(f"\nreport: {output}/ ({', '.join(written)})")
     return 0
-

@@ -45,11 +45,12 @@ def load_npy(path, what: str, expected: str) -> np.ndarray:
     if not isinstance(array, np.ndarray):  # an .npz archive
         if hasattr(array, "close"):
             array.close()
-        raise CommandError(f"{what} {path} is an .npz archive, not a .npy array; it should "
-                           f"hold {expected} (numpy.save).")
+        raise CommandError(
+            f"{what} {path} is an .npz archive, not a .npy array; it should "
+            f"hold {expected} (numpy.save)."
+        )
     if array.dtype.kind not in "biuf":
-        raise CommandError(f"{what} {path} holds {array.dtype} values; it should hold "
-                           f"{expected}.")
+        raise CommandError(f"{what} {path} holds {array.dtype} values; it should hold {expected}.")
     return array
 
 
@@ -149,16 +150,20 @@ def check_output_dir(path, option: str = "--output") -> Path:
     path = Path(path)
     problem = _folder_problem(path)
     if problem is not None:
-        raise CommandError(f"cannot write the {option} folder {path}: {problem}; choose "
-                           f"another {option}.")
+        raise CommandError(
+            f"cannot write the {option} folder {path}: {problem}; choose another {option}."
+        )
     return path
 
 
 def check_output_file(path, option: str = "--output") -> Path:
     """Check, before any work, that a file can be written at ``path`` (nothing is created)."""
     path = Path(path)
-    problem = (f"{path} is a folder (give a file name, e.g. {path / 'calibrator.skops'})"
-               if path.is_dir() else _folder_problem(path.parent))
+    problem = (
+        f"{path} is a folder (give a file name, e.g. {path / 'calibrator.skops'})"
+        if path.is_dir()
+        else _folder_problem(path.parent)
+    )
     if problem is not None:
         raise CommandError(f"cannot write the {option} file {path}: {problem}.")
     return path

@@ -53,11 +53,15 @@ def demo(args) -> int:
         for subset in _SUBSETS:
             path = store_root / subset
             if path.exists() and not _is_demo_store(path):
-                raise CommandError(f"{path} exists and is not a store an earlier demo wrote; "
-                                   "choose another --output.")
+                raise CommandError(
+                    f"{path} exists and is not a store an earlier demo wrote; "
+                    "choose another --output."
+                )
     # the temporary folder (stores unless --keep-stores) goes away even on errors
-    with threads(args.threads or None), \
-            tempfile.TemporaryDirectory(prefix="sksegcal-demo-") as workdir:
+    with (
+        threads(args.threads or None),
+        tempfile.TemporaryDirectory(prefix="sksegcal-demo-") as workdir,
+    ):
         return _run_demo(args, output, store_root or Path(workdir))
 
 
@@ -92,16 +96,24 @@ def _demo_network(args, data):
     if not getattr(args, "retrain", False):
         return load_demo_network(args.dataset, quick=args.quick, config=config)
     train = data.select("model")
-    with progress(total=config.epochs, enabled=not args.quiet, desc="training",
-                  unit="epoch") as bar:
+    with progress(
+        total=config.epochs, enabled=not args.quiet, desc="training", unit="epoch"
+    ) as bar:
+
         def on_epoch(epoch, loss):
             bar.update(1)
             bar.set_postfix_str(f"loss {loss:.4f}")
 
         model, info = load_or_train(
-            args.dataset, train.images, train.labels, data.n_classes, config,
-            cache=args.cache_dir, use_cache=not getattr(args, "no_cache", False),
-            progress=on_epoch)
+            args.dataset,
+            train.images,
+            train.labels,
+            data.n_classes,
+            config,
+            cache=args.cache_dir,
+            use_cache=not getattr(args, "no_cache", False),
+            progress=on_epoch,
+        )
     return model, {**info, "shipped": False}
 
 
@@ -118,12 +130,21 @@ def _demo_stores(args, data, model, net_info, store_root: Path) -> dict:
         if path.exists():  # an earlier demo's store (checked before the run): rebuild it
             shutil.rmtree(path)
         store = LogitStore.create(
-            path, n_classes=data.n_classes, class_names=data.class_names,
-            source={"dataset": args.dataset, "subset": subset, "model": "sksegcal._segnet.UNet",
-                    "net": net_info["config"], "sksegcal": __version__})
-        for start in progress(range(0, len(part), 16), enabled=not args.quiet,
-                              desc=f"{subset} logits", unit="batch"):
-            logits = predict_logits(model, part.images[start:start + 16])
+            path,
+            n_classes=data.n_classes,
+            class_names=data.class_names,
+            source={
+                "dataset": args.dataset,
+                "subset": subset,
+                "model": "sksegcal._segnet.UNet",
+                "net": net_info["config"],
+                "sksegcal": __version__,
+            },
+        )
+        for start in progress(
+            range(0, len(part), 16), enabled=not args.quiet, desc=f"{subset} logits", unit="batch"
+        ):
+            logits = predict_logits(model, part.images[start : start + 16])
             for k, z in enumerate(logits):
                 i = start + k
                 store.add_image(_image_name(part, i), z, part.labels[i])
@@ -176,13 +197,19 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     t0 = time.perf_counter()
     model, net_info = _demo_network(args, data)
     if net_info.get("shipped"):
-        say(args, f"      the network shipped in the package ({net_info['name']}, "
-                  "sksegcal demo --retrain trains one)")
+        say(
+            args,
+            f"      the network shipped in the package ({net_info['name']}, "
+            "sksegcal demo --retrain trains one)",
+        )
     elif net_info["cached"]:
         say(args, f"      loaded from {net_info['path']}")
     else:
-        say(args, f"      trained in {net_info['train_seconds']:.0f} s"
-                  + (f", cached at {net_info['path']}" if net_info["path"] else ""))
+        say(
+            args,
+            f"      trained in {net_info['train_seconds']:.0f} s"
+            + (f", cached at {net_info['path']}" if net_info["path"] else ""),
+        )
     timings["network"] = time.perf_counter() - t0
 
     say(args, "[3/6] logits of the held-out slices into LogitStores")
@@ -193,8 +220,9 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     say(args, "[4/6] image-level split: calibrator train / validation / test, by slice")
     cal_store, cal_part = stores["calibration"]
     # split by slice: several acquisitions of one slice must land in the same part
-    slice_split = split_images(cal_part.slice_index, validation_size=0.25, test_size=0.25,
-                               random_state=args.seed)
+    slice_split = split_images(
+        cal_part.slice_index, validation_size=0.25, test_size=0.25, random_state=args.seed
+    )
     split = ImageSplit(*(_ids_of(cal_store, cal_part, s) for s in slice_split))
     cal_store.split = split
     shifted_store, shifted_part = stores["shifted"]
@@ -204,8 +232,13 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     say(args, "[5/6] fitting temperature scaling and selective scaling")
     t0 = time.perf_counter()
     max_pixels = 60_000 if args.quick else 400_000
-    ts = fit_store(TemperatureScaling(), cal_store, images=fit_ids, max_pixels=max_pixels,
-                   random_state=args.seed)
+    ts = fit_store(
+        TemperatureScaling(),
+        cal_store,
+        images=fit_ids,
+        max_pixels=max_pixels,
+        random_state=args.seed,
+    )
     # the recommended default (README, docs/quality.md): both temperatures fitted on held-out
     # images, with the cross-fitted guard against losing to TS
     selective = SelectiveScalingCalibrator(
@@ -223,10 +256,12 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     t0 = time.perf_counter()
     calibrators = {UNCALIBRATED: None, TS: ts, SELECTIVE: selective}
     accumulators = {
-        "test": evaluate_store(cal_store, calibrators, images=split.test,
-                               boundary_width=BOUNDARY_WIDTH),
-        "shifted-test": evaluate_store(shifted_store, calibrators, images=shifted_test,
-                                       boundary_width=BOUNDARY_WIDTH),
+        "test": evaluate_store(
+            cal_store, calibrators, images=split.test, boundary_width=BOUNDARY_WIDTH
+        ),
+        "shifted-test": evaluate_store(
+            shifted_store, calibrators, images=shifted_test, boundary_width=BOUNDARY_WIDTH
+        ),
     }
     timings["evaluation"] = time.perf_counter() - t0
 
@@ -242,10 +277,13 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     test_rows = np.sort(test_rows[np.argsort(-tissue, kind="stable")[:3]])
     example_logits = predict_logits(model, cal_part.images[test_rows])
     examples = {
-        "images": cal_part.images[test_rows], "labels": cal_part.labels[test_rows],
+        "images": cal_part.images[test_rows],
+        "labels": cal_part.labels[test_rows],
         "class_names": data.class_names,
-        "probs": {UNCALIBRATED: softmax(example_logits),
-                  SELECTIVE: predict_proba_maps(selective, example_logits)},
+        "probs": {
+            UNCALIBRATED: softmax(example_logits),
+            SELECTIVE: predict_proba_maps(selective, example_logits),
+        },
     }
     examples.update(_selective_maps(selective, example_logits))
     calibrator_info = {
@@ -256,10 +294,13 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
         "test": f"{len(split.test)} images of {len(slice_split.test)} slices",
         "shifted-test": f"{len(shifted_test)} images of {len(slice_split.test)} slices",
     }
-    command = "sksegcal demo" + (" --quick" if args.quick else "") + (
-        f" --dataset {args.dataset}" if args.dataset != "mni152-tissue" else "") + (
-        f" --seed {args.seed}" if args.seed else "") + (
-        f" --context {args.context}" if _context(args) else "")
+    command = (
+        "sksegcal demo"
+        + (" --quick" if args.quick else "")
+        + (f" --dataset {args.dataset}" if args.dataset != "mni152-tissue" else "")
+        + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --context {args.context}" if _context(args) else "")
+    )
     meta = {
         "dataset": args.dataset,
         "description": data.description,
@@ -267,14 +308,20 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
         "sksegcal": __version__,
         "seed": args.seed,
         "quick": args.quick,
-        "network": {"shipped": bool(net_info.get("shipped")), "cached": net_info["cached"],
-                    "config": net_info["config"],
-                    "train_seconds": round(net_info["train_seconds"], 1),
-                    "final_train_loss": (round(net_info["losses"][-1], 4)
-                                         if net_info["losses"] else None)},
-        "split": {"train_images": len(split.train), "validation_images": len(split.validation),
-                  "test_images": len(split.test), "shifted_test_images": len(shifted_test),
-                  "test_slices": slice_split.test.tolist()},
+        "network": {
+            "shipped": bool(net_info.get("shipped")),
+            "cached": net_info["cached"],
+            "config": net_info["config"],
+            "train_seconds": round(net_info["train_seconds"], 1),
+            "final_train_loss": (round(net_info["losses"][-1], 4) if net_info["losses"] else None),
+        },
+        "split": {
+            "train_images": len(split.train),
+            "validation_images": len(split.validation),
+            "test_images": len(split.test),
+            "shifted_test_images": len(shifted_test),
+            "test_slices": slice_split.test.tolist(),
+        },
         "calibrators": calibrator_info,
         "roles": {UNCALIBRATED: "uncalibrated", TS: "temperature", SELECTIVE: "selective"},
         "boundary_width": BOUNDARY_WIDTH,
@@ -287,8 +334,10 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     # rewrite with the final timings (the report step's own time included)
     write_metrics(output, results, meta)
 
-    print(f"sksegcal demo: {args.dataset} ({data.n_classes} classes), seed {args.seed}"
-          + (", quick" if args.quick else ""))
+    print(
+        f"sksegcal demo: {args.dataset} ({data.n_classes} classes), seed {args.seed}"
+        + (", quick" if args.quick else "")
+    )
     print(f"temperature scaling: T = {ts.temperature_:.3f}")
     print("selective scaling:")
     for key, value in calibrator_info[SELECTIVE].items():
@@ -300,8 +349,9 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     print(format_table(results, extra=counts))
     print()
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-    print(f"report: {output}/ ({', '.join(written)}, calibrator.joblib, "
-          "temperature_scaling.joblib)")
+    print(
+        f"report: {output}/ ({', '.join(written)}, calibrator.joblib, temperature_scaling.joblib)"
+    )
     return 0
 
 
