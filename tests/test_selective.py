@@ -285,12 +285,15 @@ def test_memory_fits_the_classifier_once_per_setting(tmp_path, segmentation_data
     _FITS.clear()
     GridSearchCV(base, grid, cv=cv).fit(X, y, groups=groups)
     uncached = len(_FITS)
-    assert uncached == 8 + 1  # one per candidate, plus the refit
+    # per candidate and for the refit: one detector per cross-fitting fold, and the final one
+    folds = base.cv
+    assert uncached == (8 + 1) * (folds + 1)
 
     _FITS.clear()
     cached = clone(base).set_params(memory=str(tmp_path / "cache"))
     search = GridSearchCV(cached, grid, cv=cv).fit(X, y, groups=groups)
-    assert len(_FITS) == 2  # once on the split's train part, once for the refit
+    # once per fold and once more on the split's train part, the same for the refit
+    assert len(_FITS) == 2 * (folds + 1)
     # and the cached search chooses and predicts exactly as the uncached one
     reference = GridSearchCV(base, grid, cv=cv).fit(X, y, groups=groups)
     assert search.best_params_ == reference.best_params_
