@@ -24,7 +24,7 @@ from sksegcal._softplus_temperature import (
     softplus_nll,
     standardisation,
 )
-from sksegcal.selective import _GENERALISED_L2
+from sksegcal.calibrators._selective import _GENERALISED_L2
 
 
 def _problem(n=3000, c=4, k=3, seed=0):
