@@ -16,7 +16,15 @@ from ..features import FEATURE_SETS, features_from_logits
 from ..pixels import sample_pixels
 from ._base import LOG_PROBA_FLOOR, BaseLogitCalibrator, check_temperature_bounds
 from ._models import GlobalTemperature, SoftplusTemperature, TwoTemperatures
-from ._solver import iter_chunks, row_nll, softplus_inverse, standardisation, warn_fit
+from ._solver import (
+    fold_derivatives,
+    iter_chunks,
+    newton_step,
+    row_nll,
+    softplus_inverse,
+    standardisation,
+    warn_fit,
+)
 
 __all__ = ["SelectiveScalingCalibrator", "default_detector"]
 
@@ -580,7 +588,14 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             )
             self.temperature_mean_, self.temperature_scale_ = mean, scale
             signal = (inputs - mean) / scale
-        model = self._fit_model(Z, yy, weight, signal, constant, bounds)
+        # temperature scaling on the same rows: the guard's reference, and the start of the
+        # soft fit (both temperatures at TS's: a start a few Newton steps from the minimum)
+        ts_all = GlobalTemperature.fit(Z, yy, sample_weight=weight, bounds=bounds,
+                                       chunk_size=self.chunk_size)
+        start = None
+        if self.mode == "soft" and self.t1 == "auto" and self.t2 == "auto":
+            start = TwoTemperatures("soft", ts_all.temperature, ts_all.temperature)
+        model = self._fit_model(Z, yy, weight, signal, constant, bounds, start=start)
         self._take_model(model, p, signal)
         self.n_iter_ = sum(fit.n_iter for _, fit in model.fits)
         self.converged_ = all(fit.converged for _, fit in model.fits)
@@ -601,7 +616,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         if self.guard == "ts" and (
             self.mode == "generalised" or (self.t1 == "auto" and self.t2 == "auto")
         ):
-            self._apply_guard(Z, yy, weight, signal, constant, model, folds, units, by, bounds)
+            self._apply_guard(Z, yy, weight, signal, constant, model, ts_all, folds, units, by,
+                              bounds)
         return self
 
     def _folds(self, n, groups, rng):
@@ -730,7 +746,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         return tuple(CONTEXT_FEATURES)
 
     # -------------------------------------------------------------------- guard
-    def _apply_guard(self, Z, y, w, signal, constant, model, folds, units, by, bounds):
+    def _apply_guard(self, Z, y, w, signal, constant, model, ts_all, folds, units, by, bounds):
         """Compare with TS image by image on every row, out of fold; fall back to TS.
 
         For each fold, the selective temperatures and a TS temperature are
@@ -738,28 +754,15 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         scored by NLL on the fold's rows; each unit (image) then has a paired
         improvement, its mean NLL under TS minus under selective scaling.
         """
-        ts_all = GlobalTemperature.fit(Z, y, sample_weight=w, bounds=bounds,
-                                       chunk_size=self.chunk_size)
-        nll_sel = np.empty(len(y))
-        nll_ts = np.empty(len(y))
-        for fold in np.unique(folds):
-            test = folds == fold
-            train = ~test
-            weights = np.ones(len(y)) if w is None else w
-            if not (weights[test].sum() > 0 and weights[train].sum() > 0):
-                nll_sel[test] = nll_ts[test] = 0.0
-                continue
-            sel = self._fit_model(Z, y, w, signal, constant, bounds, rows=train, start=model)
-            ts = GlobalTemperature.fit(Z, y, sample_weight=w, rows=train, bounds=bounds,
-                                       start=ts_all, chunk_size=self.chunk_size)
-            idx = np.flatnonzero(test)
-            if self.mode == "generalised":
-                beta = sel.inverse_temperatures_of_phi(signal[idx])
-            else:
-                beta = sel.inverse_temperatures(signal[idx])
-            nll_sel[idx] = row_nll(Z[idx], y[idx], beta, chunk_size=self.chunk_size)
-            nll_ts[idx] = row_nll(Z[idx], y[idx], ts.inverse_temperatures(),
-                                  chunk_size=self.chunk_size)
+        betas = None
+        if self.mode == "soft":
+            # (the hard split's groups can be small: their one-step fits are refitted instead)
+            betas = self._fold_betas_one_step(Z, y, w, signal, model, ts_all, folds, bounds)
+        if betas is None:
+            betas = self._fold_betas_refitted(Z, y, w, signal, constant, model, ts_all, folds,
+                                              bounds)
+        nll_sel = row_nll(Z, y, betas[0], chunk_size=self.chunk_size)
+        nll_ts = row_nll(Z, y, betas[1], chunk_size=self.chunk_size)
         weights = np.ones(len(y)) if w is None else w
         mass = np.bincount(units, weights=weights)
         present = mass > 0
@@ -798,6 +801,60 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         warn_fit(ts_all.fits[0][1], ("t1", "t2"), bounds, owner=type(self).__name__,
                  stacklevel=5)
         self.t1_ = self.t2_ = t_ts
+
+    def _fold_betas_one_step(self, Z, y, w, signal, model, ts_all, folds, bounds):
+        """Each row's inverse temperature, selective and TS, fitted without its fold.
+
+        Both models are linear in their inverse temperatures (``beta = x1 p + x2
+        (1 - p)`` with ``p`` the P(correct); TS: ``beta = x``), so one streamed
+        pass gives the NLL derivatives of every
+        fold, and the fit without a fold is one bounded Newton step from the fit
+        on all rows (exact to second order in the fold's share of the rows).
+        None when the derivatives overflow (logits near the float maximum).
+        """
+        ib = (1.0 / bounds[1], 1.0 / bounds[0])
+        basis = np.column_stack([signal, 1.0 - signal])
+        n = int(folds.max()) + 1
+        fits = []
+        for x, B in ((np.array([1.0 / model.t1, 1.0 / model.t2]), basis),
+                     (np.array([ts_all.inverse_temperatures()]), None)):
+            with np.errstate(over="ignore", invalid="ignore"):
+                W, _, G, H = fold_derivatives(Z, y, x, folds, n, basis=B, sample_weight=w,
+                                              chunk_size=self.chunk_size)
+            if not (np.isfinite(G).all() and np.isfinite(H).all()):
+                return None
+            fits.append((x, W, G, H))
+        out = (np.empty(len(y)), np.empty(len(y)))
+        for fold in range(n):
+            rows = folds == fold
+            for which, (x, W, G, H) in enumerate(fits):
+                rest = W.sum() - W[fold]
+                x_fold = x
+                if rest > 0:
+                    x_fold = newton_step(x, (G.sum(0) - G[fold]) / rest,
+                                         (H.sum(0) - H[fold]) / rest, ib)
+                out[which][rows] = basis[rows] @ x_fold if which == 0 else x_fold[0]
+        return out
+
+    def _fold_betas_refitted(self, Z, y, w, signal, constant, model, ts_all, folds, bounds):
+        """Each row's inverse temperature, selective and TS, refitted without its fold."""
+        out = (np.empty(len(y)), np.empty(len(y)))
+        weights = np.ones(len(y)) if w is None else w
+        for fold in np.unique(folds):
+            test = folds == fold
+            train = ~test
+            if not weights[train].sum() > 0:
+                out[0][test] = out[1][test] = ts_all.inverse_temperatures()
+                continue
+            sel = self._fit_model(Z, y, w, signal, constant, bounds, rows=train, start=model)
+            ts = GlobalTemperature.fit(Z, y, sample_weight=w, rows=train, bounds=bounds,
+                                       start=ts_all, chunk_size=self.chunk_size)
+            if self.mode == "generalised":
+                out[0][test] = sel.inverse_temperatures_of_phi(signal[test])
+            else:
+                out[0][test] = sel.inverse_temperatures(signal[test])
+            out[1][test] = ts.inverse_temperatures()
+        return out
 
     def summary(self) -> str:
         """A few lines on what was fitted and what the guard chose, with its evidence."""

@@ -35,7 +35,9 @@ __all__ = [
     "fit_inverse_temperatures",
     "fit_softplus_temperature",
     "fit_temperature",
+    "fold_derivatives",
     "iter_chunks",
+    "newton_step",
     "nll_at_inverse_temperature",
     "nll_derivatives",
     "row_nll",
@@ -261,6 +263,62 @@ def row_nll(
 
 
 # relative to the NLL (or absolute below 1 nat), changes nothing representable
+def fold_derivatives(
+    Z: np.ndarray,
+    y: np.ndarray,
+    x: np.ndarray,
+    labels: np.ndarray,
+    n_labels: int,
+    *,
+    basis: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
+    chunk_size: int = 65536,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-label weighted sums of the NLL and its derivatives at ``x``, in one pass.
+
+    ``beta_i = basis_i . x`` (``x[0]`` without ``basis``) as in
+    :func:`nll_derivatives`; rows are summed by their ``labels`` (ints in
+    ``[0, n_labels)``). Returns the weight ``W`` (n_labels,), the NLL ``F``
+    (n_labels,), the gradient ``G`` (n_labels, k) and Hessian ``H``
+    (n_labels, k, k), all sums (not means): the derivatives on every set of
+    labels but one are the totals minus that label's.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    k = x.shape[0]
+    W, F = np.zeros(n_labels), np.zeros(n_labels)
+    G, H = np.zeros((n_labels, k)), np.zeros((n_labels, k, k))
+    for part, _, z, zy in _blocks(Z, y, None, 1.0, chunk_size):
+        lab = labels[part]
+        B = np.ones((z.shape[0], 1)) if basis is None else np.asarray(basis[part], np.float64)
+        loss, d1, d2 = _block_terms(z, zy, B @ x)
+        w = np.ones(z.shape[0]) if sample_weight is None else sample_weight[part]
+        W += np.bincount(lab, w, minlength=n_labels)
+        F += np.bincount(lab, w * loss, minlength=n_labels)
+        for i in range(k):
+            G[:, i] += np.bincount(lab, w * d1 * B[:, i], minlength=n_labels)
+            for j in range(i, k):
+                H[:, i, j] += np.bincount(lab, w * d2 * B[:, i] * B[:, j], minlength=n_labels)
+                H[:, j, i] = H[:, i, j]
+    return W, F, G, H
+
+
+def newton_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, bounds) -> np.ndarray:
+    """``x`` moved by one bounded Newton step of the mean NLL (gradient ``g``, Hessian ``H``).
+
+    ``bounds`` are inverse-temperature bounds; as in
+    :func:`fit_inverse_temperatures`, no parameter falls by more than a factor
+    of 8. From the minimum over all rows, one step gives the minimum over the
+    rows of all folds but one to second order in the fold's share.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    lo = np.full(len(x), float(bounds[0]))
+    hi = np.full(len(x), float(bounds[1]))
+    step = _box_newton_step(g, H, np.maximum(lo, x / _MAX_RATIO) - x, hi - x)
+    return np.clip(x + step, lo, hi)
+
+
+# a Newton step whose predicted decrease of the mean NLL (nats per pixel) is below this,
+# relative to the NLL (or absolute below 1 nat), changes nothing representable
 _NEGLIGIBLE_DECREASE = 1e-15
 
 
@@ -330,6 +388,7 @@ def fit_inverse_temperatures(
         return ((point <= lo) & (grad > 0)) | ((point >= hi) & (grad < 0))
 
     converged, n_iter = False, 0
+    ratio = np.full(k, _MAX_RATIO)
     while n_iter < max_iter:
         n_iter += 1
         if not (~held(x, g)).any():
@@ -339,8 +398,11 @@ def fit_inverse_temperatures(
         # one-sided trust region: no inverse temperature falls by more than a factor of
         # _MAX_RATIO per iteration (far from the minimum an over-confident model's NLL has
         # little curvature and a full Newton step overshoots to the bound); rises are left
-        # to the line search (the NLL grows at most linearly there)
-        step = _box_newton_step(g, H, np.maximum(lo, x / _MAX_RATIO) - x, hi - x)
+        # to the line search (the NLL grows at most linearly there). A parameter that keeps
+        # falling by the full factor (a temperature on its way to 1e10) gets a wider region
+        # each time (8, 64, 4096, ...), so the trip takes a few iterations, not a dozen
+        floor = np.maximum(lo, x / ratio)
+        step = _box_newton_step(g, H, floor - x, hi - x)
         if np.all(np.abs(step) <= rtol * np.abs(x)):
             # the next step is below the tolerance: x is the minimum to within it (Newton
             # converges quadratically, so the step is about the remaining distance)
@@ -374,6 +436,8 @@ def fit_inverse_temperatures(
             converged = True
             break
         moved = np.abs(trial - x)
+        pinned = (t == 1.0) & (trial <= floor * (1 + 1e-12)) & (floor > lo)
+        ratio = np.where(pinned, np.minimum(ratio * ratio, 1e12), _MAX_RATIO)
         x, f, g, H = trial, f_new, g_new, H_new
         if np.all(moved <= rtol * np.abs(x)):
             converged = True
