@@ -110,8 +110,9 @@ def test_guard_refuses_an_overfit():
     kept = 0
     for seed in range(12):
         X, y, groups = _ts_world(20, 100, seed)
-        cal = SelectiveScalingCalibrator(LogisticRegression(), mode="generalised",
-                                         random_state=seed).fit(X, y, groups=groups)
+        cal = SelectiveScalingCalibrator(
+            LogisticRegression(), mode="generalised", random_state=seed
+        ).fit(X, y, groups=groups)
         kept += cal.guard_choice_ == "selective"
     assert kept <= 2
 
@@ -123,8 +124,11 @@ def test_metacal_old_names_warn_and_work():
     with pytest.warns(FutureWarning, match="t_reject"):
         old = MetaCalScaling(rejection_rate=0.1, t_reject="auto").fit(X, y)
     assert old.t2_ == new.t2_
-    for name, value in (("temperature_", new.t1_), ("t_reject_", new.t2_),
-                        ("entropy_threshold_", new.threshold_)):
+    for name, value in (
+        ("temperature_", new.t1_),
+        ("t_reject_", new.t2_),
+        ("entropy_threshold_", new.threshold_),
+    ):
         with pytest.warns(FutureWarning, match=name):
             assert getattr(old, name) == value
 
@@ -139,8 +143,12 @@ def test_lts_old_names_warn_and_work():
         old = LocalTemperatureScaling(n_context=None, max_temperature=50.0).fit(A, y)
     assert old.reads_context == "spatial"
     np.testing.assert_allclose(old.predict_proba(A), new.predict_proba(A), rtol=1e-6)
-    renamed = (("coef_", "temperature_coef_"), ("intercept_", "temperature_intercept_"),
-               ("feature_mean_", "temperature_mean_"), ("input_names_", "temperature_inputs_"))
+    renamed = (
+        ("coef_", "temperature_coef_"),
+        ("intercept_", "temperature_intercept_"),
+        ("feature_mean_", "temperature_mean_"),
+        ("input_names_", "temperature_inputs_"),
+    )
     for name, new_name in renamed:
         with pytest.warns(FutureWarning, match=name):
             np.testing.assert_array_equal(getattr(old, name), getattr(new, new_name))
@@ -157,7 +165,8 @@ def test_selective_holdout_fraction_warns_and_is_ignored():
     groups = np.repeat(np.arange(20), 100)
     with pytest.warns(FutureWarning, match="holdout_fraction"):
         old = SelectiveScalingCalibrator(holdout_fraction=0.3, random_state=0).fit(
-            X, y, groups=groups)
+            X, y, groups=groups
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         new = SelectiveScalingCalibrator(random_state=0).fit(X, y, groups=groups)
@@ -167,9 +176,15 @@ def test_selective_holdout_fraction_warns_and_is_ignored():
 def test_every_calibrator_says_what_context_it_reads():
     from sksegcal import DirichletScaling, EnsembleTemperatureScaling, VectorScaling
 
-    for cal in (TemperatureScaling(), VectorScaling(), DirichletScaling(), MetaCalScaling(),
-                EnsembleTemperatureScaling(), SelectiveScalingCalibrator(),
-                LocalTemperatureScaling(context=None)):
+    for cal in (
+        TemperatureScaling(),
+        VectorScaling(),
+        DirichletScaling(),
+        MetaCalScaling(),
+        EnsembleTemperatureScaling(),
+        SelectiveScalingCalibrator(),
+        LocalTemperatureScaling(context=None),
+    ):
         assert cal.reads_context is None
     assert SelectiveScalingCalibrator(context="spatial").reads_context == "spatial"
     assert LocalTemperatureScaling().reads_context == "spatial"

@@ -278,5 +278,3 @@ class DirichletScaling(_AffineLogitCalibrator):
 
     def _parameters(self):
         return np.r_[self.coef_.ravel(), self.intercept_]
-
-

@@ -123,7 +123,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         k = self._n_extra_columns()
         if not k:
             return X, None
-        return X[:, : X.shape[1] - k], X[:, X.shape[1] - k:]
+        return X[:, : X.shape[1] - k], X[:, X.shape[1] - k :]
 
     def _scale_with(self, z: np.ndarray, extra) -> np.ndarray:
         return self._scale_chunk(z, extra)
@@ -401,8 +401,9 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         if not keep.any():
             raise ValueError(f"Every pixel has the ignore index {self.ignore_index}.")
         total, weight = 0.0, 0.0
-        buf = np.empty((min(self.chunk_size, X.shape[0]), len(self.classes_)),
-                       dtype=self._work_dtype(X))
+        buf = np.empty(
+            (min(self.chunk_size, X.shape[0]), len(self.classes_)), dtype=self._work_dtype(X)
+        )
         for part in iter_chunks(X.shape[0], self.chunk_size):
             k = keep[part]
             lp = self._calibrated_log_proba(X[part][k], buf[: k.sum()])
@@ -491,8 +492,6 @@ def _library_versions() -> dict[str, str]:
     if "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__.split("+")[0]
     return versions
-
-
 
 
 def check_temperature_bounds(bounds, name: str = "temperature_bounds") -> tuple[float, float]:

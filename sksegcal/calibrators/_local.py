@@ -150,10 +150,15 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
         "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
         "tol": [Interval(numbers.Real, 0, None, closed="neither")],
         "temperature_bounds": [tuple, list],
-        "n_context": [Interval(numbers.Integral, 0, None, closed="left"), None,
-                      StrOptions({"deprecated"})],
-        "max_temperature": [Interval(numbers.Real, 0, None, closed="neither"),
-                            StrOptions({"deprecated"})],
+        "n_context": [
+            Interval(numbers.Integral, 0, None, closed="left"),
+            None,
+            StrOptions({"deprecated"}),
+        ],
+        "max_temperature": [
+            Interval(numbers.Real, 0, None, closed="neither"),
+            StrOptions({"deprecated"}),
+        ],
     }
     _parameter_constraints.pop("input_type", None)
     _renamed_attributes = {
@@ -235,9 +240,13 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
         return np.concatenate(parts, axis=1)
 
     def _model(self) -> SoftplusTemperature:
-        return SoftplusTemperature(self.temperature_coef_, self.temperature_intercept_,
-                                   self.temperature_mean_, self.temperature_scale_,
-                                   self._bounds())
+        return SoftplusTemperature(
+            self.temperature_coef_,
+            self.temperature_intercept_,
+            self.temperature_mean_,
+            self.temperature_scale_,
+            self._bounds(),
+        )
 
     # --------------------------------------------------------------- fitting
     def fit(self, X, y, sample_weight=None):
@@ -258,8 +267,10 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
         return super().fit(X, y, sample_weight)
 
     def _fit_calibration(self, X, y, sample_weight, groups=None):
-        for name, use in (("n_context", "context"),
-                          ("max_temperature", "temperature_bounds=(0.01, max_temperature)")):
+        for name, use in (
+            ("n_context", "context"),
+            ("max_temperature", "temperature_bounds=(0.01, max_temperature)"),
+        ):
             if getattr(self, name) != "deprecated":
                 warnings.warn(
                     f"LocalTemperatureScaling({name}=...) is deprecated and will be removed in "
@@ -290,20 +301,32 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
         n_inputs = len(self.temperature_inputs_)
         mean, scale, constant = standardisation(inputs, len(y), n_inputs, w, self.chunk_size)
         Z = X[:, :n_classes]
-        ts = GlobalTemperature.fit(Z, y, sample_weight=sample_weight, bounds=bounds,
-                                   chunk_size=self.chunk_size)
+        ts = GlobalTemperature.fit(
+            Z, y, sample_weight=sample_weight, bounds=bounds, chunk_size=self.chunk_size
+        )
         self.ts_temperature_ = ts.temperature
-        start = SoftplusTemperature(np.zeros(n_inputs), softplus_inverse(1.0 / ts.temperature),
-                                    mean, scale)
+        start = SoftplusTemperature(
+            np.zeros(n_inputs), softplus_inverse(1.0 / ts.temperature), mean, scale
+        )
         model = SoftplusTemperature.fit(
-            Z, y, lambda part: (inputs(part) - mean) / scale, mean=mean, scale=scale,
-            constant=constant, sample_weight=sample_weight, l2=self.l2, bounds=bounds,
-            start=start, tol=self.tol, max_iter=self.max_iter, chunk_size=self.chunk_size,
+            Z,
+            y,
+            lambda part: (inputs(part) - mean) / scale,
+            mean=mean,
+            scale=scale,
+            constant=constant,
+            sample_weight=sample_weight,
+            l2=self.l2,
+            bounds=bounds,
+            start=start,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            chunk_size=self.chunk_size,
         )
         self.temperature_coef_ = model.coef.copy()
         self.temperature_intercept_ = model.intercept
         self.temperature_mean_, self.temperature_scale_ = mean, scale
-        (_, result), = model.fits
+        ((_, result),) = model.fits
         self.n_iter_ = result.n_iter
         self.converged_ = result.converged
         if not self.converged_:

@@ -76,8 +76,10 @@ class MetaCalScaling(BaseLogitCalibrator):
         **BaseLogitCalibrator._parameter_constraints,
         "rejection_rate": [Interval(numbers.Real, 0, 1, closed="neither")],
         "t2": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
-        "t_reject": [Interval(numbers.Real, 0, None, closed="neither"),
-                     StrOptions({"auto", "deprecated"})],
+        "t_reject": [
+            Interval(numbers.Real, 0, None, closed="neither"),
+            StrOptions({"auto", "deprecated"}),
+        ],
         "temperature_bounds": [tuple, list],
     }
     _renamed_attributes = {
@@ -135,14 +137,23 @@ class MetaCalScaling(BaseLogitCalibrator):
         )
         self.threshold_ = _weighted_quantile(entropy, 1 - self.rejection_rate, sample_weight)
         model = TwoTemperatures.fit(
-            Z, y, -entropy, kind="hard", t1="auto", t2=t2, thresholds=[-self.threshold_],
-            sample_weight=sample_weight, bounds=bounds, chunk_size=self.chunk_size,
+            Z,
+            y,
+            -entropy,
+            kind="hard",
+            t1="auto",
+            t2=t2,
+            thresholds=[-self.threshold_],
+            sample_weight=sample_weight,
+            bounds=bounds,
+            chunk_size=self.chunk_size,
         )
         self.t1_, self.t2_ = model.t1, model.t2
         names = {"t1": "the temperature of accepted pixels", "t2": "t2"}
         for fit_names, fit in model.fits:
-            warn_fit(fit, [names[n] for n in fit_names], bounds, owner=type(self).__name__,
-                     stacklevel=4)
+            warn_fit(
+                fit, [names[n] for n in fit_names], bounds, owner=type(self).__name__, stacklevel=4
+            )
         self.n_iter_ = sum(fit.n_iter for _, fit in model.fits)
 
     def rejected(self, X) -> np.ndarray:
@@ -150,8 +161,7 @@ class MetaCalScaling(BaseLogitCalibrator):
         X = self._validate_predict_data(X)
         return np.concatenate(
             [
-                self._entropy(self._to_logits(X[p]).astype(self._work_dtype(X)))
-                > self.threshold_
+                self._entropy(self._to_logits(X[p]).astype(self._work_dtype(X))) > self.threshold_
                 for p in iter_chunks(X.shape[0], self.chunk_size)
             ]
         )

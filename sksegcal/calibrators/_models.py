@@ -52,13 +52,27 @@ class GlobalTemperature:
         return 1.0 / self.temperature
 
     @classmethod
-    def fit(cls, Z, y, *, sample_weight=None, rows=None, bounds=(1e-2, 1e2), start=None,
-            chunk_size=65536) -> GlobalTemperature:
+    def fit(
+        cls,
+        Z,
+        y,
+        *,
+        sample_weight=None,
+        rows=None,
+        bounds=(1e-2, 1e2),
+        start=None,
+        chunk_size=65536,
+    ) -> GlobalTemperature:
         """The NLL-optimal temperature on (some) rows, in ``bounds``."""
         x0 = None if start is None else [1.0 / start.temperature]
         fit = fit_inverse_temperatures(
-            Z, y, sample_weight=sample_weight, rows=rows, bounds=_inverse_bounds(bounds),
-            x0=x0, chunk_size=chunk_size,
+            Z,
+            y,
+            sample_weight=sample_weight,
+            rows=rows,
+            bounds=_inverse_bounds(bounds),
+            x0=x0,
+            chunk_size=chunk_size,
         )
         model = cls(1.0 / float(fit.x[0]))
         model.nll, model.fits = fit.nll, [(["the temperature"], fit)]
@@ -84,9 +98,22 @@ class TwoTemperatures:
         return score / self.t1 + (1.0 - score) / self.t2
 
     @classmethod
-    def fit(cls, Z, y, score, *, kind, t1="auto", t2="auto", thresholds=(0.5,),
-            sample_weight=None, rows=None, bounds=(1e-2, 1e10), start=None,
-            chunk_size=65536) -> TwoTemperatures:
+    def fit(
+        cls,
+        Z,
+        y,
+        score,
+        *,
+        kind,
+        t1="auto",
+        t2="auto",
+        thresholds=(0.5,),
+        sample_weight=None,
+        rows=None,
+        bounds=(1e-2, 1e10),
+        start=None,
+        chunk_size=65536,
+    ) -> TwoTemperatures:
         """Fit the "auto" temperatures (and, hard, the best of ``thresholds``) by NLL.
 
         Soft: ``beta = a p + b (1 - p)`` is linear in ``(a, b) = (1/t1, 1/t2)``,
@@ -117,11 +144,16 @@ class TwoTemperatures:
             elif t2 != "auto":
                 offset = (1.0 - p) / fixed2
             x0 = None if start is None else [1.0 / getattr(start, n) for n in names]
-            fit = fit_inverse_temperatures(Z, y, basis=basis, offset=offset, bounds=ib, x0=x0,
-                                           **common)
+            fit = fit_inverse_temperatures(
+                Z, y, basis=basis, offset=offset, bounds=ib, x0=x0, **common
+            )
             inverse = dict(zip(names, fit.x.tolist()))
-            model = cls(kind, 1.0 / inverse["t1"] if "t1" in inverse else fixed1,
-                        1.0 / inverse["t2"] if "t2" in inverse else fixed2, threshold)
+            model = cls(
+                kind,
+                1.0 / inverse["t1"] if "t1" in inverse else fixed1,
+                1.0 / inverse["t2"] if "t2" in inverse else fixed2,
+                threshold,
+            )
             model.nll, model.fits = fit.nll, [(names, fit)]
             return model
 
@@ -135,12 +167,25 @@ class TwoTemperatures:
             if not mask.any() or mass <= 0:
                 return None, 0.0, None
             if not auto:
-                nll = nll_derivatives(Z, y, np.array([1.0 / fixed_t]), sample_weight=sample_weight,
-                                      rows=mask, chunk_size=chunk_size)[0]
+                nll = nll_derivatives(
+                    Z,
+                    y,
+                    np.array([1.0 / fixed_t]),
+                    sample_weight=sample_weight,
+                    rows=mask,
+                    chunk_size=chunk_size,
+                )[0]
                 return fixed_t, nll * mass, None
             x0 = None if start is None else [1.0 / getattr(start, name)]
-            fit = fit_inverse_temperatures(Z, y, sample_weight=sample_weight, rows=mask,
-                                           bounds=ib, x0=x0, chunk_size=chunk_size)
+            fit = fit_inverse_temperatures(
+                Z,
+                y,
+                sample_weight=sample_weight,
+                rows=mask,
+                bounds=ib,
+                x0=x0,
+                chunk_size=chunk_size,
+            )
             return 1.0 / fit.x[0], fit.nll * mass, fit
 
         def fit_split(threshold):
@@ -195,9 +240,24 @@ class SoftplusTemperature:
         return self.inverse_temperatures_of_phi(self.standardise(inputs))
 
     @classmethod
-    def fit(cls, Z, y, phi, *, mean, scale, constant=None, sample_weight=None, rows=None,
-            l2=1e-4, bounds=(1e-2, 1e10), start=None, tol=1e-9, max_iter=100,
-            chunk_size=65536) -> SoftplusTemperature:
+    def fit(
+        cls,
+        Z,
+        y,
+        phi,
+        *,
+        mean,
+        scale,
+        constant=None,
+        sample_weight=None,
+        rows=None,
+        l2=1e-4,
+        bounds=(1e-2, 1e10),
+        start=None,
+        tol=1e-9,
+        max_iter=100,
+        chunk_size=65536,
+    ) -> SoftplusTemperature:
         """Fit ``(w, b)`` on standardised ``phi`` (an array or ``phi(part)``) by penalised NLL.
 
         Trust-region Newton with the exact Hessian, from ``start`` (a fitted
@@ -205,22 +265,39 @@ class SoftplusTemperature:
         ``rows`` get weight 0. When the NLL of the start overflows (logits near
         the float64 maximum) the model stays at the start (``overflow``).
         """
-        weights = np.ones(len(y)) if sample_weight is None else np.asarray(
-            sample_weight, dtype=np.float64)
+        weights = (
+            np.ones(len(y))
+            if sample_weight is None
+            else np.asarray(sample_weight, dtype=np.float64)
+        )
         if rows is not None:
             weights = np.where(rows, weights, 0.0)
         n_inputs = len(mean)
         if start is not None:
             theta0 = start.theta
         else:
-            ts = fit_inverse_temperatures(Z, y, sample_weight=sample_weight, rows=rows,
-                                          bounds=_inverse_bounds(bounds), chunk_size=chunk_size)
+            ts = fit_inverse_temperatures(
+                Z,
+                y,
+                sample_weight=sample_weight,
+                rows=rows,
+                bounds=_inverse_bounds(bounds),
+                chunk_size=chunk_size,
+            )
             theta0 = np.zeros(n_inputs + 1)
             theta0[-1] = softplus_inverse(float(ts.x[0]))
 
         def objective(theta, hessian):
-            return softplus_nll(theta, Z, y, phi, sample_weight=weights, l2=l2, hessian=hessian,
-                                chunk_size=chunk_size)
+            return softplus_nll(
+                theta,
+                Z,
+                y,
+                phi,
+                sample_weight=weights,
+                l2=l2,
+                hessian=hessian,
+                chunk_size=chunk_size,
+            )
 
         with np.errstate(over="ignore", invalid="ignore"):
             f0, g0, H0 = objective(theta0, True)
@@ -229,8 +306,9 @@ class SoftplusTemperature:
         if overflow:
             fit = SoftplusTemperatureFit(theta0, float("nan"), 0, True, "overflow: TS kept")
         else:
-            fit = fit_softplus_temperature(objective, theta0, constant=constant, method="newton",
-                                           max_iter=max_iter, tol=tol)
+            fit = fit_softplus_temperature(
+                objective, theta0, constant=constant, method="newton", max_iter=max_iter, tol=tol
+            )
         model = cls(fit.theta[:-1], fit.theta[-1], mean, scale, bounds)
         model.nll, model.fits, model.overflow = fit.loss, [(["w", "b"], fit)], overflow
         return model

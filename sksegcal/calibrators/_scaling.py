@@ -93,17 +93,19 @@ class TemperatureScaling(BaseLogitCalibrator):
     def _fit_calibration(self, X, y, sample_weight, groups=None):
         bounds = check_temperature_bounds(self.temperature_bounds)
         model = GlobalTemperature.fit(
-            self._to_logits(X), y, sample_weight=sample_weight, bounds=bounds,
+            self._to_logits(X),
+            y,
+            sample_weight=sample_weight,
+            bounds=bounds,
             chunk_size=self.chunk_size,
         )
         self.temperature_ = model.temperature
-        (_, fit), = model.fits
+        ((_, fit),) = model.fits
         self.n_iter_, self.converged_ = fit.n_iter, fit.converged
         warn_fit(fit, ["the temperature"], bounds, owner=type(self).__name__, stacklevel=4)
 
     def _beta(self, z, extra=None):
         return GlobalTemperature(self.temperature_).inverse_temperatures()
-
 
 
 # --------------------------------------------------------------------------
@@ -153,8 +155,14 @@ class EnsembleTemperatureScaling(BaseLogitCalibrator):
         "temperature_bounds": [tuple, list],
     }
 
-    def __init__(self, *, input_type="logits", ignore_index=255,
-                 temperature_bounds=(0.01, 100.0), chunk_size=65536):
+    def __init__(
+        self,
+        *,
+        input_type="logits",
+        ignore_index=255,
+        temperature_bounds=(0.01, 100.0),
+        chunk_size=65536,
+    ):
         self.input_type = input_type
         self.ignore_index = ignore_index
         self.temperature_bounds = temperature_bounds
@@ -176,10 +184,11 @@ class EnsembleTemperatureScaling(BaseLogitCalibrator):
     def _fit_calibration(self, X, y, sample_weight, groups=None):
         Z = self._to_logits(X)
         bounds = check_temperature_bounds(self.temperature_bounds)
-        model = GlobalTemperature.fit(Z, y, sample_weight=sample_weight, bounds=bounds,
-                                      chunk_size=self.chunk_size)
+        model = GlobalTemperature.fit(
+            Z, y, sample_weight=sample_weight, bounds=bounds, chunk_size=self.chunk_size
+        )
         self.temperature_ = model.temperature
-        (_, fit), = model.fits
+        ((_, fit),) = model.fits
         self.n_iter_ = fit.n_iter
         warn_fit(fit, ["the temperature"], bounds, owner=type(self).__name__, stacklevel=4)
         # the labelled class's probability under each term: all the weight fit needs
@@ -215,13 +224,12 @@ def _simplex_mixture_weights(Q: np.ndarray, sample_weight=None) -> np.ndarray:
             jac=True,
             method="SLSQP",
             bounds=[(0.0, 1.0)] * k,
-            constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0,
-                          "jac": lambda w: np.ones_like(w)}],
+            constraints=[
+                {"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones_like(w)}
+            ],
             options={"ftol": 1e-15, "maxiter": 500},
         )
         if best is None or result.fun < best.fun:
             best = result
     weights = np.clip(best.x, 0.0, None)
     return weights / weights.sum()
-
-

@@ -374,8 +374,10 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         "on_single_class": [StrOptions({"raise", "constant"})],
         "memory": [None, str, HasMethods(["cache"])],
         "random_state": ["random_state"],
-        "holdout_fraction": [Interval(numbers.Real, 0, 1, closed="neither"),
-                             StrOptions({"deprecated"})],
+        "holdout_fraction": [
+            Interval(numbers.Real, 0, 1, closed="neither"),
+            StrOptions({"deprecated"}),
+        ],
     }
     # image ids are requested through metadata routing by default: Pipeline, GridSearchCV
     # and fit_store pass them on
@@ -462,8 +464,12 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
     def _model(self):
         """The fitted temperature model, rebuilt from the fitted attributes."""
         if self.mode == "generalised":
-            return SoftplusTemperature(self.temperature_coef_, self.temperature_intercept_,
-                                       self.temperature_mean_, self.temperature_scale_)
+            return SoftplusTemperature(
+                self.temperature_coef_,
+                self.temperature_intercept_,
+                self.temperature_mean_,
+                self.temperature_scale_,
+            )
         return TwoTemperatures(self.mode, self.t1_, self.t2_, self.threshold_)
 
     # ------------------------------------------------------- generalised mode
@@ -551,8 +557,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
 
         # the rows everything is fitted on: a sample stratified by correctness, kept in row
         # order (so that contiguous blocks stay runs of whole images)
-        rows = np.sort(sample_pixels(len(y), self.max_fit_pixels, strata=correct,
-                                     random_state=rng))
+        rows = np.sort(
+            sample_pixels(len(y), self.max_fit_pixels, strata=correct, random_state=rng)
+        )
         features = self._features(X[rows])
         target = correct[rows].astype(np.int64)
         weight = None if sample_weight is None else sample_weight[rows]
@@ -590,8 +597,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             signal = (inputs - mean) / scale
         # temperature scaling on the same rows: the guard's reference, and the start of the
         # soft fit (both temperatures at TS's: a start a few Newton steps from the minimum)
-        ts_all = GlobalTemperature.fit(Z, yy, sample_weight=weight, bounds=bounds,
-                                       chunk_size=self.chunk_size)
+        ts_all = GlobalTemperature.fit(
+            Z, yy, sample_weight=weight, bounds=bounds, chunk_size=self.chunk_size
+        )
         start = None
         if self.mode == "soft" and self.t1 == "auto" and self.t2 == "auto":
             start = TwoTemperatures("soft", ts_all.temperature, ts_all.temperature)
@@ -616,8 +624,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         if self.guard == "ts" and (
             self.mode == "generalised" or (self.t1 == "auto" and self.t2 == "auto")
         ):
-            self._apply_guard(Z, yy, weight, signal, constant, model, ts_all, folds, units, by,
-                              bounds)
+            self._apply_guard(
+                Z, yy, weight, signal, constant, model, ts_all, folds, units, by, bounds
+            )
         return self
 
     def _folds(self, n, groups, rng):
@@ -643,8 +652,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             )
         if n < 2:
             raise ValueError(
-                f"Got {n} sample (pixel): at least 2 are needed to cross-fit 'auto' "
-                "temperatures."
+                f"Got {n} sample (pixel): at least 2 are needed to cross-fit 'auto' temperatures."
             )
         k = min(self.cv, n)
         n_units = min(4 * k, n)
@@ -662,7 +670,10 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                 p[test] = 1.0 if n_correct else 0.0
                 continue
             detector = self._fit_correctness(
-                features[train], target[train], None if weight is None else weight[train], seed,
+                features[train],
+                target[train],
+                None if weight is None else weight[train],
+                seed,
                 quiet=True,
             )
             p[test] = _p_correct_of(detector, features[test])
@@ -670,19 +681,32 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
 
     def _fit_model(self, Z, y, w, signal, constant, bounds, rows=None, start=None):
         """The temperature model fitted on (some) rows of the out-of-fold signal."""
-        common = {"sample_weight": w, "rows": rows, "bounds": bounds, "start": start,
-                  "chunk_size": self.chunk_size}
+        common = {
+            "sample_weight": w,
+            "rows": rows,
+            "bounds": bounds,
+            "start": start,
+            "chunk_size": self.chunk_size,
+        }
         if self.mode == "generalised":
             return SoftplusTemperature.fit(
-                Z, y, signal, mean=self.temperature_mean_, scale=self.temperature_scale_,
-                constant=constant, l2=_GENERALISED_L2, tol=_GENERALISED_GTOL, **common,
+                Z,
+                y,
+                signal,
+                mean=self.temperature_mean_,
+                scale=self.temperature_scale_,
+                constant=constant,
+                l2=_GENERALISED_L2,
+                tol=_GENERALISED_GTOL,
+                **common,
             )
         if self.mode == "hard" and self.threshold == "auto":
             thresholds = _candidate_thresholds(signal if rows is None else signal[rows])
         else:
             thresholds = [self._fixed_threshold()]
-        return TwoTemperatures.fit(Z, y, signal, kind=self.mode, t1=self.t1, t2=self.t2,
-                                   thresholds=thresholds, **common)
+        return TwoTemperatures.fit(
+            Z, y, signal, kind=self.mode, t1=self.t1, t2=self.t2, thresholds=thresholds, **common
+        )
 
     def _take_model(self, model, p, signal) -> None:
         """Make a fitted temperature model the fitted state."""
@@ -759,8 +783,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             # (the hard split's groups can be small: their one-step fits are refitted instead)
             betas = self._fold_betas_one_step(Z, y, w, signal, model, ts_all, folds, bounds)
         if betas is None:
-            betas = self._fold_betas_refitted(Z, y, w, signal, constant, model, ts_all, folds,
-                                              bounds)
+            betas = self._fold_betas_refitted(
+                Z, y, w, signal, constant, model, ts_all, folds, bounds
+            )
         nll_sel = row_nll(Z, y, betas[0], chunk_size=self.chunk_size)
         nll_ts = row_nll(Z, y, betas[1], chunk_size=self.chunk_size)
         weights = np.ones(len(y)) if w is None else w
@@ -785,9 +810,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             "ts_temperature_all_rows": t_ts,
             "t_statistic": _guard_t_statistic(improvement),
             "rule": "keep selective scaling if its mean out-of-fold NLL improvement over TS "
-                    f"per {'image' if by == 'image' else 'block of rows'} is positive and a "
-                    "one-sided paired t-test over them rejects 'no better than TS' at the "
-                    f"{_GUARD_LEVEL:.0%} level",
+            f"per {'image' if by == 'image' else 'block of rows'} is positive and a "
+            "one-sided paired t-test over them rejects 'no better than TS' at the "
+            f"{_GUARD_LEVEL:.0%} level",
         }
         if keep:
             self.guard_choice_ = "selective"
@@ -798,8 +823,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             self.guard_scores_["replaced"]["theta"] = model.theta
             self.temperature_coef_ = np.zeros_like(self.temperature_coef_)
             self.temperature_intercept_ = softplus_inverse(1.0 / t_ts)
-        warn_fit(ts_all.fits[0][1], ("t1", "t2"), bounds, owner=type(self).__name__,
-                 stacklevel=5)
+        warn_fit(ts_all.fits[0][1], ("t1", "t2"), bounds, owner=type(self).__name__, stacklevel=5)
         self.t1_ = self.t2_ = t_ts
 
     def _fold_betas_one_step(self, Z, y, w, signal, model, ts_all, folds, bounds):
@@ -816,11 +840,14 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         basis = np.column_stack([signal, 1.0 - signal])
         n = int(folds.max()) + 1
         fits = []
-        for x, B in ((np.array([1.0 / model.t1, 1.0 / model.t2]), basis),
-                     (np.array([ts_all.inverse_temperatures()]), None)):
+        for x, B in (
+            (np.array([1.0 / model.t1, 1.0 / model.t2]), basis),
+            (np.array([ts_all.inverse_temperatures()]), None),
+        ):
             with np.errstate(over="ignore", invalid="ignore"):
-                W, _, G, H = fold_derivatives(Z, y, x, folds, n, basis=B, sample_weight=w,
-                                              chunk_size=self.chunk_size)
+                W, _, G, H = fold_derivatives(
+                    Z, y, x, folds, n, basis=B, sample_weight=w, chunk_size=self.chunk_size
+                )
             if not (np.isfinite(G).all() and np.isfinite(H).all()):
                 return None
             fits.append((x, W, G, H))
@@ -831,8 +858,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                 rest = W.sum() - W[fold]
                 x_fold = x
                 if rest > 0:
-                    x_fold = newton_step(x, (G.sum(0) - G[fold]) / rest,
-                                         (H.sum(0) - H[fold]) / rest, ib)
+                    x_fold = newton_step(
+                        x, (G.sum(0) - G[fold]) / rest, (H.sum(0) - H[fold]) / rest, ib
+                    )
                 out[which][rows] = basis[rows] @ x_fold if which == 0 else x_fold[0]
         return out
 
@@ -847,8 +875,15 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                 out[0][test] = out[1][test] = ts_all.inverse_temperatures()
                 continue
             sel = self._fit_model(Z, y, w, signal, constant, bounds, rows=train, start=model)
-            ts = GlobalTemperature.fit(Z, y, sample_weight=w, rows=train, bounds=bounds,
-                                       start=ts_all, chunk_size=self.chunk_size)
+            ts = GlobalTemperature.fit(
+                Z,
+                y,
+                sample_weight=w,
+                rows=train,
+                bounds=bounds,
+                start=ts_all,
+                chunk_size=self.chunk_size,
+            )
             if self.mode == "generalised":
                 out[0][test] = sel.inverse_temperatures_of_phi(signal[test])
             else:
@@ -860,23 +895,28 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         """A few lines on what was fitted and what the guard chose, with its evidence."""
         check_is_fitted(self)
         if self.mode == "generalised":
-            terms = ", ".join(f"{c:+.3g} {name}" for name, c in
-                              zip(self.temperature_inputs_, self.temperature_coef_))
-            head = (f"{type(self).__name__}: mode=generalised, beta = softplus("
-                    f"{self.temperature_intercept_:.4g} {terms}) on standardised inputs "
-                    f"(median T {self.t1_:.4g} where P(correct) >= 0.5, {self.t2_:.4g} below)")
+            terms = ", ".join(
+                f"{c:+.3g} {name}"
+                for name, c in zip(self.temperature_inputs_, self.temperature_coef_)
+            )
+            head = (
+                f"{type(self).__name__}: mode=generalised, beta = softplus("
+                f"{self.temperature_intercept_:.4g} {terms}) on standardised inputs "
+                f"(median T {self.t1_:.4g} where P(correct) >= 0.5, {self.t2_:.4g} below)"
+            )
         else:
-            head = (f"{type(self).__name__}: mode={self.mode}, t1={self.t1_:.4g}, "
-                    f"t2={self.t2_:.4g}"
-                    + (f", threshold={self.threshold_:.4g}" if self.mode == "hard" else ""))
+            head = (
+                f"{type(self).__name__}: mode={self.mode}, t1={self.t1_:.4g}, "
+                f"t2={self.t2_:.4g}"
+                + (f", threshold={self.threshold_:.4g}" if self.mode == "hard" else "")
+            )
         lines = [
             head,
             f"  fit accuracy {self.fit_accuracy_:.4f}; detector AUROC out of fold "
             + ("n/a" if self.detection_auroc_ is None else f"{self.detection_auroc_:.4f}"),
         ]
         if self.guard_choice_ is None:
-            lines.append("  guard: did not run"
-                         + (" (guard=None)" if self.guard is None else ""))
+            lines.append("  guard: did not run" + (" (guard=None)" if self.guard is None else ""))
         else:
             g = self.guard_scores_
             kept = "selective" if self.guard_choice_ == "selective" else "temperature"
@@ -913,7 +953,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         p = self._p_correct(features)
         if self.mode == "generalised":
             return self._model().inverse_temperatures(
-                self._temperature_inputs(z, features, extra, p))
+                self._temperature_inputs(z, features, extra, p)
+            )
         return self._model().inverse_temperatures(p)
 
     def predict_correctness(self, X) -> np.ndarray:

@@ -191,8 +191,6 @@ class TemperatureFit:
         )
 
 
-
-
 def nll_derivatives(
     Z: np.ndarray,
     y: np.ndarray,
@@ -359,9 +357,15 @@ def fit_inverse_temperatures(
     def evaluate(point):
         # in the scaled problem, beta' = beta * scale on z / scale: the offset scales too
         return nll_derivatives(
-            Z, y, point, basis=basis,
+            Z,
+            y,
+            point,
+            basis=basis,
             offset=offset if offset is None or scale == 1.0 else offset * scale,
-            sample_weight=sample_weight, rows=rows, scale=scale, chunk_size=chunk_size,
+            sample_weight=sample_weight,
+            rows=rows,
+            scale=scale,
+            chunk_size=chunk_size,
         )
 
     with np.errstate(over="ignore", invalid="ignore"):
@@ -424,9 +428,12 @@ def fit_inverse_temperatures(
                 f_new <= f + 1e-4 * t * (g @ step)
                 # near the minimum the decrease of f drowns in its rounding: a full step
                 # that shrinks the (projected) gradient is then the better test
-                or (t == 1.0 and np.all(np.isfinite(g_new))
+                or (
+                    t == 1.0
+                    and np.all(np.isfinite(g_new))
                     and np.linalg.norm(np.where(held(trial, g_new), 0.0, g_new))
-                    < np.linalg.norm(pg))
+                    < np.linalg.norm(pg)
+                )
             ):
                 accepted = True
                 break
@@ -442,9 +449,7 @@ def fit_inverse_temperatures(
         if np.all(moved <= rtol * np.abs(x)):
             converged = True
             break
-    at_bound = [
-        (j, "lower" if x[j] <= lo[j] else "upper") for j in np.flatnonzero(held(x, g))
-    ]
+    at_bound = [(j, "lower" if x[j] <= lo[j] else "upper") for j in np.flatnonzero(held(x, g))]
     return TemperatureFit(x / scale, float(f), n_iter, converged, at_bound, g * scale)
 
 
@@ -560,11 +565,14 @@ def fit_temperature(
     carry no information about the labels.
     """
     fit = fit_inverse_temperatures(
-        Z, y, sample_weight=sample_weight, rows=rows,
-        bounds=(1.0 / bounds[1], 1.0 / bounds[0]), chunk_size=chunk_size,
+        Z,
+        y,
+        sample_weight=sample_weight,
+        rows=rows,
+        bounds=(1.0 / bounds[1], 1.0 / bounds[0]),
+        chunk_size=chunk_size,
     )
     return float(1.0 / fit.x[0]), fit
-
 
 
 def softplus_nll(
