@@ -27,6 +27,7 @@ _LAZY = {
     "unflatten_segmentation": "pixels",
 }
 _SUBMODULES = {
+    "calibrators",
     "context",
     "datasets",
     "features",

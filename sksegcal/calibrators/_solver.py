@@ -415,7 +415,13 @@ def fit_inverse_temperatures(
         if abs(float(g @ step)) <= _NEGLIGIBLE_DECREASE * max(abs(float(f)), 1.0):
             # the step would lower the mean NLL by less than its rounding (e.g. a group of
             # pixels all correct, whose NLL still falls towards 0 as beta grows, with a
-            # gradient of 1e-45): no representable progress is left
+            # gradient of 1e-45): no representable progress is left in the NLL, but the
+            # Newton step (exact derivatives) still locates the minimum more precisely
+            trial = np.clip(x + step, lo, hi)
+            with np.errstate(over="ignore", invalid="ignore"):
+                f_new, g_new, H_new = evaluate(trial)
+            if np.isfinite(f_new) and np.all(np.isfinite(g_new)):
+                x, f, g, H = trial, f_new, g_new, H_new
             converged = True
             break
         accepted, t = False, 1.0
@@ -449,6 +455,8 @@ def fit_inverse_temperatures(
         if np.all(moved <= rtol * np.abs(x)):
             converged = True
             break
+    # a parameter within rounding of a bound the NLL would cross rests on it
+    x = np.where(np.abs(x - lo) <= 1e-9 * lo, lo, np.where(np.abs(x - hi) <= 1e-9 * hi, hi, x))
     at_bound = [(j, "lower" if x[j] <= lo[j] else "upper") for j in np.flatnonzero(held(x, g))]
     return TemperatureFit(x / scale, float(f), n_iter, converged, at_bound, g * scale)
 
