@@ -786,13 +786,16 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             betas = self._fold_betas_refitted(
                 Z, y, w, signal, constant, model, ts_all, folds, bounds
             )
-        nll_sel = row_nll(Z, y, betas[0], chunk_size=self.chunk_size)
-        nll_ts = row_nll(Z, y, betas[1], chunk_size=self.chunk_size)
+        with np.errstate(over="ignore", invalid="ignore"):
+            # (logits near the float maximum: infinite losses, which the t statistic handles)
+            nll_sel = row_nll(Z, y, betas[0], chunk_size=self.chunk_size)
+            nll_ts = row_nll(Z, y, betas[1], chunk_size=self.chunk_size)
         weights = np.ones(len(y)) if w is None else w
         mass = np.bincount(units, weights=weights)
         present = mass > 0
         per_unit = lambda v: np.bincount(units, weights=weights * v)[present] / mass[present]  # noqa: E731
-        unit_sel, unit_ts = per_unit(nll_sel), per_unit(nll_ts)
+        with np.errstate(over="ignore", invalid="ignore"):
+            unit_sel, unit_ts = per_unit(nll_sel), per_unit(nll_ts)
         improvement = unit_ts - unit_sel
         keep = _guard_keeps(improvement)
         t_ts = float(ts_all.temperature)
@@ -858,9 +861,12 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                 rest = W.sum() - W[fold]
                 x_fold = x
                 if rest > 0:
-                    x_fold = newton_step(
-                        x, (G.sum(0) - G[fold]) / rest, (H.sum(0) - H[fold]) / rest, ib
-                    )
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        g_rest = (G.sum(0) - G[fold]) / rest
+                        H_rest = (H.sum(0) - H[fold]) / rest
+                    if not (np.isfinite(g_rest).all() and np.isfinite(H_rest).all()):
+                        return None
+                    x_fold = newton_step(x, g_rest, H_rest, ib)
                 out[which][rows] = basis[rows] @ x_fold if which == 0 else x_fold[0]
         return out
 
