@@ -134,10 +134,10 @@ def to_torch(calibrator) -> nn.Module:
         In eval mode, its fitted numbers held as buffers.
     """
     estimator = _unwrap(calibrator)
-    check_is_fitted(estimator)
     for klass in type(estimator).__mro__:
         builder = _BUILDERS.get(klass.__name__)
         if builder is not None:
+            check_is_fitted(estimator)
             return builder(estimator).eval()
     raise TypeError(
         f"cannot convert {type(estimator).__name__} to torch; supported: "

@@ -29,7 +29,8 @@ SUPPORTED_DETECTORS = (
 )
 
 
-def _buffer(values, dtype=torch.float32) -> Tensor:
+def _buffer(values, dtype=torch.float64) -> Tensor:
+    # float64, cast to the logits' dtype at use: float64 logits keep every digit
     return torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=dtype).clone()
 
 
