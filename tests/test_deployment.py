@@ -310,21 +310,29 @@ def test_pipeline_and_search_objects_convert(fitted):
 # the calibrated segmenter
 # ---------------------------------------------------------------------------
 class _Net(torch.nn.Module):
-    """A tiny segmenter at half resolution, returning what the frameworks return."""
+    """A tiny segmenter at half resolution."""
 
-    def __init__(self, kind="tensor"):
+    def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.conv = torch.nn.Conv2d(3, C, kernel_size=3, stride=2, padding=1)
-        self.kind = kind
 
     def forward(self, images):
-        logits = 4.0 * self.conv(images)
+        return 4.0 * self.conv(images)
+
+
+class _Wrapped(torch.nn.Module):
+    """The same network returning what torchvision (a dict) or transformers (.logits) return."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.net, self.kind = _Net(), kind
+
+    def forward(self, images):
+        logits = self.net(images)
         if self.kind == "dict":
             return {"out": logits}
-        if self.kind == "output":
-            return type("Output", (), {"logits": logits})()
-        return logits
+        return type("Output", (), {"logits": logits})()
 
 
 @pytest.mark.parametrize("kind", ["tensor", "dict", "output"])
@@ -333,7 +341,7 @@ def test_calibrated_segmenter_resizes_then_calibrates(fitted, kind):
 
     _, calibrators = fitted
     cal, _ = calibrators["selective_context"]
-    net = _Net(kind).eval()
+    net = (_Net() if kind == "tensor" else _Wrapped(kind)).eval()
     model = CalibratedSegmenter(net, cal).eval()
     images = torch.randn(2, 3, 13, 18)
     with torch.no_grad():
@@ -352,7 +360,7 @@ def test_calibrated_segmenter_traces_and_scripts(fitted):
     model = CalibratedSegmenter(_Net(), to_torch(calibrators["lts"][0])).eval()
     images = torch.randn(1, 3, 10, 12)
     scripted = script_module(model)
-    traced = script_module(CalibratedSegmenter(_Net("output"), model.calibrator), images)
+    traced = script_module(CalibratedSegmenter(_Wrapped("output"), model.calibrator), images)
     with torch.no_grad():
         torch.testing.assert_close(scripted(images), model(images), rtol=0, atol=1e-6)
         torch.testing.assert_close(traced(images), model(images), rtol=0, atol=1e-6)

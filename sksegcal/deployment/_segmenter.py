@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["CalibratedSegmenter"]
 
-_RESIZE_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
-
-
+@torch.jit.unused
 def segmenter_logits(output) -> Tensor:
     """The logit map in a segmentation network's output.
 
@@ -49,7 +48,7 @@ class CalibratedSegmenter(nn.Module):
         Any segmentation network: it may return a tensor, a mapping with
         ``"logits"`` or ``"out"``, or an object with ``.logits``.
     calibrator : fitted calibrator or nn.Module
-        A fitted calibrator of this package (its :meth:`to_torch` module is
+        A fitted calibrator of this package (its ``to_torch()`` module is
         used) or a calibrator module.
     resize : bool, default=True
         Resize logits whose spatial size differs from the images' to it, as the
@@ -74,24 +73,31 @@ class CalibratedSegmenter(nn.Module):
     ):
         super().__init__()
         if not isinstance(calibrator, nn.Module):
-            if not hasattr(calibrator, "to_torch"):
-                raise TypeError(
-                    f"calibrator must be a fitted calibrator with to_torch() or an nn.Module, "
-                    f"got {type(calibrator).__name__}"
-                )
-            calibrator = calibrator.to_torch()
+            from ._convert import to_torch
+
+            calibrator = to_torch(calibrator)
         self.segmenter = segmenter
         self.calibrator = calibrator
         self.resize = bool(resize)
         self.log = bool(log)
 
     def forward(self, images: Tensor) -> Tensor:
-        logits = segmenter_logits(self.segmenter(images))
+        output = self.segmenter(images)
+        if torch.jit.is_scripting():
+            # a scripted segmenter returns its logit map (script the network so that it does)
+            logits = output
+        else:
+            logits = segmenter_logits(output)
         size = images.shape[2:]
         if self.resize and logits.shape[2:] != size:
-            mode = _RESIZE_MODES.get(len(size))
-            if mode is None:
-                raise ValueError(f"cannot resize logits with {len(size)} spatial axes")
+            if len(size) == 1:
+                mode = "linear"
+            elif len(size) == 2:
+                mode = "bilinear"
+            elif len(size) == 3:
+                mode = "trilinear"
+            else:
+                raise ValueError("logits with more than 3 spatial axes cannot be resized")
             logits = F.interpolate(logits, size=size, mode=mode, align_corners=False)
         if self.log:
             return self.calibrator.log_proba(logits)
