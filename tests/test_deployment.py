@@ -147,7 +147,7 @@ def test_module_equals_predict_proba(fitted, name):
 
 
 def test_uniform_rows_keep_the_predicted_class(fitted):
-    """t_reject = 1e10 makes rows uniform: the module raises the predicted class as predict_proba."""
+    """t_reject = 1e10 makes rows uniform: the predicted class is raised as in predict_proba."""
     logits, calibrators = fitted
     cal, table = calibrators["metacal"]
     with torch.no_grad():
