@@ -88,14 +88,12 @@ CALIBRATORS = {
         context="spatial", mode="generalised", random_state=0, guard=None
     ),
     "lts": lambda: LocalTemperatureScaling(),
-    "lts_no_context": lambda: LocalTemperatureScaling(n_context=0),
+    "lts_no_context": lambda: LocalTemperatureScaling(context=None),
 }
 
 
 def _reads_spatial(cal) -> bool:
-    return getattr(cal, "context", None) == "spatial" or (
-        isinstance(cal, LocalTemperatureScaling) and cal.n_context is None
-    )
+    return cal.reads_context == "spatial"
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +129,7 @@ def fitted():
 def test_module_equals_predict_proba(fitted, name):
     logits, calibrators = fitted
     cal, table = calibrators[name]
-    module = to_torch(cal)
+    module = cal.to_torch()
     assert isinstance(module, CalibratorModule) and not module.training
     with torch.no_grad():
         proba = module(torch.from_numpy(logits)).numpy()
@@ -151,7 +149,7 @@ def test_uniform_rows_keep_the_predicted_class(fitted):
     logits, calibrators = fitted
     cal, table = calibrators["metacal"]
     with torch.no_grad():
-        proba = to_torch(cal)(torch.from_numpy(logits)).numpy()
+        proba = cal.to_torch()(torch.from_numpy(logits)).numpy()
     flat = np.ptp(proba, axis=1) < 1e-6
     assert flat.any(), "the plant needs pixels made uniform"
     np.testing.assert_array_equal(proba.argmax(1), logits.argmax(1))
@@ -160,7 +158,7 @@ def test_uniform_rows_keep_the_predicted_class(fitted):
 @pytest.mark.parametrize("name", sorted(CALIBRATORS))
 def test_scripted_module_gives_the_same_numbers(fitted, name):
     logits, calibrators = fitted
-    module = to_torch(calibrators[name][0])
+    module = calibrators[name][0].to_torch()
     scripted = script_module(module)
     x = torch.from_numpy(logits[:2, :, :9, :11].copy())
     with torch.no_grad():
@@ -171,7 +169,7 @@ def test_scripted_module_gives_the_same_numbers(fitted, name):
 @pytest.mark.parametrize("name", sorted(CALIBRATORS))
 def test_buffers_not_parameters_and_state_dict_round_trips(fitted, name):
     logits, calibrators = fitted
-    module = to_torch(calibrators[name][0])
+    module = calibrators[name][0].to_torch()
     assert list(module.parameters()) == []
     assert len(module.state_dict()) > 0
     blank = copy.deepcopy(module)
@@ -191,7 +189,7 @@ def test_float64_logits_stay_float64(fitted, name):
     logits, calibrators = fitted
     cal, table = calibrators[name]
     with torch.no_grad():
-        proba = to_torch(cal)(torch.from_numpy(logits.astype(np.float64))).numpy()
+        proba = cal.to_torch()(torch.from_numpy(logits.astype(np.float64))).numpy()
     assert proba.dtype == np.float64
     expected = _as_maps(cal.predict_proba(table.astype(np.float64)), N, (H, W))
     np.testing.assert_allclose(proba, expected, rtol=0, atol=1e-9)
@@ -202,7 +200,7 @@ def test_volumes_and_other_spatial_ranks(fitted, name):
     """Calibrators without spatial context work on (N, C, D, H, W) and (N, C, L) alike."""
     _, calibrators = fitted
     cal, _ = calibrators[name]
-    module = to_torch(cal)
+    module = cal.to_torch()
     for spatial in [(3, 4, 6), (11,)]:
         volume, _ = _maps(seed=3, n=2, spatial=spatial)
         table = np.moveaxis(volume, 1, -1).reshape(-1, C)
@@ -271,7 +269,7 @@ def test_an_unsupported_detector_is_a_clear_error():
         cal = SelectiveScalingCalibrator(DecisionTreeClassifier(max_depth=2), random_state=0)
         cal.fit(X, y)
     with pytest.raises(TypeError, match="DecisionTreeClassifier.*LogisticRegression.*TorchMLP"):
-        to_torch(cal)
+        cal.to_torch()
 
 
 def test_custom_context_and_unfitted_are_errors():
@@ -282,9 +280,11 @@ def test_custom_context_and_unfitted_are_errors():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 4)).astype(np.float32)
     y = X[:, :3].argmax(1)
-    lts = LocalTemperatureScaling(n_context=1).fit(X, y)
-    with pytest.raises(ValueError, match="n_context=None"):
-        to_torch(lts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # n_context is deprecated
+        lts = LocalTemperatureScaling(n_context=1).fit(X, y)
+    with pytest.raises(ValueError, match="context columns of your own"):
+        lts.to_torch()
     with pytest.raises(TypeError, match="cannot convert"):
         to_torch(rng)
 

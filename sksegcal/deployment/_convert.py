@@ -1,13 +1,12 @@
 """From a fitted calibrator to its module: one builder per calibrator class.
 
-The calibrators' ``to_torch()`` methods call these; :func:`to_torch` picks the
-builder of any fitted calibrator, a scikit-learn ``Pipeline`` or search object
-around one included.
+Each calibrator class's ``_torch_module`` hook calls its builder here, and
+``calibrator.to_torch()`` returns the module; :func:`to_torch` does the same for
+a calibrator inside a scikit-learn ``Pipeline`` or search object.
 """
 
 from __future__ import annotations
 
-from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._detectors import detector_module
@@ -45,7 +44,8 @@ def ensemble_temperature_scaling_module(est) -> nn.Module:
 
 
 def meta_cal_module(est) -> nn.Module:
-    return MetaCalModule(est.temperature_, est.t_reject_, est.entropy_threshold_, **_common(est))
+    # t1_ below (or at) the entropy threshold, t2_ above it
+    return MetaCalModule(est.t1_, est.t2_, est.threshold_, **_common(est))
 
 
 def selective_scaling_module(est) -> nn.Module:
@@ -64,39 +64,29 @@ def selective_scaling_module(est) -> nn.Module:
         t2=est.t2_,
         mode=est.mode,
         threshold=est.threshold_,
-        context=est.context == "spatial",
+        context=est.reads_context == "spatial",
         **generalised,
         **_common(est),
     )
 
 
 def local_temperature_scaling_module(est) -> nn.Module:
-    if est.n_context not in (None, 0):
+    spatial = est.reads_context == "spatial"
+    if est._n_extra_columns() and not spatial:
         raise ValueError(
-            f"LocalTemperatureScaling(n_context={est.n_context}) reads context columns of "
-            "your own, which a module cannot compute from the logits; supported: "
-            "n_context=None (the spatial context, computed in torch) and n_context=0."
+            f"{type(est).__name__} reads {est._n_extra_columns()} context columns of your own, "
+            "which a module cannot compute from the logits; supported: the spatial context "
+            "(computed in torch) or no context."
         )
     return LocalTemperatureScalingModule(
-        est.coef_,
-        est.intercept_,
-        est.feature_mean_,
-        est.feature_scale_,
-        context=est.n_context is None,
+        est.temperature_coef_,
+        est.temperature_intercept_,
+        est.temperature_mean_,
+        est.temperature_scale_,
+        context=spatial,
         confidence_features=est.confidence_features,
-        max_temperature=est.max_temperature,
+        temperature_bounds=est._bounds(),
     )
-
-
-_BUILDERS = {
-    "TemperatureScaling": temperature_scaling_module,
-    "VectorScaling": vector_scaling_module,
-    "DirichletScaling": dirichlet_scaling_module,
-    "EnsembleTemperatureScaling": ensemble_temperature_scaling_module,
-    "MetaCalScaling": meta_cal_module,
-    "SelectiveScalingCalibrator": selective_scaling_module,
-    "LocalTemperatureScaling": local_temperature_scaling_module,
-}
 
 
 def _unwrap(estimator):
@@ -134,12 +124,11 @@ def to_torch(calibrator) -> nn.Module:
         In eval mode, its fitted numbers held as buffers.
     """
     estimator = _unwrap(calibrator)
-    for klass in type(estimator).__mro__:
-        builder = _BUILDERS.get(klass.__name__)
-        if builder is not None:
-            check_is_fitted(estimator)
-            return builder(estimator).eval()
-    raise TypeError(
-        f"cannot convert {type(estimator).__name__} to torch; supported: "
-        f"{', '.join(sorted(_BUILDERS))}."
-    )
+    if not hasattr(estimator, "_torch_module"):
+        raise TypeError(
+            f"cannot convert {type(estimator).__name__} to torch: it is not a calibrator of "
+            "sksegcal (TemperatureScaling, VectorScaling, DirichletScaling, "
+            "EnsembleTemperatureScaling, MetaCalScaling, SelectiveScalingCalibrator, "
+            "LocalTemperatureScaling, or a Pipeline or search object around one)."
+        )
+    return estimator.to_torch()

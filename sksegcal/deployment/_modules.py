@@ -356,9 +356,9 @@ class LocalTemperatureScalingModule(CalibratorModule):
     ``softmax(beta * (z - max z))`` with ``beta = softplus(phi . coef +
     intercept)`` over the standardised inputs: the spatial context (when
     ``context``), then the max log-probability and the entropy (when
-    ``confidence_features``); ``beta`` is capped from below at
-    ``1 / max_temperature`` and where the top two logits are so close that a
-    smaller one would round them to a tie.
+    ``confidence_features``); ``beta`` is clipped to ``[1 / high, 1 / low]`` of
+    ``temperature_bounds``, then raised where the top two logits are so close
+    that a smaller one would round them to a tie.
     """
 
     def __init__(
@@ -370,11 +370,10 @@ class LocalTemperatureScalingModule(CalibratorModule):
         *,
         context: bool = True,
         confidence_features: bool = True,
-        max_temperature: float = 100.0,
+        temperature_bounds: tuple[float, float] = (0.01, 100.0),
         max_distance: float = 16.0,
         **kwargs,
     ):
-        kwargs.setdefault("strict", False)
         super().__init__(**kwargs)
         n_inputs = (6 if context else 0) + (2 if confidence_features else 0)
         if len(np.ravel(coef)) != n_inputs:
@@ -389,12 +388,13 @@ class LocalTemperatureScalingModule(CalibratorModule):
         self.register_buffer("intercept", _scalar(intercept))
         self.register_buffer("mean", _vector(mean))
         self.register_buffer("scale", _vector(scale))
-        self.register_buffer("min_beta", _scalar(1.0 / float(max_temperature)))
+        low, high = (float(b) for b in temperature_bounds)
+        self.register_buffer("min_beta", _scalar(1.0 / high))
+        self.register_buffer("max_beta", _scalar(1.0 / low))
 
     def inverse_temperatures(self, logits: Tensor) -> Tensor:
         """``beta`` (N, 1, *spatial), caps included."""
         dtype, nd = logits.dtype, logits.dim()
-        z = logits - logits.amax(dim=1, keepdim=True)
         inputs: list[Tensor] = []
         if self.context:
             inputs.append(spatial_context(logits, self.max_distance))
@@ -410,10 +410,13 @@ class LocalTemperatureScalingModule(CalibratorModule):
             a = (phi * channel_view(self.coef.to(dtype), nd)).sum(dim=1, keepdim=True)
             a = a + self.intercept.to(dtype)
         else:
-            a = self.intercept.to(dtype).expand_as(z.narrow(1, 0, 1))
-        beta = torch.maximum(_softplus(a), self.min_beta.to(dtype))
-        if int(z.shape[1]) > 1:
-            gap = -z.topk(2, dim=1).values.narrow(1, 1, 1)
+            a = self.intercept.to(dtype).expand_as(logits.narrow(1, 0, 1))
+        beta = torch.minimum(
+            torch.maximum(_softplus(a), self.min_beta.to(dtype)), self.max_beta.to(dtype)
+        )
+        if int(logits.shape[1]) > 1:
+            top2 = logits.topk(2, dim=1).values
+            gap = top2.narrow(1, 0, 1) - top2.narrow(1, 1, 1)
             eps = 4.0 * machine_epsilon(dtype)
             positive = gap > 0
             floor = torch.where(
