@@ -75,10 +75,13 @@ CALIBRATORS = {
         mode="generalised", random_state=0, guard=None
     ),
     "selective_paper_mlp": lambda: SelectiveScalingCalibrator(
-        TorchMLPClassifier(
-            max_epochs=2, batch_size=256, validation_fraction=None, random_state=0
-        ),
-        features="log_softmax", t1=1.0, t2=1e10, threshold=0.5, mode="hard", random_state=0,
+        TorchMLPClassifier(max_epochs=2, batch_size=256, validation_fraction=None, random_state=0),
+        features="log_softmax",
+        t1=1.0,
+        t2=1e10,
+        threshold=0.5,
+        mode="hard",
+        random_state=0,
     ),
     "selective_guarded": lambda: SelectiveScalingCalibrator(random_state=0),
     "selective_context": lambda: SelectiveScalingCalibrator(
@@ -369,12 +372,12 @@ def test_calibrated_segmenter_traces_and_scripts(fitted):
 # ---------------------------------------------------------------------------
 # ONNX, run by onnxruntime
 # ---------------------------------------------------------------------------
-def _check_onnx(module, example, inputs, tmp_path):
+def _check_onnx(module, example, inputs, tmp_path, dynamo):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from sksegcal.deployment import export_onnx, onnx_predict
 
-    path = export_onnx(module, torch.from_numpy(example), tmp_path / "model.onnx")
+    path = export_onnx(module, torch.from_numpy(example), tmp_path / "m.onnx", dynamo=dynamo)
     got = onnx_predict(path, inputs)
     with torch.no_grad():
         expected = module(torch.from_numpy(inputs)).numpy()
@@ -382,19 +385,34 @@ def _check_onnx(module, example, inputs, tmp_path):
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
 
 
-def test_onnx_graph_equals_the_module_on_other_sizes(fitted, tmp_path):
-    """One graph with every calibrator's output, exported once, run on maps of another size."""
+class _Every(torch.nn.Module):
+    """Every calibrator's output in one graph (one export instead of fifteen)."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(modules)
+
+    def forward(self, x):
+        return torch.cat([part(x) for part in self.parts], dim=1)
+
+
+@pytest.mark.parametrize(
+    "dynamo", [False, pytest.param(True, marks=pytest.mark.slow, id="dynamo")]
+)
+def test_onnx_graph_equals_the_module_on_other_sizes(fitted, tmp_path, dynamo):
+    """Exported on one map size, run by onnxruntime on another; every calibrator at once.
+
+    torch's dynamo exporter takes minutes for this graph on 2 shared cores: slow-marked.
+    """
     logits, calibrators = fitted
-
-    class Every(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.parts = torch.nn.ModuleList(
-                to_torch(calibrators[name][0]) for name in sorted(CALIBRATORS)
-            )
-
-        def forward(self, x):
-            return torch.cat([part(x) for part in self.parts], dim=1)
-
+    every = _Every([calibrators[name][0].to_torch() for name in sorted(CALIBRATORS)]).eval()
     other, _ = _maps(seed=5, n=2, spatial=(9, 12))
-    _check_onnx(Every().eval(), logits[:1], other, tmp_path)
+    _check_onnx(every, logits[:1], other, tmp_path, dynamo)
+
+
+@pytest.mark.slow
+def test_onnx_graph_of_a_calibrated_segmenter(fitted, tmp_path):
+    _, calibrators = fitted
+    model = CalibratedSegmenter(_Net(), calibrators["selective_soft"][0]).eval()
+    images = np.random.default_rng(0).normal(size=(2, 3, 10, 14)).astype(np.float32)
+    _check_onnx(model, images[:1], images, tmp_path, dynamo=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -50,8 +51,9 @@ def export_onnx(
     input_name: str = "logits",
     output_name: str = "proba",
     opset_version: int | None = None,
+    dynamo: bool = True,
 ) -> str:
-    """Write ``module`` as an ONNX graph (``torch.onnx.export``, the dynamo exporter).
+    """Write ``module`` as an ONNX graph with ``torch.onnx.export``.
 
     Parameters
     ----------
@@ -65,12 +67,33 @@ def export_onnx(
         Batch and spatial sizes free in the graph (the class axis is fixed).
     input_name, output_name : str
     opset_version : int, optional
+    dynamo : bool, default=True
+        torch's ``torch.export``-based exporter (its default). ``False`` uses
+        the older TorchScript-based exporter, deprecated by torch but several
+        times faster to export the spatial context's graph (measured: about 6 s
+        against 40 s for local temperature scaling on 2 shared CPU cores).
 
     Returns
     -------
     path : str
     """
     module = module.eval()
+    names = {"input_names": [input_name], "output_names": [output_name]}
+    if not dynamo:
+        axes = {0: "batch", **{axis: f"size_{axis}" for axis in range(2, example.dim())}}
+        with torch.no_grad(), warnings.catch_warnings():
+            # the deprecation of this exporter, and its notes on tracing int(shape[1])
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset_version,
+                dynamic_axes={input_name: axes, output_name: axes} if dynamic else None,
+                **names,
+            )
+        return str(path)
     dynamic_shapes = None
     if dynamic:
         dims = {0: torch.export.Dim.AUTO}
@@ -82,11 +105,11 @@ def export_onnx(
             module,
             (example,),
             dynamo=True,
-            input_names=[input_name],
-            output_names=[output_name],
             dynamic_shapes=dynamic_shapes,
             opset_version=opset_version,
             external_data=False,
+            verbose=False,
+            **names,
         )
     program.save(str(path), external_data=False)
     return str(path)

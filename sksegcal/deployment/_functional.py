@@ -38,7 +38,8 @@ def channel_view(values: Tensor, ndim: int) -> Tensor:
 
 def channel_linear(x: Tensor, weight_t: Tensor, bias: Tensor) -> Tensor:
     """``x @ weight_t + bias`` over the channel axis of ``x`` (N, F, *spatial) -> (N, O, ...)."""
-    return torch.matmul(x.movedim(1, -1), weight_t).add(bias).movedim(-1, 1)
+    last = x.dim() - 1  # a positive axis: the TorchScript-based ONNX exporter needs one
+    return torch.matmul(x.movedim(1, last), weight_t).add(bias).movedim(last, 1)
 
 
 def top_class_first(proba: Tensor, top: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 __all__ = ["CalibratedSegmenter"]
 
+
 @torch.jit.unused
 def segmenter_logits(output) -> Tensor:
     """The logit map in a segmentation network's output.
