@@ -55,7 +55,11 @@ def top_class_first(proba: Tensor, top: Tensor) -> Tensor:
     # best + |best| eps, not best * (1 + eps): graph optimisers drop a product with 1 + eps
     raised = best + best.abs() * eps
     value = torch.where(first == top, current, raised)
-    return proba.scatter(1, top, value)
+    if proba.requires_grad:
+        # a softmax's backward reads its output: leave it intact when gradients flow
+        return proba.scatter(1, top, value)
+    # in place: proba is the fresh output of a softmax (a copy would be one more pass)
+    return proba.scatter_(1, top, value)
 
 
 def floored_log_softmax(z: Tensor) -> Tensor:
