@@ -185,6 +185,11 @@ class VectorScaling(_AffineLogitCalibrator):
     def _parameters(self):
         return np.r_[self.coef_, self.intercept_]
 
+    def _torch_module(self):
+        from ..deployment._convert import vector_scaling_module
+
+        return vector_scaling_module(self)
+
 
 class DirichletScaling(_AffineLogitCalibrator):
     """Dirichlet (matrix) scaling with ODIR regularisation (Kull et al., NeurIPS 2019).
@@ -278,3 +283,8 @@ class DirichletScaling(_AffineLogitCalibrator):
 
     def _parameters(self):
         return np.r_[self.coef_.ravel(), self.intercept_]
+
+    def _torch_module(self):
+        from ..deployment._convert import dirichlet_scaling_module
+
+        return dirichlet_scaling_module(self)

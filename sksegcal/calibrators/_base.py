@@ -472,6 +472,28 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
             return getattr(self, renamed[name])
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    # ------------------------------------------------------------- deployment
+    def to_torch(self):
+        """This fitted calibrator as a torch ``nn.Module`` (:mod:`sksegcal.deployment`).
+
+        The module maps logits ``(N, C, *spatial)`` to the probabilities
+        :meth:`predict_proba` gives for the same pixels (``log_proba`` to their
+        logarithm), on any device and dtype, with the fitted numbers held as
+        buffers; it scripts with ``torch.jit.script`` and exports to ONNX. A
+        calibrator that reads spatial context computes it from the logits.
+
+        Returns
+        -------
+        module : sksegcal.deployment.CalibratorModule
+            In eval mode.
+        """
+        check_is_fitted(self)
+        return self._torch_module().eval()
+
+    def _torch_module(self):
+        """The module of this fitted calibrator; each calibrator class defines it."""
+        raise TypeError(f"{type(self).__name__} has no torch module.")
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         # predict is the argmax of the input logits: a calibrator cannot learn

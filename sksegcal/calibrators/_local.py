@@ -359,3 +359,8 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
 
     def _top_index(self, z, scaled):
         return np.argmax(z, axis=1)
+
+    def _torch_module(self):
+        from ..deployment._convert import local_temperature_scaling_module
+
+        return local_temperature_scaling_module(self)

@@ -168,3 +168,8 @@ class MetaCalScaling(BaseLogitCalibrator):
 
     def _beta(self, z, extra=None):
         return self._model().inverse_temperatures(-self._entropy(z))
+
+    def _torch_module(self):
+        from ..deployment._convert import meta_cal_module
+
+        return meta_cal_module(self)

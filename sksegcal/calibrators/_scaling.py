@@ -107,6 +107,11 @@ class TemperatureScaling(BaseLogitCalibrator):
     def _beta(self, z, extra=None):
         return GlobalTemperature(self.temperature_).inverse_temperatures()
 
+    def _torch_module(self):
+        from ..deployment._convert import temperature_scaling_module
+
+        return temperature_scaling_module(self)
+
 
 # --------------------------------------------------------------------------
 # Temperature-based baselines that keep the predicted class
@@ -202,6 +207,11 @@ class EnsembleTemperatureScaling(BaseLogitCalibrator):
 
     def _scale_chunk(self, z, extra=None):
         return self._mixture_log_proba(z, self.temperature_, self.weights_).astype(z.dtype)
+
+    def _torch_module(self):
+        from ..deployment._convert import ensemble_temperature_scaling_module
+
+        return ensemble_temperature_scaling_module(self)
 
 
 def _simplex_mixture_weights(Q: np.ndarray, sample_weight=None) -> np.ndarray:

@@ -986,3 +986,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         # classifier answers for itself through its own random_state
         tags.non_deterministic = False
         return tags
+
+    def _torch_module(self):
+        from ..deployment._convert import selective_scaling_module
+
+        return selective_scaling_module(self)
