@@ -19,7 +19,7 @@ from sksegcal import (
     TemperatureScaling,
     VectorScaling,
 )
-from sksegcal.calibrators._search import _paired_support, image_folds
+from sksegcal.calibrators._search import _paired_support, _support, image_folds
 
 
 def _data(seed=0, n_images=10, per_image=200, c=4, noise=1.0):
@@ -65,8 +65,10 @@ def _brute_force(search, candidates, X, y, groups, alpha):
     best = 0
     for i in range(1, len(ests)):
         res = stats.ttest_rel(nll[0], nll[i], alternative="greater")
-        if nll[i].mean() < nll[0].mean() and res.pvalue < alpha and (
-            nll[i].mean() < nll[best].mean()
+        if (
+            nll[i].mean() < nll[0].mean()
+            and res.pvalue < alpha
+            and (nll[i].mean() < nll[best].mean())
         ):
             best = i
     return names[best], nll
@@ -74,9 +76,9 @@ def _brute_force(search, candidates, X, y, groups, alpha):
 
 def test_choice_equals_brute_force_loop():
     X, y, groups = _data()
-    search = CalibratorSearchCV(
-        _candidates(), cv=2, max_cv_pixels=None, random_state=0
-    ).fit(X, y, groups=groups)
+    search = CalibratorSearchCV(_candidates(), cv=2, max_cv_pixels=None, random_state=0).fit(
+        X, y, groups=groups
+    )
     name, nll = _brute_force(search, _candidates(), X, y, groups, 0.05)
     np.testing.assert_allclose(search.image_nll_, nll, rtol=2e-4)
     assert search.best_name_ == name
@@ -84,8 +86,9 @@ def test_choice_equals_brute_force_loop():
     # the refit winner is the candidate fitted on every pixel
     ref = dict(_candidates())[name]
     ref = ref.fit(X, y, groups=groups) if name == "selective" else ref.fit(X, y)
-    np.testing.assert_allclose(search.predict_proba(X[:500]), ref.predict_proba(X[:500]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        search.predict_proba(X[:500]), ref.predict_proba(X[:500]), rtol=1e-5, atol=1e-6
+    )
     assert search.score(X, y) == pytest.approx(ref.score(X, y), rel=1e-5)
 
 
@@ -124,11 +127,22 @@ def test_support_is_a_one_sided_paired_t_test():
     assert _paired_support(np.array([0.5])) == (0.0, 1.0)
 
 
+def test_support_needs_a_positive_gain_and_the_test():
+    ts = np.array([1.0, 1.2, 0.9, 1.1, 1.0, 1.3])
+    steady = ts - 0.01 * np.array([1.0, 1.2, 0.9, 1.1, 1.0, 1.3])  # small, on every image
+    lucky = ts - np.array([0.9, -0.8, 0.7, -0.6, 0.5, -0.5])  # larger mean gain, by chance
+    assert _support(ts, steady, 0.05)[3]
+    gain, _, p, supported = _support(ts, lucky, 0.05)
+    assert gain > 0.01 and p > 0.05 and not supported
+    assert not _support(ts, ts + 0.01, 0.05)[3]  # worse on every image
+    assert not _support(ts, ts, 0.05)[3]  # a tie
+
+
 def test_a_tie_with_ts_keeps_ts():
     X, y, groups = _data(n_images=6, per_image=300)
-    search = CalibratorSearchCV(
-        [("ts-again", TemperatureScaling())], cv=3, random_state=0
-    ).fit(X, y, groups=groups)
+    search = CalibratorSearchCV([("ts-again", TemperatureScaling())], cv=3, random_state=0).fit(
+        X, y, groups=groups
+    )
     assert search.cv_results_["mean_improvement"][1] == pytest.approx(0.0, abs=1e-9)
     assert search.best_name_ == "TS" and not search.cv_results_["supported"][1]
     assert "CHOSEN" in search.summary().splitlines()[2]
@@ -145,7 +159,9 @@ def test_two_images_and_more_folds_than_images():
     lts = CalibratorSearchCV([("lts", LocalTemperatureScaling(n_context=0))], alpha=0.99)
     lts.fit(X, y, groups=groups)
     if lts.best_name_ == "lts":
-        np.testing.assert_allclose(lts.temperatures(X[:10]), lts.best_estimator_.temperatures(X[:10]))
+        np.testing.assert_allclose(
+            lts.temperatures(X[:10]), lts.best_estimator_.temperatures(X[:10])
+        )
 
 
 def test_bad_input_is_refused():

@@ -141,6 +141,16 @@ def _paired_support(improvement: np.ndarray) -> tuple[float, float]:
     return float(t), float(stats.t.sf(t, n - 1))
 
 
+def _support(ts: np.ndarray, own: np.ndarray, alpha: float) -> tuple[float, float, float, bool]:
+    """(mean gain over TS, t, p, supported) of a candidate's per-image NLLs ``own``.
+
+    Supported: a positive mean gain and a one-sided paired t-test p below ``alpha``.
+    """
+    gain = ts - own
+    t, p = _paired_support(gain)
+    return float(gain.mean()), t, p, bool(gain.mean() > 0 and p < alpha)
+
+
 class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
     """The calibrator family's best, chosen by cross-validated per-image NLL.
 
@@ -596,9 +606,7 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
             mean[i], sd[i] = own.mean(), own.std(ddof=1) if len(own) > 1 else 0.0
             if i == 0:
                 continue
-            gain[i] = float(np.mean(ts - own))
-            t_stat[i], p_val[i] = _paired_support(ts - own)
-            supported[i] = bool(gain[i] > 0 and p_val[i] < self.alpha)
+            gain[i], t_stat[i], p_val[i], supported[i] = _support(ts, own, self.alpha)
         results.update(
             mean_image_nll=mean.tolist(),
             std_image_nll=sd.tolist(),
