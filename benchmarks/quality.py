@@ -54,6 +54,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from sksegcal import (
+    CalibratorSearchCV,
     DirichletScaling,
     EnsembleTemperatureScaling,
     LocalTemperatureScaling,
@@ -74,7 +75,7 @@ from sksegcal.store import _keeps_prediction
 METRICS = ("ece", "nll", "brier", "mce", "accuracy", "miou")
 
 
-DEFAULT = "Selective, package default (guard=ts)"
+DEFAULT = "Selective, package default"
 NO_GUARD = "Selective, package default, guard=None"
 PAPER = "Selective, paper (t1=1, t2=1e10, thr 0.5, MLP weight 2)"
 ECE_BINS = 15
@@ -353,6 +354,9 @@ def run_dataset(
 # --------------------------------------------------------------------------------------
 SPATIAL = "Selective, package default, context=spatial"
 LTS = "LocalTemperatureScaling (package default)"
+SEARCH = "CalibratorSearchCV (package default)"
+# the same search with its shift check: the held-out images' perturbed copies also scored
+SEARCH_SHIFT = "CalibratorSearchCV, shift_check=0 (perturbed copies)"
 PERTURBED = " [fit on + perturbed]"  # suffix of the methods fitted on original + perturbed
 REGIMES = ("original", "ts-divided", "x0.6", "merged-2", "merged-4")
 BOUNDARY_WIDTH = 2  # px: the boundary region of the boundary / interior split
@@ -464,6 +468,9 @@ def _local_boundary_mask(labels: np.ndarray, width: int = BOUNDARY_WIDTH) -> np.
 def spatial_methods(seed: int, memory, perturbed: bool = True) -> dict:
     """label -> (estimator, reads the context columns, fitted on original + perturbed).
 
+    The third field is "shift" for the search with its shift check: fitted on the
+    original images, given their perturbed copies as ``X_perturbed``.
+
     ``memory``: the package's cache of fitted detectors (``SelectiveScalingCalibrator(
     memory=...)``), shared by the default and its guard=None twin, which then train one
     detector between them (same seed, same rows, same detector; a cache changes no
@@ -480,10 +487,16 @@ def spatial_methods(seed: int, memory, perturbed: bool = True) -> dict:
         ),
         SPATIAL: (SelectiveScalingCalibrator(context="spatial", random_state=seed), True, False),
         LTS: (LocalTemperatureScaling(), True, False),
+        SEARCH: (CalibratorSearchCV(random_state=seed), False, False),
     }
     if perturbed:
         out.update(
             {
+                SEARCH_SHIFT: (
+                    CalibratorSearchCV(shift_check=0.0, random_state=seed),
+                    False,
+                    "shift",
+                ),
                 "TS" + PERTURBED: (TemperatureScaling(), False, True),
                 DEFAULT + PERTURBED: (SelectiveScalingCalibrator(random_state=seed), False, True),
                 SPATIAL + PERTURBED: (
@@ -601,21 +614,35 @@ def run_regimes(
                 seed, Memory(cache.name, verbose=0), perturbed=regime in perturbed_regimes
             )
             for label, (est, reads_context, perturbed) in chosen.items():
-                Xf, yf, gf = fits[perturbed]
+                Xf, yf, gf = fits[perturbed is True]
                 if label == LTS:
                     Xf, yf = Xc[lts_rows], yc[lts_rows]
                 if not reads_context:
                     Xf = np.ascontiguousarray(Xf[:, :n_classes])
+                fit_kw = {}
+                if perturbed == "shift":
+                    # the perturbed copies of the same fit pixels, row for row (same labels)
+                    if not np.array_equal(yp[fit_rows], yf) or not np.array_equal(sp, sc):
+                        raise RuntimeError("perturbed rows do not align with the originals")
+                    fit_kw["X_perturbed"] = np.ascontiguousarray(Xp[fit_rows][:, : Xf.shape[1]])
                 t0 = time.perf_counter()
-                if isinstance(est, SelectiveScalingCalibrator):
-                    est.fit(Xf, yf, groups=gf)
+                if isinstance(est, (SelectiveScalingCalibrator, CalibratorSearchCV)):
+                    est.fit(Xf, yf, groups=gf, **fit_kw)
                 elif est is not None:
                     est.fit(Xf, yf)
                 timings[(base, label)].append(time.perf_counter() - t0)
-                if isinstance(est, SelectiveScalingCalibrator):
-                    g = est.guard_scores_ or {}
+                if isinstance(est, CalibratorSearchCV):
+                    r = est.cv_results_
                     guards[(base, seed, label)] = {
-                        "choice": est.guard_choice_,
+                        "choice": est.best_name_,
+                        "choice_without_shift_check": est.choice_without_shift_check_,
+                        "supported": ",".join(n for n, ok in zip(r["name"], r["supported"]) if ok),
+                        "refit_time": est.refit_time_,
+                    }
+                if isinstance(est, SelectiveScalingCalibrator):
+                    g = getattr(est, "guard_scores_", None) or {}
+                    guards[(base, seed, label)] = {
+                        "choice": getattr(est, "guard_choice_", None),
                         "t1": getattr(est, "t1_", np.nan),
                         "t2": getattr(est, "t2_", np.nan),
                         "wins": g.get("wins"),
@@ -636,7 +663,10 @@ def run_regimes(
                         )
                 extra = ""
                 if isinstance(est, SelectiveScalingCalibrator):
-                    extra = f" guard {est.guard_choice_}"
+                    extra = f" guard {getattr(est, 'guard_choice_', None)}"
+                if isinstance(est, CalibratorSearchCV):
+                    extra = f" chose {est.best_name_}"
+                    print(est.summary(), flush=True)
                 print(
                     f"[{base} seed {seed}] {label}: ECE "
                     f"{results[base][label][-1]['ece']:.4f} shifted "
@@ -647,6 +677,38 @@ def run_regimes(
                 )
             cache.cleanup()
         del tables, Xc, Xp
+
+
+def goals_report(results, cases) -> list:
+    """The goals, per method: in-domain never above TS, mean ECE ratios, the shift."""
+    lines = [
+        "## Goals: the new default and the search against TS",
+        "",
+        "In-domain: splits (every case, regime and seed) whose ECE / NLL ratio to TS "
+        "exceeds 1 + 1e-4, the mean ECE ratio over every in-domain split and over the "
+        "original regime only. Shifted: the largest NLL ratio and the mean ECE ratio.",
+        "",
+        "| method | in-domain splits ECE > TS | NLL > TS | mean ECE ratio, all regimes | "
+        "original regime | shifted: NLL ratio max | mean ECE ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label in (DEFAULT, NO_GUARD, LTS, SEARCH, SEARCH_SHIFT):
+        inside = [c for c in cases if not c.endswith(" shifted") and label in results[c]]
+        shifted = [c for c in cases if c.endswith(" shifted") and label in results[c]]
+        if not inside:
+            continue
+        e = np.concatenate([_ratio(results, c, label, "ece") for c in inside])
+        n = np.concatenate([_ratio(results, c, label, "nll") for c in inside])
+        orig = [c for c in inside if "[" not in c]
+        eo = np.concatenate([_ratio(results, c, label, "ece") for c in orig])
+        es = np.concatenate([_ratio(results, c, label, "ece") for c in shifted])
+        ns = np.concatenate([_ratio(results, c, label, "nll") for c in shifted])
+        lines.append(
+            f"| {label} | {int((e > 1 + 1e-4).sum())} of {len(e)} | "
+            f"{int((n > 1 + 1e-4).sum())} of {len(n)} | {e.mean():.3f} | {eo.mean():.3f} | "
+            f"{ns.max():.4f} | {es.mean():.3f} |"
+        )
+    return lines + [""]
 
 
 def _boot_cell(tallies, case, seed, label, n_boot, ref="TS"):
@@ -663,11 +725,13 @@ def regime_report(results, detection, timings, guards, tallies, seeds, n_boot) -
         NO_GUARD,
         SPATIAL,
         LTS,
+        SEARCH,
+        SEARCH_SHIFT,
         "TS" + PERTURBED,
         DEFAULT + PERTURBED,
         SPATIAL + PERTURBED,
     ]
-    lines = [
+    lines = goals_report(results, cases) + [
         "## Summary: ECE and NLL ratio to TS per case",
         "",
         "Mean over the seeds of each method's ratio to TS fitted on the same split (< 1: "
@@ -700,8 +764,9 @@ def regime_report(results, detection, timings, guards, tallies, seeds, n_boot) -
         "and the folds selective scaling won.",
         "",
         "| case | seed | TS ECE | default | guard | guard=None | spatial | LTS | "
-        "default, +perturbed fit | spatial, +perturbed fit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "default, +perturbed fit | spatial, +perturbed fit | search | search chose | "
+        "search, shift check | it chose |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         base = case.replace(" shifted", "")
@@ -714,12 +779,16 @@ def regime_report(results, detection, timings, guards, tallies, seeds, n_boot) -
                 LTS,
                 DEFAULT + PERTURBED,
                 SPATIAL + PERTURBED,
+                SEARCH,
+                SEARCH_SHIFT,
             ):
                 if label not in results[case]:
                     cells.append("-")
                     continue
                 bs = _boot_cell(tallies, case, seed, label, n_boot)["ece"]
                 cells.append(f"{bs[0]:.2f} ({bs[1]:.2f}-{bs[2]:.2f})")
+                if label in (SEARCH, SEARCH_SHIFT):
+                    cells.append(guards[(base, seed, label)]["choice"])
             g = guards[(base, seed, DEFAULT)]
             cells.insert(1, f"{g['choice']} {g['wins']}/{g['n_folds']}")
             lines.append(
@@ -1013,6 +1082,7 @@ def spatial_markdown(
         f"Package: commit {commit} (at the start of the run); the default's parameters: "
         f"`{_non_default_free_params(SelectiveScalingCalibrator())}`; "
         f"LocalTemperatureScaling: `{_non_default_free_params(LocalTemperatureScaling())}`; "
+        f"CalibratorSearchCV: `{_non_default_free_params(CalibratorSearchCV())}`; "
         "the detector the default fitted: "
         + ", ".join(sorted({g["detector"] for (_, _, m), g in guards.items() if m == DEFAULT}))
         + ".",
