@@ -354,9 +354,10 @@ def run_dataset(
 # --------------------------------------------------------------------------------------
 SPATIAL = "Selective, package default, context=spatial"
 LTS = "LocalTemperatureScaling (package default)"
-SEARCH = "CalibratorSearchCV (package default)"
-# the same search with its shift check: the held-out images' perturbed copies also scored
-SEARCH_SHIFT = "CalibratorSearchCV, shift_check=0 (perturbed copies)"
+# the search on X with the spatial context columns: the whole default family, LTS on the
+# context included; and the same with its shift check (held-out perturbed copies scored)
+SEARCH = "CalibratorSearchCV, context=spatial"
+SEARCH_SHIFT = "CalibratorSearchCV, context=spatial, shift_check=0 (perturbed copies)"
 PERTURBED = " [fit on + perturbed]"  # suffix of the methods fitted on original + perturbed
 REGIMES = ("original", "ts-divided", "x0.6", "merged-2", "merged-4")
 BOUNDARY_WIDTH = 2  # px: the boundary region of the boundary / interior split
@@ -487,14 +488,14 @@ def spatial_methods(seed: int, memory, perturbed: bool = True) -> dict:
         ),
         SPATIAL: (SelectiveScalingCalibrator(context="spatial", random_state=seed), True, False),
         LTS: (LocalTemperatureScaling(), True, False),
-        SEARCH: (CalibratorSearchCV(random_state=seed), False, False),
+        SEARCH: (CalibratorSearchCV(context="spatial", random_state=seed), True, False),
     }
     if perturbed:
         out.update(
             {
                 SEARCH_SHIFT: (
-                    CalibratorSearchCV(shift_check=0.0, random_state=seed),
-                    False,
+                    CalibratorSearchCV(context="spatial", shift_check=0.0, random_state=seed),
+                    True,
                     "shift",
                 ),
                 "TS" + PERTURBED: (TemperatureScaling(), False, True),

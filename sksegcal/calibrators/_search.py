@@ -186,9 +186,11 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
         (named ``"TS"``, a name no other candidate may take) is added when
         absent. Each is cloned; a candidate with a ``groups`` argument in its
         ``fit`` gets the image ids of its training folds.
-    cv : int, default=5
+    cv : int, default=3
         Number of folds by image (fewer when there are fewer images; at least
-        2 images are needed).
+        2 images are needed). Every candidate is fitted ``cv`` times; the paired
+        test is over images, not folds, so more folds buy training data per
+        fit (closer to the refit), not more evidence, at the price of more fits.
     alpha : float in (0, 1), default=0.05
         Level of the one-sided paired t-test that gives a candidate support
         over TS.
@@ -205,10 +207,11 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
         most ``(1 + shift_check)`` times TS's (0.0: not worse than TS under the
         perturbation). None: the perturbed copies are scored and reported, not
         used.
-    max_cv_pixels : int or None, default=200_000
+    max_cv_pixels : int or None, default=100_000
         Rows of the cross-validation (a seeded uniform subsample of the
-        calibration pixels; every image keeps its share). The refit uses every
-        row. None: every row.
+        calibration pixels; every image keeps its share): what bounds the
+        search's cost on large calibration sets. The refit uses every row.
+        None: every row.
     error_score : "raise" or float, default=nan
         A candidate whose fit fails on a fold: "raise" re-raises; a number
         leaves it out of the choice (with a warning) and records the error.
@@ -261,9 +264,9 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
     >>> import numpy as np
     >>> from sksegcal import CalibratorSearchCV
     >>> rng = np.random.default_rng(0)
-    >>> y = rng.integers(0, 3, 6000)
-    >>> X = (4.0 * np.eye(3)[y] + 3.0 * rng.normal(size=(6000, 3))).astype(np.float32)
-    >>> groups = np.repeat(np.arange(12), 500)
+    >>> y = rng.integers(0, 3, 3000)
+    >>> X = (4.0 * np.eye(3)[y] + 3.0 * rng.normal(size=(3000, 3))).astype(np.float32)
+    >>> groups = np.repeat(np.arange(10), 300)
     >>> search = CalibratorSearchCV(random_state=0).fit(X, y, groups=groups)
     >>> search.best_name_ in search.cv_results_["name"]
     True
@@ -290,12 +293,12 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
         self,
         candidates=None,
         *,
-        cv: int = 5,
+        cv: int = 3,
         alpha: float = 0.05,
         context: str | None = None,
         allow_label_change: bool = False,
         shift_check: float | None = None,
-        max_cv_pixels: int | None = 200_000,
+        max_cv_pixels: int | None = 100_000,
         error_score=np.nan,
         ignore_index: int | None = 255,
         chunk_size: int = 65536,
