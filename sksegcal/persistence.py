@@ -48,6 +48,7 @@ TRUSTED_TYPES: tuple[str, ...] = (
     "sksegcal.scaling.MetaCalScaling",
     "sksegcal.local_scaling.LocalTemperatureScaling",
     "sksegcal.mlp.TorchMLPClassifier",
+    "sksegcal.calibrators._search.CalibratorSearchCV",
 )
 
 _FORMATS = ("joblib", "skops")
@@ -66,9 +67,10 @@ _COMPRESSED_MAGIC = (
 
 def _sksegcal_estimator_types() -> tuple[type, ...]:
     from ._base import BaseLogitCalibrator
+    from .calibrators._search import CalibratorSearchCV
     from .mlp import TorchMLPClassifier
 
-    return (BaseLogitCalibrator, TorchMLPClassifier)
+    return (BaseLogitCalibrator, TorchMLPClassifier, CalibratorSearchCV)
 
 
 def _calibrator_inside(obj: Any) -> Any | None:

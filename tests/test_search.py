@@ -304,3 +304,16 @@ def test_sklearn_conventions_and_metadata_routing():
     np.testing.assert_allclose(
         np.exp(direct.predict_log_proba(X[:50])), direct.predict_proba(X[:50]), rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("fmt", ["skops", "joblib"])
+def test_a_fitted_search_saves_and_loads(tmp_path, fmt):
+    from sksegcal.persistence import load, save
+
+    X, y, groups = _data(n_images=4, per_image=200)
+    search = CalibratorSearchCV([("metacal", MetaCalScaling())], cv=2, random_state=0)
+    search.fit(X, y, groups=groups)
+    path = save(search, tmp_path / f"search.{fmt}", format=fmt)
+    loaded = load(path, trusted=True if fmt == "joblib" else None)
+    np.testing.assert_array_equal(loaded.predict_proba(X[:50]), search.predict_proba(X[:50]))
+    assert loaded.best_name_ == search.best_name_
