@@ -525,10 +525,27 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
             if len(train) == 0 or len(test) == 0:
                 continue
             yt, img = y[test], image_of_row[test]
+            # each fold's rows are copied once per column set, not once per candidate
+            tables = {}
+
+            def table(kind, train=train, test=test, tables=tables):
+                if kind not in tables:
+
+                    def cut(A, rows):
+                        return np.ascontiguousarray(self._columns(A[rows], kind))
+
+                    tables[kind] = (
+                        cut(X, train),
+                        cut(X, test),
+                        None if X_perturbed is None else cut(X_perturbed, test),
+                    )
+                return tables[kind]
+
             for i, (name, template) in enumerate(pairs):
                 if results["error"][i] is not None:
                     continue
                 kind = _candidate_context(template)
+                X_train, X_test, X_test_perturbed = table(kind)
                 est = clone(template)
                 fit_kw = {"groups": image_of_row[train]} if _accepts_groups(est) else {}
                 start = time.perf_counter()
@@ -536,7 +553,7 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
                     with warnings.catch_warnings():
                         # a fold's small fit may not converge; the held-out NLL judges it
                         warnings.simplefilter("ignore")
-                        est.fit(self._columns(X[train], kind), y[train], **fit_kw)
+                        est.fit(X_train, y[train], **fit_kw)
                 except Exception as exc:
                     if name == "TS" or self.error_score == "raise":
                         raise
@@ -552,16 +569,12 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
                         nll_p[i] = np.nan
                     continue
                 fit_time[i] += time.perf_counter() - start
-                logp, pred = self._log_proba_true(
-                    est, self._columns(X[test], kind), yt, not labels_moved[i]
-                )
+                logp, pred = self._log_proba_true(est, X_test, yt, not labels_moved[i])
                 per_image = np.bincount(img, weights=-logp, minlength=n_images)
                 held = np.unique(img)
                 nll[i, held] = per_image[held] / counts[held]
                 if nll_p is not None:
-                    logq, _ = self._log_proba_true(
-                        est, self._columns(X_perturbed[test], kind), yt, True
-                    )
+                    logq, _ = self._log_proba_true(est, X_test_perturbed, yt, True)
                     per_image = np.bincount(img, weights=-logq, minlength=n_images)
                     nll_p[i, held] = per_image[held] / counts[held]
                 if pred is not None:
