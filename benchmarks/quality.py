@@ -1243,7 +1243,7 @@ def main(argv=None):
                     "seed": s,
                     "method": m,
                     **{
-                        k: (None if v is None else v if k in ("choice", "detector") else float(v))
+                        k: (None if v is None else v if isinstance(v, str) else float(v))
                         for k, v in g.items()
                     },
                 }
