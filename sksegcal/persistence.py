@@ -48,6 +48,16 @@ TRUSTED_TYPES: tuple[str, ...] = (
     "sksegcal.scaling.MetaCalScaling",
     "sksegcal.local_scaling.LocalTemperatureScaling",
     "sksegcal.mlp.TorchMLPClassifier",
+    # where the calibrators live since the calibrators package (the names above are the
+    # historical ones, kept so that files saved before it load)
+    "sksegcal.calibrators._selective.SelectiveScalingCalibrator",
+    "sksegcal.calibrators._selective._ConstantCorrectness",
+    "sksegcal.calibrators._scaling.TemperatureScaling",
+    "sksegcal.calibrators._scaling.EnsembleTemperatureScaling",
+    "sksegcal.calibrators._affine.VectorScaling",
+    "sksegcal.calibrators._affine.DirichletScaling",
+    "sksegcal.calibrators._metacal.MetaCalScaling",
+    "sksegcal.calibrators._local.LocalTemperatureScaling",
     "sksegcal.calibrators._search.CalibratorSearchCV",
 )
 

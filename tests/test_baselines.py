@@ -91,7 +91,7 @@ def test_metacal_rejects_high_entropy_pixels():
     proba = cal.predict_proba(X)
     np.testing.assert_allclose(proba[rejected], 0.25, atol=1e-6)
     np.testing.assert_allclose(proba[~rejected],
-                               softmax(X[~rejected] / cal.temperature_, axis=1), rtol=1e-5)
-    auto = MetaCalScaling(rejection_rate=0.1, t_reject="auto").fit(X, y)
-    assert 1 < auto.t_reject_ < 1e10
+                               softmax(X[~rejected] / cal.t1_, axis=1), rtol=1e-5)
+    auto = MetaCalScaling(rejection_rate=0.1, t2="auto").fit(X, y)
+    assert 1 < auto.t2_ < 1e10
     np.testing.assert_array_equal(auto.predict(X), X.argmax(1))

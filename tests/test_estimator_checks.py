@@ -238,12 +238,12 @@ _FLAT = [
     VectorScaling(max_iter=20),
     DirichletScaling(max_iter=20),
     EnsembleTemperatureScaling(),
-    MetaCalScaling(rejection_rate=0.5, t_reject=1e10),
+    MetaCalScaling(rejection_rate=0.5, t2=1e10),
 ]
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
-@pytest.mark.filterwarnings("ignore:No held-out pixel")
+@pytest.mark.filterwarnings("ignore:No out-of-fold pixel")
 @settings(max_examples=30, deadline=None)
 @given(
     X=arrays(np.float64, st.tuples(st.integers(12, 40), st.integers(2, 6)),

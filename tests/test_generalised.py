@@ -24,7 +24,7 @@ from sksegcal._softplus_temperature import (
     softplus_nll,
     standardisation,
 )
-from sksegcal.selective import _GENERALISED_L2
+from sksegcal.calibrators._selective import _GENERALISED_L2
 
 
 def _problem(n=3000, c=4, k=3, seed=0):
@@ -137,14 +137,13 @@ def test_standardisation_is_the_weighted_mean_and_deviation():
 
 
 # ------------------------------------------------------------------ the estimator
-def _fixed_split(monkeypatch, n_train):
-    """The first n_train rows train the detector, the others are held out (no sampling)."""
+def _fixed_scores(monkeypatch, detector):
+    """The out-of-fold P(correct) of every fit row is ``detector``'s (known to the test)."""
 
-    def split(self, correct, groups, needs_holdout, rng):
-        n = len(correct)
-        return np.arange(n_train), np.arange(n_train, n)
+    def scores(self, features, target, weight, folds, seed):
+        return detector.predict_proba(features)[:, 1]
 
-    monkeypatch.setattr(SelectiveScalingCalibrator, "_split_fit_rows", split)
+    monkeypatch.setattr(SelectiveScalingCalibrator, "_out_of_fold_p_correct", scores)
 
 
 def _reference_inputs(detector, X):
@@ -159,18 +158,22 @@ def _reference_inputs(detector, X):
     return np.column_stack([p, top[:, 0], features[:, k], features[:, k + 1]])
 
 
-def test_estimator_fit_is_the_minimum_of_the_held_out_nll(monkeypatch):
+def test_estimator_fit_is_the_minimum_of_the_out_of_fold_nll(monkeypatch):
     X, y = make_logits(4000, 4, seed=7, dtype=np.float64)
     X[2000:3000] *= 2.5  # a visibly over-confident population
     order = np.random.default_rng(0).permutation(len(y))
     X, y = X[order], y[order]
-    _fixed_split(monkeypatch, 2000)
+    detector = SelectiveScalingCalibrator(
+        LogisticRegression(), t1=1.0, t2=2.0, random_state=0
+    ).fit(X[:2000], y[:2000]).classifier_
+    _fixed_scores(monkeypatch, detector)
     cal = SelectiveScalingCalibrator(
         LogisticRegression(), mode="generalised", guard=None, max_fit_pixels=10**6, random_state=0
     ).fit(X, y)
     assert cal.temperature_inputs_ == ("p_correct", "max_log_proba", "entropy", "margin")
-    held = slice(2000, None)
-    u = _reference_inputs(cal.classifier_, X[held])
+    # every row is a temperature row (max_fit_pixels above n), with its out-of-fold score
+    held = slice(None)
+    u = _reference_inputs(detector, X[held])
     mean, std = u.mean(0), u.std(0)
     np.testing.assert_allclose(cal.temperature_mean_, mean, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(cal.temperature_scale_, std, rtol=1e-6)
@@ -185,8 +188,9 @@ def test_estimator_fit_is_the_minimum_of_the_held_out_nll(monkeypatch):
     )
     assert ref.nit < 200
     np.testing.assert_allclose(theta, ref.x, atol=1e-6)
-    # and predictions use that beta: softmax(beta z)
-    beta = np.logaddexp(0.0, phi @ theta[:-1] + theta[-1])
+    # and predictions use that beta, with the final detector's P(correct): softmax(beta z)
+    u = _reference_inputs(cal.classifier_, X[held])
+    beta = np.logaddexp(0.0, ((u - mean) / std) @ theta[:-1] + theta[-1])
     np.testing.assert_allclose(cal.temperatures(X[held]), 1.0 / beta, rtol=1e-6)
     np.testing.assert_allclose(
         cal.predict_proba(X[held]), softmax(beta[:, None] * X[held], 1), rtol=1e-6, atol=1e-12
@@ -212,7 +216,9 @@ def test_generalised_beats_ts_and_the_guard_keeps_it():
         X, y, groups=groups
     )
     assert cal.guard_choice_ == "selective"
-    assert cal.guard_scores_["wins"] == cal.guard_scores_["n_folds"] == 5
+    scores = cal.guard_scores_
+    assert scores["by"] == "image" and scores["n_units"] == 30 and scores["n_folds"] == 5
+    assert scores["wins"] == 30  # every calibration image, out of fold
     assert cal.t2_ > 10 * cal.t1_  # flagged pixels get flatter probabilities
     Xt, yt, _ = _two_populations(seed=1)
     assert cal.score(Xt, yt) > TemperatureScaling().fit(X, y).score(Xt, yt) + 0.05
@@ -239,8 +245,11 @@ def test_guard_falls_back_to_ts_where_the_generalised_form_can_only_overfit():
     ).fit(X, y, groups=groups)
     assert cal.guard_choice_ == "ts"
     scores = cal.guard_scores_
-    # the folds do not support it: it wins in at most half of them (or loses on average)
-    assert scores["wins"] * 2 <= scores["n_folds"] or scores["mean_improvement"] <= 0
+    # the images do not support it: no significant mean gain over them
+    from scipy.stats import t as student_t
+
+    critical = student_t.ppf(0.95, scores["n_units"] - 1)
+    assert scores["mean_improvement"] <= 0 or scores["t_statistic"] < critical
     assert np.abs(raw.temperature_coef_).max() > 0  # without the guard it did move off TS
     np.testing.assert_array_equal(cal.temperature_coef_, 0.0)
     ts = TemperatureScaling().fit(X, y)

@@ -38,7 +38,7 @@ def test_constant_context_reduces_to_ts():
     lts = LocalTemperatureScaling(confidence_features=False).fit(A, y)
     ts = TemperatureScaling().fit(X, y)
     np.testing.assert_allclose(lts.temperatures(A), ts.temperature_, rtol=1e-4)
-    np.testing.assert_array_equal(lts.coef_, 0.0)
+    np.testing.assert_array_equal(lts.temperature_coef_, 0.0)
     np.testing.assert_allclose(lts.predict_proba(A), ts.predict_proba(X), atol=1e-5)
 
 
@@ -50,7 +50,7 @@ def test_noise_context_stays_near_ts():
     ts = TemperatureScaling().fit(X, y)
     t = lts.temperatures(A)
     assert abs(np.median(t) / ts.temperature_ - 1) < 0.01
-    assert np.abs(lts.coef_).max() < 0.05
+    assert np.abs(lts.temperature_coef_).max() < 0.05
 
 
 def test_beats_ts_when_overconfidence_depends_on_context():
@@ -62,7 +62,8 @@ def test_beats_ts_when_overconfidence_depends_on_context():
     assert lts.converged_ and lts.n_iter_ > 0
     assert lts.score(A[test], y[test]) > ts.score(A[test, :C], y[test]) + 0.01
     # the learned beta falls with the informative column (larger scale -> larger temperature)
-    assert lts.coef_[0] < 0 and abs(lts.coef_[0]) > 5 * np.abs(lts.coef_[1:K]).max()
+    coef = lts.temperature_coef_
+    assert coef[0] < 0 and abs(coef[0]) > 5 * np.abs(coef[1:K]).max()
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -70,7 +71,7 @@ def test_gradient_matches_finite_differences():
     A, y = _context_signal(600)
     lts = LocalTemperatureScaling(l2=0.1, chunk_size=128, max_iter=3).fit(A, y)
     w = np.linspace(0.5, 1.5, len(y))
-    theta = np.r_[np.linspace(-0.3, 0.3, len(lts.coef_)), 0.2]
+    theta = np.r_[np.linspace(-0.3, 0.3, len(lts.temperature_coef_)), 0.2]
 
     A64 = A.astype(np.float64)
     C = A.shape[1] - K
@@ -81,7 +82,7 @@ def test_gradient_matches_finite_differences():
             t,
             A64[:, :C],
             y,
-            lambda part: lts._phi(A64[part]),
+            lambda part: lts._model().standardise(lts._inputs(A64[part, :C], A64[part, C:])),
             sample_weight=w,
             l2=lts.l2,
             hessian=hessian,
@@ -99,15 +100,15 @@ def test_gradient_matches_finite_differences():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_argmax_never_changes(dtype):
     A, y = _context_signal(3000)
-    lts = LocalTemperatureScaling(max_temperature=1e4).fit(A, y)
+    lts = LocalTemperatureScaling(temperature_bounds=(0.01, 1e4)).fit(A, y)
     C = A.shape[1] - K
     B = A.astype(dtype).copy()
     # near-ties a small beta would round away, and exact ties
     B[:100, 1] = B[:100, 0] + np.abs(B[:100, 0]) * np.finfo(dtype).eps * 2 + 1e-30
     B[100:200, 1] = B[100:200, 0]
     B[200:300, :C] *= 1e3
-    lts.coef_ = lts.coef_.copy()
-    lts.intercept_ = -30.0  # beta ~ 1e-13: everything leans on the caps
+    lts.temperature_coef_ = lts.temperature_coef_.copy()
+    lts.temperature_intercept_ = -30.0  # beta ~ 1e-13: everything leans on the caps
     proba = lts.predict_proba(B)
     assert proba.dtype == dtype and proba.shape == (len(B), C)
     np.testing.assert_array_equal(proba.argmax(axis=1), lts.predict(B))
@@ -122,16 +123,16 @@ def test_ignored_labels_and_sample_weight():
     y_ign[:500] = 255
     a = LocalTemperatureScaling().fit(A, y_ign)
     b = LocalTemperatureScaling().fit(A[500:], y[500:])
-    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(a.temperature_coef_, b.temperature_coef_, rtol=1e-6, atol=1e-9)
     w = np.ones(len(y))
     w[:500] = 0
     c = LocalTemperatureScaling().fit(A, y, sample_weight=w)
-    np.testing.assert_allclose(c.coef_, b.coef_, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(c.temperature_coef_, b.temperature_coef_, rtol=1e-5, atol=1e-7)
     assert a.score(A, y_ign) == pytest.approx(b.score(A[500:], y[500:]))
 
 
 def test_layout_errors():
-    with pytest.raises(ValueError, match="n_context"):
+    with pytest.raises(ValueError, match="context"):
         LocalTemperatureScaling().fit(np.zeros((10, K + 1)), np.zeros(10, int))
     A, y = _context_signal(500)
     with pytest.raises(ValueError, match="labels outside"):
@@ -143,7 +144,7 @@ def test_on_segmentation_maps(segmentation_data):
     X, y, groups = flatten_segmentation(logits, labels, context="spatial")
     lts = LocalTemperatureScaling().fit(X, y)
     assert lts.n_features_in_ == 4 + K and lts.classes_.tolist() == [0, 1, 2, 3]
-    assert lts.input_names_[0] == "disagree_3x3"
+    assert lts.temperature_inputs_[0] == "disagree_3x3"
     assert lts.predict_proba(X).shape == (len(y), 4)
 
 
@@ -164,7 +165,7 @@ def test_grid_search_pipeline_joblib(segmentation_data):
     np.testing.assert_array_equal(loaded.predict_proba(X), search.best_estimator_.predict_proba(X))
 
 
-# the estimator checks use 2-10 columns: n_context=0 runs them on logits alone, exactly like
+# the estimator checks use 2-10 columns: context=None runs them on logits alone, exactly like
 # the other calibrators (the context columns go through the same code as the confidence ones)
 _LTS_FAILURES = {
     **_COMMON,
@@ -176,7 +177,7 @@ _LTS_FAILURES = {
 
 
 @parametrize_with_checks(
-    [LocalTemperatureScaling(n_context=0)], expected_failed_checks=lambda e: _LTS_FAILURES
+    [LocalTemperatureScaling(context=None)], expected_failed_checks=lambda e: _LTS_FAILURES
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)

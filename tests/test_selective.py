@@ -141,24 +141,33 @@ def test_probability_input_matches_logit_input(logits_data):
     )
 
 
-def test_holdout_is_whole_images(segmentation_data):
+def test_cross_fitting_folds_are_whole_images(segmentation_data):
     logits, labels = segmentation_data
     X, y, groups = flatten_segmentation(logits, labels)
-    seen = {}
+    seen = []
 
     class Recording(LogisticRegression):
         def fit(self, X, y, sample_weight=None):
-            seen["X"] = X.copy()
+            seen.append(X.copy())
             return super().fit(X, y)
 
     SelectiveScalingCalibrator(Recording(), features="log_softmax",
                                random_state=0).fit(X, y, groups=groups)
     features = log_softmax(X.astype(np.float32))
-    rows = np.flatnonzero((features[:, None, :] == seen["X"][None, :, :]).all(-1).any(1))
-    used = np.unique(groups[rows])
-    assert 0 < len(used) < len(np.unique(groups))
-    # every pixel of a used image trained the classifier; no pixel of a held-out one did
-    assert set(rows.tolist()) == set(np.flatnonzero(np.isin(groups, used)).tolist())
+    n_images = len(np.unique(groups))
+    assert len(seen) == min(5, n_images) + 1  # the final detector, then one per fold
+    used_by_fold = []
+    for trained in seen:
+        rows = np.flatnonzero((features[:, None, :] == trained[None, :, :]).all(-1).any(1))
+        used = np.unique(groups[rows])
+        # every pixel of a used image trained the detector; no pixel of another one did
+        assert set(rows.tolist()) == set(np.flatnonzero(np.isin(groups, used)).tolist())
+        used_by_fold.append(set(used.tolist()))
+    final, *folds = used_by_fold  # the final detector is fitted first
+    assert final == set(np.unique(groups).tolist())
+    # each image is left out by exactly one fold's detector
+    left_out = [set(final) - used for used in folds]
+    assert sorted(i for fold in left_out for i in fold) == sorted(final)
 
 
 def test_max_fit_pixels_caps_classifier_training(logits_data):
@@ -285,12 +294,15 @@ def test_memory_fits_the_classifier_once_per_setting(tmp_path, segmentation_data
     _FITS.clear()
     GridSearchCV(base, grid, cv=cv).fit(X, y, groups=groups)
     uncached = len(_FITS)
-    assert uncached == 8 + 1  # one per candidate, plus the refit
+    # per candidate and for the refit: one detector per cross-fitting fold, and the final one
+    folds = base.cv
+    assert uncached == (8 + 1) * (folds + 1)
 
     _FITS.clear()
     cached = clone(base).set_params(memory=str(tmp_path / "cache"))
     search = GridSearchCV(cached, grid, cv=cv).fit(X, y, groups=groups)
-    assert len(_FITS) == 2  # once on the split's train part, once for the refit
+    # once per fold and once more on the split's train part, the same for the refit
+    assert len(_FITS) == 2 * (folds + 1)
     # and the cached search chooses and predicts exactly as the uncached one
     reference = GridSearchCV(base, grid, cv=cv).fit(X, y, groups=groups)
     assert search.best_params_ == reference.best_params_
@@ -390,7 +402,7 @@ def test_empty_t2_group_falls_back_to_t1():
     X, y = make_logits(n=2000, scale=4.0, noise=0.3, seed=0)  # mostly correct
     cal = SelectiveScalingCalibrator(DummyClassifier(strategy="prior"), t1="auto",
                                      threshold=0.5, mode="hard", random_state=0)
-    with pytest.warns(UserWarning, match="No held-out pixel falls in the t2 group"):
+    with pytest.warns(UserWarning, match="No out-of-fold pixel falls in the t2 group"):
         cal.fit(X, y)
     assert cal.t2_ == cal.t1_
     np.testing.assert_allclose(cal.predict_proba(X), softmax(X / cal.t1_, axis=1), rtol=1e-5)
@@ -398,10 +410,11 @@ def test_empty_t2_group_falls_back_to_t1():
 
 # -------------------------------------------------------------------- the TS guard
 class _NoSkill(LogisticRegression):
-    """A detector trained on shuffled correctness labels: no skill at all."""
+    """A detector whose P(correct) is noise, unrelated to the pixel: no skill at all."""
 
-    def fit(self, X, y, sample_weight=None):
-        return super().fit(X, np.random.default_rng(0).permutation(y))
+    def predict_proba(self, X):
+        p = np.random.default_rng(len(X)).uniform(0.2, 0.8, len(X))
+        return np.column_stack([1 - p, p])
 
 
 def _two_populations(n=12_000, seed=0):
@@ -423,8 +436,9 @@ def test_guard_falls_back_to_ts_for_a_detector_without_skill():
     cal = SelectiveScalingCalibrator(_NoSkill(), random_state=0).fit(X, y, groups=groups)
     assert cal.guard_choice_ == "ts"
     scores = cal.guard_scores_
-    assert scores["by"] == "image" and scores["n_folds"] == 5
-    assert scores["mean_improvement"] < 0
+    assert scores["by"] == "image" and scores["n_folds"] == 5 and scores["n_units"] == 30
+    # no evidence over the 30 images: at most a noise-sized mean gain, far from significant
+    assert scores["t_statistic"] < 1.0 and abs(scores["mean_improvement"]) < 1e-4
     assert cal.t1_ == cal.t2_ == scores["ts_temperature_all_rows"]
     np.testing.assert_allclose(cal.predict_proba(X), softmax(X / cal.t1_, axis=1),
                                rtol=1e-5, atol=1e-7)
@@ -442,7 +456,8 @@ def test_guard_keeps_selective_scaling_where_it_wins(mode):
     cal = _cal(mode=mode).fit(X, y, groups=groups)
     assert cal.guard_choice_ == "selective"
     scores = cal.guard_scores_
-    assert (scores["improvement"] > 0).all() and scores["wins"] == scores["n_folds"]
+    # selective scaling is better on (nearly) every calibration image, out of fold
+    assert scores["n_units"] == 30 and scores["wins"] >= 28
     assert cal.t2_ > 2 * cal.t1_
     assert "kept selective scaling" in cal.summary()
     # and it is better than TS on new images
@@ -461,14 +476,19 @@ def test_guard_by_rows_without_groups_and_not_with_fixed_temperatures():
 def test_guard_rule():
     from sksegcal.selective import _guard_keeps
 
+    # one paired improvement per calibration image; one-sided t-test at 5%
     assert _guard_keeps(np.array([0.01, 0.02, -0.001, 0.03, 0.01]))
-    assert not _guard_keeps(np.array([0.5, -0.01, -0.01, -0.01, -0.01]))  # one lucky fold
+    assert not _guard_keeps(np.array([0.5, -0.01, -0.01, -0.01, -0.01]))  # one lucky image
     assert not _guard_keeps(np.array([0.001, 0.001, 0.001, -0.01, -0.01]))  # mean < 0
-    # the AAL demo's folds (x 1e-4): 3 of 5 wins and a positive mean, but t = 0.21
+    # t = 0.21 over 5 images: not evidence
     assert not _guard_keeps(1e-4 * np.array([10.56, 17.86, 11.87, -2.71, -28.81]))
-    # the MNI152 demo's seed 1: one fold lost, t = 2.65 > t_0.9(4) = 1.533
+    # t = 2.65 > t_0.95(4) = 2.13
     assert _guard_keeps(1e-4 * np.array([5.57, -1.6, 4.29, 3.82, 4.86]))
+    # t = 1.9 over 20 images: t_0.95(19) = 1.73
+    gains = np.r_[np.full(10, 2.0), np.full(10, -0.9)] * 1e-4
+    assert _guard_keeps(gains) == (gains.mean() / (gains.std(ddof=1) / np.sqrt(20)) >= 1.7291)
     assert _guard_keeps(np.full(5, 1e-4)) and not _guard_keeps(np.full(5, -1e-4))
+    assert not _guard_keeps(np.array([1e-3]))  # one image: no test
 
 
 def test_guard_t_statistic_is_scipys_paired_test():
@@ -478,18 +498,19 @@ def test_guard_t_statistic_is_scipys_paired_test():
 
     rng = np.random.default_rng(0)
     checked = 0
-    for _ in range(40):
-        imp = rng.normal(0.001, 0.002, size=5)
-        want = ttest_1samp(imp, 0.0, alternative="greater")
-        assert _guard_t_statistic(imp) == pytest.approx(want.statistic, rel=1e-12)
-        if imp.mean() > 0 and (imp > 0).sum() >= 3:  # the rule's other two conditions hold
-            assert _guard_keeps(imp) == (want.pvalue <= 0.10)
-            checked += 1
-    assert checked >= 10
+    for size in (5, 12, 30):
+        for _ in range(20):
+            imp = rng.normal(0.0005, 0.002, size=size)
+            want = ttest_1samp(imp, 0.0, alternative="greater")
+            assert _guard_t_statistic(imp) == pytest.approx(want.statistic, rel=1e-12)
+            if imp.mean() > 0:  # the rule's other condition holds
+                assert _guard_keeps(imp) == (want.pvalue <= 0.05)
+                checked += 1
+    assert checked >= 20
 
 
 def test_guard_fallback_is_the_temperature_scaling_of_all_fit_rows():
-    """Once the guard picks TS, the temperature is TS fitted on every row, not the hold-out's."""
+    """Once the guard picks TS, the temperature is TS fitted on every fit row."""
     from sksegcal import TemperatureScaling
 
     X, y = make_logits(n=6000, n_classes=4, seed=5)
@@ -501,7 +522,6 @@ def test_guard_fallback_is_the_temperature_scaling_of_all_fit_rows():
     ts = TemperatureScaling().fit(X, y)
     assert noise.t1_ == noise.t2_
     np.testing.assert_allclose(noise.t1_, ts.temperature_, rtol=1e-6)
-    # the held-out-only temperature the guard compared with is kept as evidence
     assert noise.guard_scores_["ts_temperature_all_rows"] == pytest.approx(noise.t1_)
     np.testing.assert_allclose(noise.predict_proba(X), ts.predict_proba(X), rtol=1e-5, atol=1e-7)
 
