@@ -156,7 +156,7 @@ def test_two_images_and_more_folds_than_images():
     assert search.n_splits_ == 2
     assert search.best_name_ == "TS"  # two images give no support (p of a t-test on 2 values)
     assert not hasattr(search, "temperatures")  # forwarded only where the winner has it
-    lts = CalibratorSearchCV([("lts", LocalTemperatureScaling(n_context=0))], alpha=0.99)
+    lts = CalibratorSearchCV([("lts", LocalTemperatureScaling(context=None))], alpha=0.99)
     lts.fit(X, y, groups=groups)
     if lts.best_name_ == "lts":
         np.testing.assert_allclose(
@@ -184,7 +184,9 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="allow_label_change"):
         CalibratorSearchCV([("vector", VectorScaling())]).fit(X, y, groups=groups)
     with pytest.raises(ValueError, match="context"):
-        CalibratorSearchCV([("lts", LocalTemperatureScaling())]).fit(X, y, groups=groups)
+        CalibratorSearchCV([("lts", LocalTemperatureScaling(context="spatial"))]).fit(
+            X, y, groups=groups
+        )
     with pytest.raises(ValueError, match="X_perturbed"):
         CalibratorSearchCV(shift_check=0.0).fit(X, y, groups=groups)
     with pytest.raises(ValueError, match="row for row"):
@@ -238,7 +240,10 @@ def test_context_columns_reach_only_the_candidates_that_read_them():
     Xc = np.hstack([X, np.random.default_rng(0).random((len(y), k), dtype=np.float32)])
     _ShapeSpy.seen = []
     search = CalibratorSearchCV(
-        [("spy", _ShapeSpy()), ("lts-spatial", LocalTemperatureScaling(max_iter=5))],
+        [
+            ("spy", _ShapeSpy()),
+            ("lts-spatial", LocalTemperatureScaling(context="spatial", max_iter=5)),
+        ],
         cv=2,
         context="spatial",
         random_state=0,

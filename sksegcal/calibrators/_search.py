@@ -32,29 +32,19 @@ _LOG_FLOOR = -745.0
 
 
 # --------------------------------------------------------------------------------------
-# Context declaration of a candidate: THE ONE PLACE in this module that looks at how a
-# calibrator says it reads context columns. The contract property ``reads_context``
-# decides when the class has it; calibrators without it are read from their
-# ``context`` / ``n_context`` parameters. The fallback goes once every calibrator has the
-# property (sksegcal.context.estimator_context is the shared reader).
+# Context declaration of a candidate: THE ONE PLACE in this module that asks which context
+# columns a calibrator reads. Every sksegcal calibrator answers through its ``reads_context``
+# property; an estimator without it (a foreign one) reads none. A pipeline or a search that
+# wraps a context reader needs the shared reader sksegcal.context.estimator_context, which
+# replaces this function where it exists.
 # --------------------------------------------------------------------------------------
 def _candidate_context(estimator) -> str | None:
     """None, or the context kind (``"spatial"``) the candidate reads after its logits."""
-    if hasattr(type(estimator), "reads_context"):
-        return estimator.reads_context
-    params = estimator.get_params(deep=False)
-    if params.get("context") is not None:
-        return params["context"]
-    if "n_context" in params:
-        if params["n_context"] is None:
-            return "spatial"
-        if params["n_context"] != 0:
-            raise ValueError(
-                f"{type(estimator).__name__}(n_context={params['n_context']}) reads a context "
-                "of its own width; CalibratorSearchCV supports the spatial context "
-                "(n_context=None) or none (n_context=0)."
-            )
-    return None
+    try:
+        from ..context import estimator_context
+    except ImportError:
+        return getattr(estimator, "reads_context", None)
+    return estimator_context(estimator)
 
 
 def _default_candidates(context: str | None, seed: int) -> list[tuple[str, object]]:
@@ -71,10 +61,10 @@ def _default_candidates(context: str | None, seed: int) -> list[tuple[str, objec
             "selective-generalised",
             SelectiveScalingCalibrator(mode="generalised", guard=None, random_state=seed),
         ),
-        ("LTS", LocalTemperatureScaling(n_context=0)),
+        ("LTS", LocalTemperatureScaling(context=None)),
     ]
     if context == "spatial":
-        out.append(("LTS-spatial", LocalTemperatureScaling()))
+        out.append(("LTS-spatial", LocalTemperatureScaling(context="spatial")))
     return out
 
 
