@@ -54,6 +54,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from sksegcal import (
+    CalibratorSearchCV,
     DirichletScaling,
     EnsembleTemperatureScaling,
     LocalTemperatureScaling,
@@ -74,7 +75,7 @@ from sksegcal.store._engine import _keeps_prediction
 METRICS = ("ece", "nll", "brier", "mce", "accuracy", "miou")
 
 
-DEFAULT = "Selective, package default (guard=ts)"
+DEFAULT = "Selective, package default"
 NO_GUARD = "Selective, package default, guard=None"
 PAPER = "Selective, paper (t1=1, t2=1e10, thr 0.5, MLP weight 2)"
 ECE_BINS = 15
@@ -353,6 +354,10 @@ def run_dataset(
 # --------------------------------------------------------------------------------------
 SPATIAL = "Selective, package default, context=spatial"
 LTS = "LocalTemperatureScaling (package default)"
+# the search on X with the spatial context columns: the whole default family, LTS on the
+# context included; and the same with its shift check (held-out perturbed copies scored)
+SEARCH = "CalibratorSearchCV, context=spatial"
+SEARCH_SHIFT = "CalibratorSearchCV, context=spatial, shift_check=0 (perturbed copies)"
 PERTURBED = " [fit on + perturbed]"  # suffix of the methods fitted on original + perturbed
 REGIMES = ("original", "ts-divided", "x0.6", "merged-2", "merged-4")
 BOUNDARY_WIDTH = 2  # px: the boundary region of the boundary / interior split
@@ -461,8 +466,22 @@ def _local_boundary_mask(labels: np.ndarray, width: int = BOUNDARY_WIDTH) -> np.
     return out
 
 
-def spatial_methods(seed: int, memory, perturbed: bool = True) -> dict:
+# --only keys -> the labels they keep (Uncalibrated, TS and the default always run)
+ONLY = {
+    "no-guard": (NO_GUARD,),
+    "spatial": (SPATIAL,),
+    "lts": (LTS,),
+    "search": (SEARCH,),
+    "search-shift": (SEARCH_SHIFT,),
+    "perturbed": ("TS" + PERTURBED, DEFAULT + PERTURBED, SPATIAL + PERTURBED),
+}
+
+
+def spatial_methods(seed: int, memory, perturbed: bool = True, only=None) -> dict:
     """label -> (estimator, reads the context columns, fitted on original + perturbed).
+
+    The third field is "shift" for the search with its shift check: fitted on the
+    original images, given their perturbed copies as ``X_perturbed``.
 
     ``memory``: the package's cache of fitted detectors (``SelectiveScalingCalibrator(
     memory=...)``), shared by the default and its guard=None twin, which then train one
@@ -480,10 +499,16 @@ def spatial_methods(seed: int, memory, perturbed: bool = True) -> dict:
         ),
         SPATIAL: (SelectiveScalingCalibrator(context="spatial", random_state=seed), True, False),
         LTS: (LocalTemperatureScaling(), True, False),
+        SEARCH: (CalibratorSearchCV(context="spatial", random_state=seed), True, False),
     }
     if perturbed:
         out.update(
             {
+                SEARCH_SHIFT: (
+                    CalibratorSearchCV(context="spatial", shift_check=0.0, random_state=seed),
+                    True,
+                    "shift",
+                ),
                 "TS" + PERTURBED: (TemperatureScaling(), False, True),
                 DEFAULT + PERTURBED: (SelectiveScalingCalibrator(random_state=seed), False, True),
                 SPATIAL + PERTURBED: (
@@ -493,6 +518,9 @@ def spatial_methods(seed: int, memory, perturbed: bool = True) -> dict:
                 ),
             }
         )
+    if only is not None:
+        keep = {"Uncalibrated", "TS", DEFAULT} | {x for k in only for x in ONLY[k]}
+        out = {label: v for label, v in out.items() if label in keep}
     return out
 
 
@@ -521,6 +549,7 @@ def run_regimes(
     lts_pixels,
     perturb_seed=0,
     perturbed_regimes=("original",),
+    only=None,
 ):
     """Every regime of one dataset: the spatial method set, in-domain and shifted.
 
@@ -598,24 +627,41 @@ def run_regimes(
                 cases[case] = (X[test], y[test], s[test], b[test])
             cache = tempfile.TemporaryDirectory(prefix="quality-detectors-")
             chosen = spatial_methods(
-                seed, Memory(cache.name, verbose=0), perturbed=regime in perturbed_regimes
+                seed,
+                Memory(cache.name, verbose=0),
+                perturbed=regime in perturbed_regimes,
+                only=only,
             )
             for label, (est, reads_context, perturbed) in chosen.items():
-                Xf, yf, gf = fits[perturbed]
+                Xf, yf, gf = fits[perturbed is True]
                 if label == LTS:
                     Xf, yf = Xc[lts_rows], yc[lts_rows]
                 if not reads_context:
                     Xf = np.ascontiguousarray(Xf[:, :n_classes])
+                fit_kw = {}
+                if perturbed == "shift":
+                    # the perturbed copies of the same fit pixels, row for row (same labels)
+                    if not np.array_equal(yp[fit_rows], yf) or not np.array_equal(sp, sc):
+                        raise RuntimeError("perturbed rows do not align with the originals")
+                    fit_kw["X_perturbed"] = np.ascontiguousarray(Xp[fit_rows][:, : Xf.shape[1]])
                 t0 = time.perf_counter()
-                if isinstance(est, SelectiveScalingCalibrator):
-                    est.fit(Xf, yf, groups=gf)
+                if isinstance(est, (SelectiveScalingCalibrator, CalibratorSearchCV)):
+                    est.fit(Xf, yf, groups=gf, **fit_kw)
                 elif est is not None:
                     est.fit(Xf, yf)
                 timings[(base, label)].append(time.perf_counter() - t0)
-                if isinstance(est, SelectiveScalingCalibrator):
-                    g = est.guard_scores_ or {}
+                if isinstance(est, CalibratorSearchCV):
+                    r = est.cv_results_
                     guards[(base, seed, label)] = {
-                        "choice": est.guard_choice_,
+                        "choice": est.best_name_,
+                        "choice_without_shift_check": est.choice_without_shift_check_,
+                        "supported": ",".join(n for n, ok in zip(r["name"], r["supported"]) if ok),
+                        "refit_time": est.refit_time_,
+                    }
+                if isinstance(est, SelectiveScalingCalibrator):
+                    g = getattr(est, "guard_scores_", None) or {}
+                    guards[(base, seed, label)] = {
+                        "choice": getattr(est, "guard_choice_", None),
                         "t1": getattr(est, "t1_", np.nan),
                         "t2": getattr(est, "t2_", np.nan),
                         "wins": g.get("wins"),
@@ -636,7 +682,10 @@ def run_regimes(
                         )
                 extra = ""
                 if isinstance(est, SelectiveScalingCalibrator):
-                    extra = f" guard {est.guard_choice_}"
+                    extra = f" guard {getattr(est, 'guard_choice_', None)}"
+                if isinstance(est, CalibratorSearchCV):
+                    extra = f" chose {est.best_name_}"
+                    print(est.summary(), flush=True)
                 print(
                     f"[{base} seed {seed}] {label}: ECE "
                     f"{results[base][label][-1]['ece']:.4f} shifted "
@@ -647,6 +696,38 @@ def run_regimes(
                 )
             cache.cleanup()
         del tables, Xc, Xp
+
+
+def goals_report(results, cases) -> list:
+    """The goals, per method: in-domain never above TS, mean ECE ratios, the shift."""
+    lines = [
+        "## Goals: the new default and the search against TS",
+        "",
+        "In-domain: splits (every case, regime and seed) whose ECE / NLL ratio to TS "
+        "exceeds 1 + 1e-4, the mean ECE ratio over every in-domain split and over the "
+        "original regime only. Shifted: the largest NLL ratio and the mean ECE ratio.",
+        "",
+        "| method | in-domain splits ECE > TS | NLL > TS | mean ECE ratio, all regimes | "
+        "original regime | shifted: NLL ratio max | mean ECE ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label in (DEFAULT, NO_GUARD, LTS, SEARCH, SEARCH_SHIFT):
+        inside = [c for c in cases if not c.endswith(" shifted") and label in results[c]]
+        shifted = [c for c in cases if c.endswith(" shifted") and label in results[c]]
+        if not inside:
+            continue
+        e = np.concatenate([_ratio(results, c, label, "ece") for c in inside])
+        n = np.concatenate([_ratio(results, c, label, "nll") for c in inside])
+        orig = [c for c in inside if "[" not in c]
+        eo = np.concatenate([_ratio(results, c, label, "ece") for c in orig])
+        es = np.concatenate([_ratio(results, c, label, "ece") for c in shifted])
+        ns = np.concatenate([_ratio(results, c, label, "nll") for c in shifted])
+        lines.append(
+            f"| {label} | {int((e > 1 + 1e-4).sum())} of {len(e)} | "
+            f"{int((n > 1 + 1e-4).sum())} of {len(n)} | {e.mean():.3f} | {eo.mean():.3f} | "
+            f"{ns.max():.4f} | {es.mean():.3f} |"
+        )
+    return lines + [""]
 
 
 def _boot_cell(tallies, case, seed, label, n_boot, ref="TS"):
@@ -663,11 +744,13 @@ def regime_report(results, detection, timings, guards, tallies, seeds, n_boot) -
         NO_GUARD,
         SPATIAL,
         LTS,
+        SEARCH,
+        SEARCH_SHIFT,
         "TS" + PERTURBED,
         DEFAULT + PERTURBED,
         SPATIAL + PERTURBED,
     ]
-    lines = [
+    lines = goals_report(results, cases) + [
         "## Summary: ECE and NLL ratio to TS per case",
         "",
         "Mean over the seeds of each method's ratio to TS fitted on the same split (< 1: "
@@ -700,8 +783,9 @@ def regime_report(results, detection, timings, guards, tallies, seeds, n_boot) -
         "and the folds selective scaling won.",
         "",
         "| case | seed | TS ECE | default | guard | guard=None | spatial | LTS | "
-        "default, +perturbed fit | spatial, +perturbed fit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "default, +perturbed fit | spatial, +perturbed fit | search | search chose | "
+        "search, shift check | it chose |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         base = case.replace(" shifted", "")
@@ -714,12 +798,16 @@ def regime_report(results, detection, timings, guards, tallies, seeds, n_boot) -
                 LTS,
                 DEFAULT + PERTURBED,
                 SPATIAL + PERTURBED,
+                SEARCH,
+                SEARCH_SHIFT,
             ):
                 if label not in results[case]:
                     cells.append("-")
                     continue
                 bs = _boot_cell(tallies, case, seed, label, n_boot)["ece"]
                 cells.append(f"{bs[0]:.2f} ({bs[1]:.2f}-{bs[2]:.2f})")
+                if label in (SEARCH, SEARCH_SHIFT):
+                    cells.append(guards[(base, seed, label)]["choice"])
             g = guards[(base, seed, DEFAULT)]
             cells.insert(1, f"{g['choice']} {g['wins']}/{g['n_folds']}")
             lines.append(
@@ -1005,7 +1093,9 @@ def spatial_markdown(
         "Generated by `python benchmarks/quality.py --methods spatial "
         f"--datasets {' '.join(args.datasets)} --seeds {' '.join(map(str, args.seeds))} "
         f"--regimes {' '.join(args.regimes)} --fit-pixels {args.fit_pixels} "
-        f"--lts-pixels {args.lts_pixels} --bootstrap {args.bootstrap}` "
+        f"--lts-pixels {args.lts_pixels}"
+        + ("" if args.only is None else f" --only {' '.join(args.only)}")
+        + f" --bootstrap {args.bootstrap}` "
         f"({seconds / 60:.1f} min).",
         f"{len(args.seeds)} seeds (image-level split of the calibration slices and every "
         "calibrator's randomness).",
@@ -1013,6 +1103,7 @@ def spatial_markdown(
         f"Package: commit {commit} (at the start of the run); the default's parameters: "
         f"`{_non_default_free_params(SelectiveScalingCalibrator())}`; "
         f"LocalTemperatureScaling: `{_non_default_free_params(LocalTemperatureScaling())}`; "
+        f"CalibratorSearchCV: `{_non_default_free_params(CalibratorSearchCV())}`; "
         "the detector the default fitted: "
         + ", ".join(sorted({g["detector"] for (_, _, m), g in guards.items() if m == DEFAULT}))
         + ".",
@@ -1061,6 +1152,14 @@ def main(argv=None):
         help="with --methods spatial: LocalTemperatureScaling's fit sample",
     )
     parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(ONLY),
+        default=None,
+        help="with --methods spatial: run only these methods beside Uncalibrated, TS and "
+        "the default (all when not given)",
+    )
+    parser.add_argument(
         "--bootstrap",
         type=int,
         default=1000,
@@ -1093,6 +1192,7 @@ def main(argv=None):
                 tallies,
                 args.fit_pixels,
                 args.lts_pixels,
+                only=args.only,
             )
         report = spatial_markdown(
             results,
@@ -1143,7 +1243,7 @@ def main(argv=None):
                     "seed": s,
                     "method": m,
                     **{
-                        k: (None if v is None else v if k in ("choice", "detector") else float(v))
+                        k: (None if v is None else v if isinstance(v, str) else float(v))
                         for k, v in g.items()
                     },
                 }

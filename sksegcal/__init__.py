@@ -16,6 +16,7 @@ __version__ = "0.1.0.dev0"
 # public name -> submodule that defines it; resolved lazily by __getattr__
 _LAZY = {
     "SelectiveScalingCalibrator": "selective",
+    "CalibratorSearchCV": "calibrators._search",
     "TemperatureScaling": "scaling",
     "VectorScaling": "scaling",
     "DirichletScaling": "scaling",

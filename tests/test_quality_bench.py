@@ -168,3 +168,29 @@ def test_boundary_and_interior_ece_equal_the_one_shot_metric(quality):
         )
         assert r[f"nll_{region}"] == pytest.approx(negative_log_likelihood(y[m], p[m]), rel=1e-5)
     assert r["share_boundary"] == pytest.approx(boundary.mean())
+
+
+def test_goals_report_counts_splits_and_means(quality):
+    def runs(ece, nll):
+        return [{"ece": e, "nll": n} for e, n in zip(ece, nll)]
+
+    ts = runs([0.10, 0.20], [1.0, 1.0])
+    results = {
+        "a": {"TS": ts, quality.SEARCH: runs([0.05, 0.21], [0.99, 1.00005])},
+        "a [x0.6]": {"TS": ts, quality.SEARCH: runs([0.10, 0.10], [1.0, 1.01])},
+        "a shifted": {"TS": ts, quality.SEARCH: runs([0.2, 0.1], [1.004, 0.9])},
+    }
+    row = [r for r in quality.goals_report(results, list(results)) if quality.SEARCH in r]
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    # in-domain ECE ratios 0.5, 1.05, 1.0, 0.5: one above TS; NLL 0.99, 1.00005 (within
+    # the 1e-4 tolerance), 1.0, 1.01: one above
+    assert cells[1:] == ["1 of 4", "1 of 4", "0.762", "0.775", "1.0040", "1.250"]
+
+
+def test_only_keeps_the_named_methods(quality):
+    chosen = quality.spatial_methods(0, None, only=["search", "lts"])
+    assert set(chosen) == {"Uncalibrated", "TS", quality.DEFAULT, quality.SEARCH, quality.LTS}
+    assert quality.SEARCH_SHIFT in quality.spatial_methods(0, None, only=["search-shift"])
+    assert quality.SEARCH_SHIFT not in quality.spatial_methods(
+        0, None, perturbed=False, only=["search-shift"]
+    )
