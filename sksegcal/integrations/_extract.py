@@ -62,15 +62,17 @@ def keep_argmax(z, ref, dtype):
     """``z`` (C, *spatial) cast to ``dtype`` with its argmax over axis 0 kept equal to ``ref``.
 
     A cast can round two close values to one, and the argmax of a tie is the
-    first class: at such pixels the winner ``ref`` is raised by one unit in
-    the last place of ``dtype``, the smallest change that keeps the model's
-    prediction. Returns a tensor of ``dtype`` on the CPU.
+    first class: at such pixels the winner ``ref`` (None: ``z``'s own argmax)
+    is raised by one unit in the last place of ``dtype``, the smallest change
+    that keeps the model's prediction. Returns a tensor of ``dtype`` on the CPU.
     """
     import torch
 
-    ref = ref.cpu()
     out = z.detach().to("cpu", dtype)
-    if out.dtype == z.dtype and out.argmax(0).equal(ref):
+    if dtype == z.dtype and ref is None:
+        return out  # no cast, nothing to keep: skips two passes over the logits
+    ref = (z.argmax(0) if ref is None else ref).cpu()
+    if out.argmax(0).equal(ref):
         return out
     arr = out.numpy()
     ref_np = ref.numpy()
@@ -310,7 +312,7 @@ def extract(
                 for k, i in enumerate(todo):
                     name = batch_names[i]
                     # float16 in a store: the cast must not change the predicted class
-                    z = keep_argmax(logits[k], logits[k].argmax(0), _dtype(store_path))
+                    z = keep_argmax(logits[k], None, _dtype(store_path))
                     if tuple(z.shape[1:]) != label_list[k].shape:
                         raise ValueError(
                             f"Image {name!r}: logits {tuple(z.shape)} do not match its labels "
