@@ -1,0 +1,146 @@
+"""3-D volumes, (N, C, D, H, W): metrics, the boundary band, against flattened pixels and loops."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from sksegcal.metrics import (
+    BOUNDARY_REGIONS,
+    CalibrationAccumulator,
+    boundary_accumulator,
+    boundary_mask,
+    brier_score,
+    expected_calibration_error,
+    maximum_calibration_error,
+    mean_iou,
+    negative_log_likelihood,
+    pixel_accuracy,
+)
+
+IGNORE = 255
+
+
+def _volumes(n=2, c=3, shape=(5, 6, 7), seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, size=(n, *shape))
+    logits = 3.0 * (np.moveaxis(np.eye(c)[labels], -1, 1) + rng.normal(size=(n, c, *shape)))
+    labels[:, 0, :2] = IGNORE
+    return logits.astype(np.float32), labels
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _flat(values, labels):
+    c = values.shape[1]
+    return np.moveaxis(values, 1, -1).reshape(-1, c), labels.reshape(-1)
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        expected_calibration_error,
+        maximum_calibration_error,
+        negative_log_likelihood,
+        brier_score,
+        pixel_accuracy,
+        mean_iou,
+    ],
+)
+def test_metrics_of_volumes_equal_those_of_their_flattened_voxels(metric):
+    logits, labels = _volumes()
+    proba = _softmax(logits)
+    X, y = _flat(proba, labels)
+    assert metric(labels, proba) == pytest.approx(metric(y, X), rel=1e-12)
+
+
+def test_the_accumulator_counts_volumes_as_images():
+    logits, labels = _volumes(n=3)
+    proba = _softmax(logits)
+    volume = CalibrationAccumulator(3)
+    volume.update(labels, proba)
+    from_logits = CalibrationAccumulator(3)
+    from_logits.update_logits(labels, logits)
+    X, y = _flat(proba, labels)
+    flat = CalibrationAccumulator(3)
+    flat.update(y, X, image_id=np.repeat(np.arange(3), labels[0].size))
+    expected = flat.summary()
+    for key, value in volume.summary().items():
+        assert value == pytest.approx(expected[key], rel=1e-12), key  # per-volume ECE too
+    for key, value in from_logits.summary().items():
+        assert value == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+
+
+def _brute_force_boundary(labels, width, distance):
+    """A labelled voxel is on the boundary when a labelled voxel within ``width`` differs."""
+    out = np.zeros(labels.shape, bool)
+    r = range(-width, width + 1)
+    if distance == "chebyshev":
+        offsets = list(itertools.product(r, r, r))
+    else:
+        offsets = [o for o in itertools.product(r, r, r) if sum(v * v for v in o) <= width**2]
+    d, h, w = labels.shape
+    for z, y, x in itertools.product(range(d), range(h), range(w)):
+        a = labels[z, y, x]
+        if a == IGNORE:
+            continue
+        for dz, dy, dx in offsets:
+            q = (z + dz, y + dy, x + dx)
+            if all(0 <= v < s for v, s in zip(q, labels.shape)):
+                b = labels[q]
+                if b != IGNORE and b != a:
+                    out[z, y, x] = True
+                    break
+    return out
+
+
+@pytest.mark.parametrize("distance", ["chebyshev", "euclidean"])
+@pytest.mark.parametrize("width", [1, 2])
+def test_the_3d_boundary_mask_equals_a_brute_force_loop(width, distance):
+    rng = np.random.default_rng(width)
+    # blocky labels, so that the band is neither empty nor everything
+    labels = np.kron(rng.integers(0, 3, size=(3, 3, 3)), np.ones((3, 3, 3), int))[:7, :8, :9]
+    labels[rng.random(labels.shape) < 0.05] = IGNORE
+    got = boundary_mask(labels, width=width, distance=distance, spatial_dims=3)
+    expected = _brute_force_boundary(labels, width, distance)
+    assert 0 < expected.sum() < (labels != IGNORE).sum()
+    np.testing.assert_array_equal(got, expected)
+    # a batch of volumes: each on its own, no window reaching into the next volume
+    batch = boundary_mask(np.stack([labels, labels[::-1]]), width=width, distance=distance,
+                          spatial_dims=3)  # fmt: skip
+    np.testing.assert_array_equal(batch[1], _brute_force_boundary(labels[::-1], width, distance))
+
+
+def test_a_label_change_along_depth_alone_is_a_boundary():
+    labels = np.zeros((6, 4, 4), int)
+    labels[3:] = 1  # the classes differ only between slices 2 and 3
+    got = boundary_mask(labels, width=1, spatial_dims=3)
+    assert got[2:4].all() and not got[:2].any() and not got[4:].any()
+    # the 2-D default reads (6, 4, 4) as six images, each of one class: no boundary
+    assert not boundary_mask(labels, width=1).any()
+
+
+def test_boundary_accumulator_on_volumes():
+    logits, labels = _volumes(n=2, shape=(6, 6, 6))
+    acc = boundary_accumulator(labels, logits=logits, width=1)
+    assert acc.regions == BOUNDARY_REGIONS
+    mask = np.stack([_brute_force_boundary(t, 1, "chebyshev") for t in labels])
+    assert acc.region("boundary").n_pixels_ == mask.sum()
+    assert acc.region("interior").n_pixels_ == ((labels != IGNORE) & ~mask).sum()
+    X, y = _flat(_softmax(logits), labels)
+    inner = mask.reshape(-1)
+    assert acc.region("boundary").summary()["ece"] == pytest.approx(
+        expected_calibration_error(y[inner], X[inner]), rel=1e-6
+    )
+
+
+def test_volume_shapes_are_checked():
+    with pytest.raises(ValueError, match="spatial_dims=3"):
+        boundary_mask(np.zeros((2, 3, 4, 5), int))
+    with pytest.raises(ValueError, match="spatial_dims"):
+        boundary_mask(np.zeros((3, 4, 5), int), spatial_dims=4)
