@@ -144,3 +144,24 @@ def test_volume_shapes_are_checked():
         boundary_mask(np.zeros((2, 3, 4, 5), int))
     with pytest.raises(ValueError, match="spatial_dims"):
         boundary_mask(np.zeros((3, 4, 5), int), spatial_dims=4)
+
+
+def test_conformal_risk_control_counts_each_volume_as_one_image():
+    from sksegcal.conformal import ConformalRiskControl
+
+    logits, labels = _volumes(n=12, shape=(4, 5, 6), seed=3)
+    X, y = _flat(logits, labels)
+    groups = np.repeat(np.arange(12), labels[0].size)
+    params = dict(alpha=0.2, loss="fnr", target_class=1)
+    volumes = ConformalRiskControl(**params).fit_maps(logits[:8], labels[:8])
+    table = ConformalRiskControl(**params).fit(X[: groups.searchsorted(8)],
+                                               y[: groups.searchsorted(8)],
+                                               groups[: groups.searchsorted(8)])  # fmt: skip
+    assert volumes.n_calibration_ == 8  # volumes, not slices
+    assert volumes.threshold_level_ == table.threshold_level_
+    masks = volumes.predict_mask_maps(logits[8:])
+    assert masks.shape == (4, 4, 5, 6)
+    flat = table.predict_mask(X[groups >= 8]).reshape(4, 4, 5, 6)
+    np.testing.assert_array_equal(masks, flat)
+    sizes = volumes.predict_set_size_maps(logits[8:])
+    np.testing.assert_array_equal(sizes, volumes.predict_set_maps(logits[8:]).sum(1))
