@@ -165,3 +165,16 @@ def test_conformal_risk_control_counts_each_volume_as_one_image():
     np.testing.assert_array_equal(masks, flat)
     sizes = volumes.predict_set_size_maps(logits[8:])
     np.testing.assert_array_equal(sizes, volumes.predict_set_maps(logits[8:]).sum(1))
+
+
+def test_set_size_maps_of_volumes_show_a_slice():
+    pytest.importorskip("matplotlib")
+    from sksegcal.plotting import plot_set_size_maps
+
+    sizes = np.ones((2, 5, 4, 4), int)
+    sizes[:, 1] = 3  # only slice 1 differs
+    fig = plot_set_size_maps({"CRC": sizes}, n_classes=3, slice_index=1)
+    shown = fig.axes[0].images[0].get_array()
+    np.testing.assert_array_equal(shown, sizes[0, 1])
+    middle = plot_set_size_maps({"CRC": sizes}, n_classes=3).axes[1].images[0].get_array()
+    np.testing.assert_array_equal(middle, sizes[1, 2])
