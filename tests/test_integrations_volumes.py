@@ -178,3 +178,49 @@ def test_set_size_maps_of_volumes_show_a_slice():
     np.testing.assert_array_equal(shown, sizes[0, 1])
     middle = plot_set_size_maps({"CRC": sizes}, n_classes=3).axes[1].images[0].get_array()
     np.testing.assert_array_equal(middle, sizes[1, 2])
+
+
+def _brute_force_context(z, max_distance=16.0):
+    """The six context features of a (C, D, H, W) volume, voxel by voxel from the definitions."""
+    from scipy.special import softmax
+
+    p = softmax(z.astype(np.float64), axis=0)
+    pred = z.argmax(0)
+    entropy = -(p * np.log(p)).sum(0)
+    top = np.sort(p, axis=0)
+    margin = top[-1] - top[-2]
+    shape = pred.shape
+    out = np.zeros((6, *shape))
+
+    def window(a, centre, r):
+        return a[tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, n in zip(centre, shape))]
+
+    boundary = np.zeros(shape, bool)
+    for v in itertools.product(*map(range, shape)):
+        for k, r in enumerate((1, 3)):
+            win = window(pred, v, r)
+            differ = (win != pred[v]).sum()
+            out[(k, *v)] = differ / (win.size - 1)
+            if r == 1:
+                boundary[v] = differ > 0
+        out[(3, *v)] = window(entropy, v, 2).mean()
+        out[(4, *v)] = window(entropy, v, 2).max()
+        out[(5, *v)] = window(margin, v, 2).mean()
+    where = np.argwhere(boundary)
+    for v in itertools.product(*map(range, shape)):
+        nearest = np.sqrt(((where - v) ** 2).sum(1)).min() if len(where) else max_distance
+        out[(2, *v)] = min(nearest, max_distance)
+    return out
+
+
+def test_the_3d_context_features_equal_a_brute_force_loop():
+    from sksegcal._volume_context import volume_context
+
+    rng = np.random.default_rng(0)
+    # smooth-ish classes (blocks) plus noise, so that every feature varies
+    blocks = np.kron(rng.normal(size=(3, 2, 2, 3)), np.ones((1, 3, 4, 3)))[:, :5, :7, :8]
+    z = (4 * blocks + rng.normal(size=blocks.shape)).astype(np.float32)
+    got = volume_context(z, max_distance=3.0)
+    expected = _brute_force_context(z, max_distance=3.0)
+    assert 0 < (expected[2] == 0).mean() < 1  # some boundary, some interior
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
