@@ -224,3 +224,36 @@ def test_the_3d_context_features_equal_a_brute_force_loop():
     expected = _brute_force_context(z, max_distance=3.0)
     assert 0 < (expected[2] == 0).mean() < 1  # some boundary, some interior
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_store_holds_volumes_and_reads_them_as_flattened_voxels(tmp_path):
+    from sksegcal import TemperatureScaling
+    from sksegcal.store import LogitStore, evaluate_store, fit_store
+
+    logits, labels = _volumes(n=3, shape=(4, 5, 6), seed=2)
+    logits = logits.astype(np.float16)
+    store = LogitStore.create(tmp_path / "s", n_classes=3)
+    for i in range(3):
+        store.add_image(f"vol{i}", logits[i], labels[i])
+    store = LogitStore.open(tmp_path / "s")
+    assert store.verify()["n_images"] == 3
+    image = store.load_image(store.image_id("vol1"))
+    np.testing.assert_array_equal(image.logits, logits[1])
+    np.testing.assert_array_equal(image.labels, labels[1])
+    # pixel tables: the labelled voxels in row-major order, in chunks that cut volumes
+    keep = labels != IGNORE
+    X, y = np.moveaxis(logits, 1, -1)[keep], labels[keep]
+    groups = np.nonzero(keep)[0]
+    chunks = list(store.iter_chunks(37))
+    np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), X)
+    np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), y)
+    np.testing.assert_array_equal(np.concatenate([c[2] for c in chunks]), groups)
+    through = fit_store(TemperatureScaling(), store, images=None, max_pixels=10**6)
+    direct = TemperatureScaling().fit(X.astype(np.float32), y)
+    assert through.temperature_ == pytest.approx(direct.temperature_, rel=1e-6)
+    acc = evaluate_store(store, {"TS": through})["TS"]
+    assert acc.expected_calibration_error() == pytest.approx(
+        expected_calibration_error(y, through.predict_proba(X.astype(np.float32))), rel=1e-5
+    )
+    with pytest.raises(ValueError, match=r"\(3, D, H, W\)"):
+        store.add_image("bad", logits[0][None], labels[0])
