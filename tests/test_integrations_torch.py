@@ -218,7 +218,7 @@ def test_the_bridge_imports_no_torchvision():
 
 
 # ---------------------------------------------------------------------------------- MONAI
-def test_monai_3d_unet_logits_argmax_and_calibrator():
+def test_monai_3d_unet_logits_argmax_store_and_calibrator(tmp_path):
     monai = pytest.importorskip("monai")
     from monai.networks.nets import UNet
 
@@ -247,6 +247,21 @@ def test_monai_3d_unet_logits_argmax_and_calibrator():
     monai_map = AsDiscrete(argmax=True)(expected[0])[0].numpy().astype(np.int64)
     np.testing.assert_array_equal(got.logits[0].argmax(0), monai_map)
     assert monai.__version__
+    # the store keeps (C, D, H, W) volumes, with the patients
+    batches = [{"image": images, "label": labels, "group": ["p1", "p2"]}]
+    store = bridge.extract_logits(net, batches, tmp_path / "s", progress=False)
+    assert bridge.image_groups(store).tolist() == ["p1", "p2"]
+    for i in range(2):
+        volume = store.load_image(i)
+        np.testing.assert_array_equal(volume.logits, _as_stored(expected[i].numpy()))
+        np.testing.assert_array_equal(volume.labels, labels[i, 0].numpy())
+    through = fit_store(TemperatureScaling(), store, images=None, max_pixels=10**6)
+    stored = np.stack([_as_stored(z) for z in expected.numpy()]).astype(np.float32)
+    keep = labels[:, 0].numpy() != 255
+    on_arrays = TemperatureScaling().fit(
+        np.moveaxis(stored, 1, -1)[keep], labels[:, 0].numpy()[keep]
+    )
+    assert through.temperature_ == pytest.approx(on_arrays.temperature_, rel=1e-6)
 
 
 # ------------------------------------------- libraries that do not import beside CPU torch
