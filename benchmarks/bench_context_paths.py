@@ -71,7 +71,6 @@ def main(argv=None) -> None:
 
     from sksegcal import SelectiveScalingCalibrator, _kernels
     from sksegcal.store import evaluate_store, fit_store
-    from sksegcal.store._context import iter_tables, sample_table
 
     torch.set_num_threads(1)
     with threadpool_limits(limits=1), tempfile.TemporaryDirectory() as tmp:
@@ -102,8 +101,8 @@ def main(argv=None) -> None:
         for _ in range(args.repeat):  # interleaved
             for name, context in variants.items():
                 t0 = time.perf_counter()
-                X, _, _ = sample_table(
-                    store, args.max_pixels, context=context, images="train", random_state=0
+                X, _, _ = store.sample(
+                    args.max_pixels, context=context, images="train", random_state=0
                 )
                 t1 = time.perf_counter()
                 fitted[name] = fit_store(
@@ -141,7 +140,7 @@ def main(argv=None) -> None:
 
         def read(context):
             for i in split.test:
-                for _ in iter_tables(store, int(i), store._chunk_pixels(None), context):
+                for _ in store.iter_tables(int(i), context=context):
                     pass
 
         t_plain, _ = _best(lambda: read(None), args.repeat)

@@ -69,7 +69,7 @@ from sksegcal.datasets import load_dataset, perturb_images
 from sksegcal.features import softmax
 from sksegcal.metrics import CalibrationAccumulator, misprediction_detection_scores
 from sksegcal.pixels import flatten_segmentation, split_images
-from sksegcal.store import _keeps_prediction
+from sksegcal.store._engine import _keeps_prediction
 
 METRICS = ("ece", "nll", "brier", "mce", "accuracy", "miou")
 

@@ -97,6 +97,16 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator):
         "chunk_size": [Interval(numbers.Integral, 1, None, closed="left")],
     }
 
+    @property
+    def reads_context(self) -> str | None:
+        """The context this calibrator reads after the C logit columns: None or ``"spatial"``.
+
+        Read (through pipelines, searches and wrappers) by
+        :func:`sksegcal.context.estimator_context`, which every path that builds
+        pixel rows itself (the store, the mmseg bridge, the command line) asks.
+        """
+        return None
+
     # ----------------------------------------------------------- input handling
     def _n_extra_columns(self) -> int:
         """Columns after the C class columns of X that only the calibrator reads (context).

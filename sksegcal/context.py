@@ -43,7 +43,6 @@ import numbers
 import types
 
 import numpy as np
-from scipy import ndimage
 
 from . import _kernels
 
@@ -471,6 +470,8 @@ def _boundary_distance(boundary: np.ndarray, max_distance: float, kernels=None) 
         out = np.empty(boundary.shape, np.float32)
         kernels.clipped_distance(boundary, radius, max_distance, out)
         return out
+    from scipy import ndimage  # only on the NumPy path
+
     distance = ndimage.distance_transform_edt(~boundary)
     return np.minimum(distance, max_distance).astype(np.float32)
 
@@ -603,3 +604,204 @@ def spatial_context(logits, *, max_distance: float = _DEFAULT_MAX_DISTANCE) -> n
             )
         image_context(z, max_distance=max_distance, out=out[i])
     return out
+
+
+# --------------------------------------------------------------------------
+# which context an estimator reads, and the rows of an image for it
+# --------------------------------------------------------------------------
+#: The context kinds the package computes per image: a calibrator's ``reads_context``.
+CONTEXT_KINDS: tuple[str, ...] = ("spatial",)
+
+
+def context_width(context: str | None) -> int:
+    """The number of context columns after the C logit columns (0 without context)."""
+    if context is None:
+        return 0
+    _check_kind(context, "context")
+    return n_context_features()
+
+
+def _check_kind(context, what: str) -> None:
+    if not (isinstance(context, str) and context in CONTEXT_KINDS):
+        raise ValueError(
+            f"{what} must be None (logits only) or one of {list(CONTEXT_KINDS)} (logits "
+            f"followed by the context columns computed per image), got {context!r}."
+        )
+
+
+def estimator_context(estimator, *, where: str = "this path") -> str | None:
+    """The context the rows given to ``estimator`` must carry after the C logit columns.
+
+    The one reader of the ``reads_context`` capability: an estimator that
+    defines it (every calibrator of this package: ``None`` or ``"spatial"``)
+    answers for itself; a :class:`~sklearn.pipeline.Pipeline` answers with its
+    last step, a fitted search with ``best_estimator_``, an unfitted search
+    with the context all its candidates share, and any other meta-estimator
+    (``FrozenEstimator``, ``CalibratedClassifierCV``, ...) with its
+    ``estimator``. Anything else reads the logits alone (None).
+
+    Parameters
+    ----------
+    estimator : estimator or None
+    where : str, default="this path"
+        The path that builds the rows, named in the errors.
+
+    Returns
+    -------
+    context : None or str
+        One of :data:`CONTEXT_KINDS`; :func:`iter_image_rows` builds the rows.
+
+    Raises
+    ------
+    ValueError
+        When the estimator reads a context no path can compute (columns of the
+        user's own: build the pixel table yourself), and for an unfitted search
+        whose candidates differ in their context.
+
+    Examples
+    --------
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
+    >>> from sksegcal.context import estimator_context
+    >>> estimator_context(make_pipeline(SelectiveScalingCalibrator(context="spatial")))
+    'spatial'
+    >>> estimator_context(TemperatureScaling()) is None
+    True
+    """
+    if estimator is None or isinstance(estimator, type):
+        return None
+    declared = getattr(estimator, "reads_context", _UNDECLARED)
+    if declared is not _UNDECLARED:
+        if declared is not None and not (isinstance(declared, str) and declared in CONTEXT_KINDS):
+            raise ValueError(
+                f"{type(estimator).__name__} reads the context {declared!r} after the logit "
+                f"columns, which {where} cannot compute (it computes {list(CONTEXT_KINDS)} "
+                "per image). Build the pixel table with those columns yourself and call fit / "
+                "predict_proba on it, or configure the estimator to read a context listed."
+            )
+        return declared
+    if getattr(estimator, "best_estimator_", None) is not None:  # a fitted search
+        return estimator_context(estimator.best_estimator_, where=where)
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(estimator, Pipeline):
+        return estimator_context(estimator.steps[-1][1], where=where) if estimator.steps else None
+    inner = getattr(estimator, "estimator", None)
+    if inner is None or not hasattr(inner, "get_params"):
+        return None
+    candidates = _search_candidates(estimator)
+    if candidates is None:
+        return estimator_context(inner, where=where)
+    from sklearn.base import clone
+
+    needs = {
+        estimator_context(clone(inner).set_params(**params), where=where) for params in candidates
+    }
+    if len(needs) > 1:
+        raise ValueError(
+            f"The candidates of {type(estimator).__name__} differ in their context "
+            f"({sorted(map(str, needs))}), but {where} builds one pixel table for all of "
+            "them; search each context in a run of its own."
+        )
+    return needs.pop() if needs else estimator_context(inner, where=where)
+
+
+_UNDECLARED = object()
+
+
+def _search_candidates(search):
+    """The parameter settings an unfitted scikit-learn search will try, or None."""
+    import copy
+
+    from sklearn.model_selection import ParameterGrid, ParameterSampler
+
+    grid = getattr(search, "param_grid", None)
+    if grid is not None:
+        return list(ParameterGrid(grid))
+    dists = getattr(search, "param_distributions", None)
+    if dists is None:
+        return None
+    dists = [dists] if isinstance(dists, dict) else list(dists)
+    if all(isinstance(v, (list, tuple)) for d in dists for v in d.values()):
+        return list(ParameterGrid(dists))  # every setting the sampler may draw
+    n_iter = getattr(search, "n_iter", 10)
+    seed = copy.deepcopy(getattr(search, "random_state", None))  # the search's own draws
+    return list(ParameterSampler(dists, n_iter, random_state=seed))
+
+
+def iter_image_rows(logits, context: str | None, *, keep=None, chunk_pixels: int | None = None):
+    """The pixel-table rows of one image: its C logit columns, then its context columns.
+
+    The one builder of rows for every path (:func:`sksegcal.pixels.
+    flatten_segmentation`, :func:`~sksegcal.pixels.predict_proba_maps`, the
+    LogitStore, the conformal store path, the mmseg bridge, the command line).
+    The context is computed on the whole image (ignored pixels included)
+    before any row is dropped, so the same image gives the same rows bit for
+    bit on every path.
+
+    Parameters
+    ----------
+    logits : array-like or torch.Tensor of shape (C, H, W)
+        One image's logits (a tensor may live on any device).
+    context : None or str
+        What :func:`estimator_context` says; None gives the logit columns only.
+    keep : bool array of shape (H, W), optional
+        The pixels whose rows to give (e.g. ``labels != ignore_index``); all by
+        default.
+    chunk_pixels : int, optional
+        About how many pixels a block holds (whole image rows, at least one);
+        the whole image by default.
+
+    Yields
+    ------
+    rows : slice
+        The image rows (first spatial axis) of the block.
+    X : ndarray of shape (n, C) or (n, C + K)
+        The block's (kept) pixels in row-major order: float32 with context,
+        else the logits' dtype (float32 for a tensor).
+    """
+    if hasattr(logits, "detach") and hasattr(logits, "cpu"):  # a torch tensor
+        logits = logits.detach()
+        logits = (
+            (logits if logits.dtype.is_floating_point and logits.itemsize == 8 else logits.float())
+            .cpu()
+            .numpy()
+        )
+    z = np.asarray(logits)
+    k = context_width(context)
+    c, spatial = z.shape[0], z.shape[1:]
+    ctx = None if not k else np.moveaxis(image_context(z), 0, -1)
+    if keep is not None:
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != spatial:
+            raise ValueError(f"keep has shape {keep.shape}, the image {spatial}.")
+    pixels_per_row = int(np.prod(spatial[1:], dtype=np.int64))
+    n_rows = spatial[0]
+    step = (
+        n_rows
+        if chunk_pixels is None
+        else max(1, min(n_rows, chunk_pixels // max(pixels_per_row, 1)))
+    )
+    dtype = np.float32 if k else z.dtype
+    for r0 in range(0, n_rows, step):
+        rows = slice(r0, min(n_rows, r0 + step))
+        # pixel-major view of the block; boolean indexing copies only the kept pixels
+        block = np.moveaxis(z[:, rows], 0, -1)
+        if keep is None:
+            x = block.reshape(-1, c)
+            m = x.shape[0]
+        else:
+            x = block[keep[rows]]
+            m = x.shape[0]
+        if not k:
+            yield rows, np.array(x, dtype=dtype, copy=True) if keep is None else x
+            continue
+        X = np.empty((m, c + k), dtype=np.float32)
+        X[:, :c] = x
+        X[:, c:] = ctx[rows].reshape(-1, k) if keep is None else ctx[rows][keep[rows]]
+        yield rows, X
+
+
+def image_rows(logits, context: str | None, *, keep=None) -> np.ndarray:
+    """All the rows :func:`iter_image_rows` gives for one image, as one table."""
+    return next(iter_image_rows(logits, context, keep=keep))[1]

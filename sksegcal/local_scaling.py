@@ -174,6 +174,16 @@ class LocalTemperatureScaling(BaseLogitCalibrator):
     # the base class reads it; this calibrator takes logits only
     input_type = "logits"
 
+    @property
+    def reads_context(self) -> str | None:
+        """``"spatial"`` for ``n_context=None``, None for 0, ``"custom"`` for columns of your own.
+
+        No path computes a ``"custom"`` context: build those pixel tables yourself.
+        """
+        if self.n_context is None:
+            return "spatial"
+        return None if self.n_context == 0 else "custom"
+
     # ---------------------------------------------------------------- inputs
     def _split_width(self, n_features: int) -> int:
         """The number of logit columns C."""

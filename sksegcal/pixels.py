@@ -117,20 +117,22 @@ def flatten_segmentation(
     >>> flatten_segmentation(logits, labels, context="spatial")[0].shape
     (31, 9)
     """
+    from .context import iter_image_rows
+
     ignore_index = check_ignore_index(ignore_index)
-    _check_context(context)
+    if context is not None:
+        from .context import context_width
+
+        context_width(context)  # raises for a context no path computes
     logit_list, label_list, n_classes = _as_image_list(logits, labels)
     xs, ys, gs = [], [], []
     for i, (z, t) in enumerate(zip(logit_list, label_list)):
         t = check_labels(t, n_classes, ignore_index, where=f"labels of image {i}")
-        keep = np.ones(t.shape, bool) if ignore_index is None else t != ignore_index
-        # boolean indexing of the (H, W, C) view copies only the kept pixels
-        x = np.moveaxis(z, 0, -1)[keep]
-        check_finite(x, where=f"logits of image {i}")
-        if context == "spatial":
-            x = _with_spatial_context(x, z, keep)
+        keep = None if ignore_index is None else t != ignore_index
+        ((_, x),) = iter_image_rows(z, context, keep=keep)
+        check_finite(x[:, :n_classes], where=f"logits of image {i}")
         xs.append(x)
-        ys.append(t[keep].astype(np.int64, copy=False))
+        ys.append((t if keep is None else t[keep]).reshape(-1).astype(np.int64, copy=False))
         gs.append(np.full(x.shape[0], i, dtype=np.int64))
     X = np.concatenate(xs)
     if X.shape[0] == 0:
@@ -140,147 +142,6 @@ def flatten_segmentation(
     return X, np.concatenate(ys), np.concatenate(gs)
 
 
-_CONTEXTS = (None, "spatial")
-
-
-def _check_context(context) -> None:
-    if not (context is None or (isinstance(context, str) and context in _CONTEXTS)):
-        raise ValueError(
-            f"context must be None (logits only) or 'spatial' (logits followed by the "
-            f"spatial context features), got {context!r}."
-        )
-
-
-def _with_spatial_context(x: np.ndarray, z: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """The kept rows ``x`` (n, C) of image ``z`` (C, H, W) with its context columns appended."""
-    from .context import image_context, n_context_features
-
-    # image_context raises on NaN or infinity anywhere in the image, ignored pixels included
-    n_classes = x.shape[1]
-    out = np.empty((x.shape[0], n_classes + n_context_features()), dtype=np.float32)
-    out[:, :n_classes] = x
-    out[:, n_classes:] = np.moveaxis(image_context(z), 0, -1)[keep]
-    return out
-
-
-# --------------------------------------------------------------------------
-# which context an estimator reads: for the paths that build its rows themselves
-# --------------------------------------------------------------------------
-_CONTEXT_PARAMS = ("context", "n_context")
-
-
-def _param_context(name: str, value, where: str) -> str | None:
-    """The context a ``context`` (selective scaling) or ``n_context`` (LTS) value asks for."""
-    if name == "context":
-        _check_context(value)
-        return value
-    # LocalTemperatureScaling: None reads the spatial columns, 0 none, k > 0 the user's own
-    if value is None:
-        return "spatial"
-    if value == 0:
-        return None
-    raise ValueError(
-        f"LocalTemperatureScaling(n_context={value!r}) reads {value} context columns of your "
-        f"own, which {where} cannot compute (it computes the spatial context only). Use "
-        "n_context=None (the spatial context, computed per image from the logits) or "
-        "n_context=0 (no context), or build the pixel table with your columns yourself and "
-        "call fit / predict_proba on it."
-    )
-
-
-def _search_candidates(search) -> list[dict] | None:
-    """The parameter grids of a scikit-learn search (GridSearchCV, RandomizedSearchCV), or None."""
-    for attr in ("param_grid", "param_distributions"):
-        grid = getattr(search, attr, None)
-        if grid is not None:
-            return [grid] if isinstance(grid, dict) else list(grid)
-    return None
-
-
-def _estimator_context(estimator, *, where: str = "this path") -> str | None:
-    """The context the rows given to ``estimator`` must carry: None (logits) or ``"spatial"``.
-
-    For every path that builds the rows itself (the store engine, the mmseg
-    bridge, the command line, :func:`predict_proba_maps`): ``"spatial"`` means
-    the C logit columns followed by the columns of
-    :func:`sksegcal.context.image_context`, computed on the whole image as
-    :func:`flatten_segmentation` does. Asks for it:
-    ``SelectiveScalingCalibrator(context="spatial")`` and
-    ``LocalTemperatureScaling(n_context=None)``, fitted or not, alone or as
-    the final step of a :class:`~sklearn.pipeline.Pipeline`, inside a search
-    (``best_estimator_`` once fitted, else ``estimator`` and its grid) or any
-    meta-estimator with an ``estimator`` parameter. Other estimators read the
-    C logit columns. ``where`` names the path in the errors.
-
-    Raises
-    ------
-    ValueError
-        For ``LocalTemperatureScaling(n_context=k)`` with k > 0 (a context of
-        the user's own, which no path can compute), and for an unfitted search
-        whose candidates differ in their context.
-    """
-    if getattr(estimator, "best_estimator_", None) is not None:  # a fitted search
-        return _estimator_context(estimator.best_estimator_, where=where)
-    steps = getattr(estimator, "steps", None)
-    if isinstance(steps, list) and steps and isinstance(steps[-1], tuple):  # a Pipeline
-        return _estimator_context(steps[-1][-1], where=where)
-    inner = getattr(estimator, "estimator", None)
-    if hasattr(inner, "get_params") and not isinstance(inner, type):  # a search or meta
-        own = _estimator_context(inner, where=where)
-        grids = _search_candidates(estimator)
-        if not grids:
-            return own
-        needs = set()
-        for grid in grids:
-            keys = [k for k in grid if k.rpartition("__")[2] in _CONTEXT_PARAMS]
-            if not keys:
-                needs.add(own)
-            for key in keys:
-                values = grid[key]
-                if not isinstance(values, (list, tuple)):
-                    raise ValueError(
-                        f"The search over {key!r} draws it from {values!r}; {where} builds "
-                        "one pixel table for every candidate, so give a list of values."
-                    )
-                needs.update(_param_context(key.rpartition("__")[2], v, where) for v in values)
-        if len(needs) > 1:
-            raise ValueError(
-                f"The candidates of {type(estimator).__name__} differ in their context "
-                f"({sorted(map(str, needs))}), but {where} builds one pixel table for all of "
-                "them; search each context in a run of its own."
-            )
-        return needs.pop()
-    # the package's calibrators (the base class's hook marks them) say it in a parameter
-    if not hasattr(estimator, "_n_extra_columns") or not hasattr(estimator, "get_params"):
-        return None
-    params = estimator.get_params(deep=False)
-    for name in _CONTEXT_PARAMS:
-        if name in params:
-            return _param_context(name, params[name], where)
-    return None
-
-
-def _context_width(context: str | None) -> int:
-    """The number of context columns after the C logit columns (0 without context)."""
-    if context is None:
-        return 0
-    from .context import n_context_features
-
-    return n_context_features()
-
-
-def _context_rows(z) -> np.ndarray:
-    """The context columns of every pixel of one image ``z`` (C, H, W), row-major: (H*W, K).
-
-    Exactly the values :func:`flatten_segmentation` appends (it keeps the rows of the
-    labelled pixels of this table); ``z`` may be a torch tensor.
-    """
-    from .context import image_context
-
-    features = image_context(z)
-    return np.moveaxis(features, 0, -1).reshape(-1, features.shape[0])
-
-
 def _check_context_calibrator(calibrator, n_classes: int, *, what: str, where: str, path: str):
     """The context ``calibrator`` reads, after checking its width against ``n_classes``.
 
@@ -288,8 +149,10 @@ def _check_context_calibrator(calibrator, n_classes: int, *, what: str, where: s
     with it the calibrator must have been fitted on C + K columns. ``what`` names
     the calibrator, ``where`` the logits, ``path`` the function or command.
     """
-    context = _estimator_context(calibrator, where=path)
-    k = _context_width(context)
+    from .context import context_width, estimator_context
+
+    context = estimator_context(calibrator, where=path)
+    k = context_width(context)
     if not k:
         check_calibrator_classes(calibrator, n_classes, what=what, where=where)
         return context
@@ -385,14 +248,13 @@ def predict_proba_maps(estimator, logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits)
     if logits.ndim != 4:
         raise ValueError(f"logits must have shape (N, C, H, W), got {logits.shape}.")
-    context = _estimator_context(estimator, where="predict_proba_maps")
+    from .context import estimator_context, image_rows
+
+    context = estimator_context(estimator, where="predict_proba_maps")
     n, c, h, w = logits.shape
     out = np.empty(logits.shape, dtype=np.float32)
     for i in range(n):
-        table = np.moveaxis(logits[i], 0, -1).reshape(-1, c)
-        if context is not None:
-            # the rows of flatten_segmentation(..., context=context, ignore_index=None)
-            table = np.concatenate([table.astype(np.float32), _context_rows(logits[i])], axis=1)
+        table = image_rows(logits[i], context)
         out[i] = np.moveaxis(estimator.predict_proba(table).reshape(h, w, c), -1, 0)
     return out
 

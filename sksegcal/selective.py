@@ -419,6 +419,14 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         self.chunk_size = chunk_size
         self.random_state = random_state
 
+    # image ids reach fit through scikit-learn's metadata routing (Pipeline, searches, fit_store)
+    __metadata_request__fit = {"groups": True}
+
+    @property
+    def reads_context(self) -> str | None:
+        """``context``: None, or ``"spatial"`` (the columns after the C logit columns)."""
+        return self.context
+
     # ---------------------------------------------------------------- features
     def _n_extra_columns(self) -> int:
         # context="spatial": X holds the C logit columns, then the spatial context columns of

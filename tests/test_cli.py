@@ -69,9 +69,9 @@ def test_extract_fit_evaluate_report(arrays, capsys):
     assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
     assert "temperature = " in capsys.readouterr().out
     sel = arrays / "selective.joblib"
-    assert main(["fit", str(store), "--method", "selective", "--classifier", "logistic",
+    assert main(["fit", str(store), "--method", "selective", "--t1", "1",
                  "--t2", "auto", "2", "-o", str(sel), "-q"]) == 0
-    assert "chosen = t1=1 t2=" in capsys.readouterr().out
+    assert "chosen = t2=" in capsys.readouterr().out
 
     results = arrays / "results"
     # joblib files are pickles: they load only with --trusted
@@ -107,6 +107,49 @@ def test_extract_fit_evaluate_report(arrays, capsys):
     assert not list(results.glob(".tmp-*"))  # atomic writes leave no temporary files
 
 
+def test_fit_without_options_is_the_python_default(arrays, capsys):
+    """``sksegcal fit STORE`` fits what ``SelectiveScalingCalibrator(random_state=0)`` fits."""
+    from sksegcal import SelectiveScalingCalibrator
+    from sksegcal.persistence import load
+    from sksegcal.store import LogitStore
+
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    assert main(["fit", str(store), "-o", str(arrays / "cal.skops"), "-q"]) == 0
+    cal = load(arrays / "cal.skops")
+    opened = LogitStore.open(store)
+    split = opened.split
+    ids = np.concatenate([split.train, split.validation])
+    X, y, groups = opened.sample(400_000, images=ids, random_state=0)
+    ref = SelectiveScalingCalibrator(random_state=0).fit(X, y, groups=groups)
+    assert cal.get_params(deep=False).keys() == ref.get_params(deep=False).keys()
+    assert repr(cal) == repr(ref)  # every parameter at its default
+    assert (cal.t1_, cal.t2_) == (ref.t1_, ref.t2_)
+    assert cal.guard_choice_ == ref.guard_choice_
+    np.testing.assert_equal(cal.guard_scores_, ref.guard_scores_)
+    np.testing.assert_array_equal(cal.predict_proba(X), ref.predict_proba(X))
+
+
+def test_a_library_error_keeps_its_traceback(arrays, monkeypatch, capsys):
+    """Only the command's own usage errors become one line; a bug elsewhere shows itself."""
+    import sksegcal.store
+
+    store = arrays / "store"
+    main(["extract", "--logits", str(arrays / "logits.npy"), "--labels",
+          str(arrays / "labels.npy"), "--store", str(store), "-q"])
+    assert main(["fit", str(store), "--method", "temperature", "-o", str(arrays / "t.skops"),
+                 "-q"]) == 0
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the library")
+
+    monkeypatch.setattr(sksegcal.store, "evaluate_store", broken)
+    with pytest.raises(ValueError, match="a bug in the library"):
+        main(["evaluate", str(store), "-c", str(arrays / "t.skops"), "-q",
+              "-o", str(arrays / "r")])
+
+
 def test_skops_calibrators_need_no_trust(arrays, capsys):
     pytest.importorskip("skops")
     from sksegcal.persistence import detect_format
@@ -117,8 +160,7 @@ def test_skops_calibrators_need_no_trust(arrays, capsys):
     ts = arrays / "ts.skops"
     sel = arrays / "sel.skops"
     assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
-    assert main(["fit", str(store), "--classifier", "logistic", "--t2", "2", "-o", str(sel),
-                 "-q"]) == 0
+    assert main(["fit", str(store), "--t2", "2", "-o", str(sel), "-q"]) == 0
     assert "(skops)" in capsys.readouterr().out
     assert detect_format(ts) == detect_format(sel) == "skops"
     results = arrays / "results"

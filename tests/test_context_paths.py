@@ -16,15 +16,17 @@ import json
 import joblib
 import numpy as np
 import pytest
-from sklearn.base import clone
+import sklearn
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV
+from sklearn.model_selection import GridSearchCV, GroupKFold
 from sklearn.pipeline import Pipeline
 
 from sksegcal import LocalTemperatureScaling, SelectiveScalingCalibrator, TemperatureScaling
-from sksegcal.context import n_context_features
+from sksegcal._base import BaseLogitCalibrator
+from sksegcal.context import estimator_context, n_context_features
 from sksegcal.metrics import CalibrationAccumulator
-from sksegcal.pixels import _estimator_context, flatten_segmentation, predict_proba_maps
+from sksegcal.pixels import flatten_segmentation, predict_proba_maps
 from sksegcal.store import (
     LogitStore,
     calibrator_fingerprint,
@@ -32,7 +34,6 @@ from sksegcal.store import (
     fit_store,
     predict_store,
 )
-from sksegcal.store._context import sample_table
 
 N_CLASSES = 4
 K = n_context_features()
@@ -94,7 +95,7 @@ def reference(images, ignore_index=255):
 
 
 # the spies: the package's calibrators, recording every X they are given
-SEEN: dict[str, list] = {"fit": [], "predict": []}
+SEEN: dict[str, list] = {"fit": [], "predict": [], "groups": []}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,6 +121,7 @@ def _clear_spies():
 class SpySelective(SelectiveScalingCalibrator):
     def fit(self, X, y, sample_weight=None, groups=None):
         SEEN["fit"].append(np.array(X))
+        SEEN["groups"].append(None if groups is None else np.array(groups))
         return super().fit(X, y, sample_weight=sample_weight, groups=groups)
 
     def predict_proba(self, X):
@@ -137,6 +139,38 @@ class SpyLTS(LocalTemperatureScaling):
         return super().predict_proba(X)
 
 
+class ToyContext(ClassifierMixin, BaseEstimator):
+    """A calibrator from outside the package: it declares the context it reads, nothing more.
+
+    Its temperature grows with the first context column (the 3x3 disagreement).
+    """
+
+    @property
+    def reads_context(self):
+        return "spatial"
+
+    def fit(self, X, y):
+        X = np.asarray(X)
+        SEEN["fit"].append(X.copy())
+        self.n_features_in_ = X.shape[1]
+        self.classes_ = np.arange(X.shape[1] - K)
+        return self
+
+    def predict_proba(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        SEEN["predict"].append(X.astype(np.float32))
+        z = X[:, :-K] / (1.0 + 2.0 * X[:, -K : -K + 1])
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+
+class ToyCalibrator(ToyContext, BaseLogitCalibrator):
+    """The toy as a calibrator of the package's family, which the persistence policy admits."""
+
+    input_type = "logits"  # what the family's evaluation shortcut asks (it finds none here)
+    chunk_size = 65536
+
+
 def spatial_selective(**kwargs):
     return SpySelective(
         LogisticRegression(max_iter=300), context="spatial", random_state=0, **kwargs
@@ -146,38 +180,45 @@ def spatial_selective(**kwargs):
 # ------------------------------------------------------------------- which context
 def test_estimator_context_of_each_calibrator_and_wrapper():
     sel = SelectiveScalingCalibrator(context="spatial")
-    assert _estimator_context(sel) == "spatial"
-    assert _estimator_context(SelectiveScalingCalibrator()) is None
-    assert _estimator_context(LocalTemperatureScaling()) == "spatial"
-    assert _estimator_context(LocalTemperatureScaling(n_context=0)) is None
-    assert _estimator_context(TemperatureScaling()) is None
-    assert _estimator_context(None) is None
-    assert _estimator_context(LogisticRegression()) is None
+    assert estimator_context(sel) == "spatial"
+    assert estimator_context(SelectiveScalingCalibrator()) is None
+    assert estimator_context(LocalTemperatureScaling()) == "spatial"
+    assert estimator_context(LocalTemperatureScaling(n_context=0)) is None
+    assert estimator_context(TemperatureScaling()) is None
+    assert estimator_context(None) is None
+    assert estimator_context(LogisticRegression()) is None
     # wrappers: the final step, the searched estimator, a meta-estimator's estimator
-    assert _estimator_context(Pipeline([("cal", sel)])) == "spatial"
-    assert _estimator_context(Pipeline([("cal", LocalTemperatureScaling())])) == "spatial"
-    assert _estimator_context(GridSearchCV(sel, {"t2": [2.0, 1e10]})) == "spatial"
-    assert _estimator_context(GridSearchCV(Pipeline([("cal", sel)]), {"cal__t2": [2.0]})) == (
+    assert estimator_context(Pipeline([("cal", sel)])) == "spatial"
+    assert estimator_context(Pipeline([("cal", LocalTemperatureScaling())])) == "spatial"
+    assert estimator_context(GridSearchCV(sel, {"t2": [2.0, 1e10]})) == "spatial"
+    assert estimator_context(GridSearchCV(Pipeline([("cal", sel)]), {"cal__t2": [2.0]})) == (
         "spatial"
     )
     # a grid that sets the context for every candidate decides it
     grid = GridSearchCV(SelectiveScalingCalibrator(), {"context": ["spatial"], "t2": [2.0]})
-    assert _estimator_context(grid) == "spatial"
+    assert estimator_context(grid) == "spatial"
     both = GridSearchCV(SelectiveScalingCalibrator(), [{"t2": [2.0]}, {"context": ["spatial"]}])
     with pytest.raises(ValueError, match="differ in their context"):
-        _estimator_context(both)
+        estimator_context(both)
     with pytest.raises(ValueError, match="differ in their context"):
-        _estimator_context(
+        estimator_context(
             GridSearchCV(LocalTemperatureScaling(), {"n_context": [None, 0]}), where="x"
         )
 
-    class Foreign:  # a parameter of that name on an estimator that is not ours: no context
+    class Foreign:  # a parameter of that name is no declaration: no context
         context = "spatial"
 
         def get_params(self, deep=True):
             return {"context": "spatial"}
 
-    assert _estimator_context(Foreign()) is None
+    assert estimator_context(Foreign()) is None
+    # the declaration is what counts, for any class and through any wrapper
+    assert estimator_context(ToyContext()) == "spatial"
+    assert estimator_context(Pipeline([("toy", ToyContext())])) == "spatial"
+    from sklearn.frozen import FrozenEstimator
+
+    assert estimator_context(FrozenEstimator(ToyContext())) == "spatial"
+    assert estimator_context(FrozenEstimator(Pipeline([("c", sel)]))) == "spatial"
 
 
 def test_a_fitted_search_answers_with_its_best_estimator(images):
@@ -188,7 +229,7 @@ def test_a_fitted_search_answers_with_its_best_estimator(images):
         cv=2,
     )
     with pytest.raises(ValueError, match="differ in their context"):
-        _estimator_context(search)
+        estimator_context(search)
     # once fitted, the best candidate says it
     search = GridSearchCV(
         SelectiveScalingCalibrator(
@@ -197,18 +238,18 @@ def test_a_fitted_search_answers_with_its_best_estimator(images):
         {"t2": [2.0, 1e10]},
         cv=2,
     ).fit(X, y)
-    assert _estimator_context(search) == "spatial"
+    assert estimator_context(search) == "spatial"
 
 
 @pytest.mark.parametrize("n_context", [3, 1])
 def test_a_context_of_ones_own_is_refused_in_every_path(store, images, tmp_path, n_context):
     lts = LocalTemperatureScaling(n_context=n_context)
-    with pytest.raises(ValueError, match=rf"n_context={n_context}\).*fit_store cannot"):
+    with pytest.raises(ValueError, match=r"reads the context 'custom'.*fit_store cannot"):
         fit_store(lts, store, images=None)
     X, y, _ = flatten_segmentation(*stored(images))
     extra = np.random.default_rng(0).random((len(X), n_context), dtype=np.float32)
     fitted = LocalTemperatureScaling(n_context=n_context).fit(np.hstack([X, extra]), y)
-    with pytest.raises(ValueError, match="evaluate_store cannot compute.*n_context=None"):
+    with pytest.raises(ValueError, match="evaluate_store cannot compute"):
         evaluate_store(store, {"lts": fitted})
     with pytest.raises(ValueError, match="predict_store cannot compute"):
         predict_store(fitted, store, tmp_path / "proba")
@@ -239,17 +280,15 @@ def test_wrong_width_is_refused(store, images):
 def test_store_sample_rows_are_flatten_segmentation_rows(store, images, chunk_pixels):
     X_ref, y_ref, g_ref = reference(images)
     # every labelled pixel: the very table of flatten_segmentation, bit for bit
-    X, y, groups = sample_table(
-        store, 10**6, context="spatial", chunk_pixels=chunk_pixels, random_state=0
+    X, y, groups = store.sample(
+        10**6, context="spatial", chunk_pixels=chunk_pixels, random_state=0
     )
     assert X.dtype == np.float32 and X.shape == (len(y_ref), N_CLASSES + K)
     np.testing.assert_array_equal(X, X_ref)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(groups, g_ref)
     # a subsample: the rows of store.sample (same pixels, same order), each with its context
-    X, y, groups = sample_table(
-        store, 150, context="spatial", chunk_pixels=chunk_pixels, random_state=3
-    )
+    X, y, groups = store.sample(150, context="spatial", chunk_pixels=chunk_pixels, random_state=3)
     X0, y0, g0 = store.sample(150, chunk_pixels=chunk_pixels, random_state=3)
     np.testing.assert_array_equal(X[:, :N_CLASSES], X0)
     np.testing.assert_array_equal(y, y0)
@@ -262,19 +301,17 @@ def test_store_sample_rows_are_flatten_segmentation_rows(store, images, chunk_pi
 
 def test_sampler_strata_read_the_logit_columns_only(store):
     """Context columns after the logits (of any value) never change which pixels are drawn."""
-    from sksegcal.store._context import _WithContext
+    X0, y0, g0 = store.sample(300, random_state=0)
+    read = store.iter_tables
 
-    class HugeContext(_WithContext):
+    def huge_context(image_id, chunk_pixels=None, *, context=None, ignored="drop"):
         # context columns far above every logit: an argmax over the whole row would put
         # every pixel in the "wrong" stratum and disagree with the records' counts
-        def _iter_image_tables(self, image_id, chunk_pixels, drop_ignored=True):
-            for x, y in self._store._iter_image_tables(image_id, chunk_pixels, drop_ignored):
-                yield np.concatenate([x, np.full((len(y), K), 1e30, np.float32)], axis=1), y
+        for x, y in read(image_id, chunk_pixels, ignored=ignored):
+            yield np.concatenate([x, np.full((len(y), K), 1e30, np.float32)], axis=1), y
 
-    from sksegcal.store._sampling import sample_store
-
-    X, y, groups = sample_store(HugeContext(store, "spatial"), 300, random_state=0)
-    X0, y0, g0 = store.sample(300, random_state=0)
+    store.iter_tables = huge_context
+    X, y, groups = store.sample(300, random_state=0, context="spatial")
     np.testing.assert_array_equal(X[:, :N_CLASSES], X0)
     np.testing.assert_array_equal(y, y0)
     np.testing.assert_array_equal(groups, g0)
@@ -382,11 +419,18 @@ def test_pipeline_and_grid_search_through_the_store(store, images, tmp_path):
     pipe = Pipeline([("cal", spatial_selective())])
     fitted = fit_store(pipe, store, images=None, max_pixels=10**6, random_state=0)
     np.testing.assert_array_equal(SEEN["fit"][0], X_ref)
-    direct = Pipeline([("cal", spatial_selective())]).fit(X_ref, y_ref)
+    # the image ids reach the wrapped calibrator (metadata routing), as they reach a bare one
+    np.testing.assert_array_equal(SEEN["groups"][0], g_ref)
+    with sklearn.config_context(enable_metadata_routing=True):
+        direct = Pipeline([("cal", spatial_selective())]).fit(X_ref, y_ref, groups=g_ref)
     np.testing.assert_array_equal(fitted.predict_proba(X_ref), direct.predict_proba(X_ref))
 
-    search = GridSearchCV(spatial_selective(), {"t2": [2.0, 1e10]}, cv=2)
+    SEEN["groups"].clear()
+    search = GridSearchCV(spatial_selective(), {"t2": [2.0, 1e10]}, cv=GroupKFold(2))
     search = fit_store(search, store, images=None, max_pixels=10**6, random_state=0)
+    # every candidate's fit and the refit got image ids, and the splitter split by image
+    assert len(SEEN["groups"]) == 5 and all(g is not None for g in SEEN["groups"])
+    np.testing.assert_array_equal(SEEN["groups"][-1], g_ref)
     assert search.best_estimator_.n_features_in_ == N_CLASSES + K
     # joblib round trip: the same numbers through every path
     path = tmp_path / "search.joblib"
@@ -513,8 +557,7 @@ def test_cli_fit_evaluate_with_spatial_context(tmp_path, capsys):
             assert metrics[name][key] == pytest.approx(ref[name].summary()[key], rel=1e-9)
     # the fitted calibrator is the one fit_store-like sampling gives: the flatten rows
     split = opened.split
-    X, y, groups = sample_table(
-        opened,
+    X, y, groups = opened.sample(
         400_000,
         context="spatial",
         images=np.concatenate([split.train, split.validation]),
@@ -590,7 +633,7 @@ def test_mmseg_paths_feed_the_same_rows_as_the_store(store, images):
             proba.numpy(), sel.predict_proba(store_rows[i]).T.reshape(z.shape), rtol=0, atol=1e-6
         )
 
-    with pytest.raises(ValueError, match="n_context=3.*CalibrationMetric cannot"):
+    with pytest.raises(ValueError, match="reads the context .custom.*CalibrationMetric cannot"):
         X, y, _ = flatten_segmentation(logits, labels)
         CalibrationMetric(
             calibrator=LocalTemperatureScaling(n_context=3).fit(
@@ -632,7 +675,7 @@ def test_calibrate_model_with_spatial_selective_scaling(tmp_path):
     expected = sel.predict_proba(X).T.reshape(logits.shape)
     np.testing.assert_allclose(result.seg_logits.data.numpy(), expected, rtol=0, atol=1e-6)
     mm.uncalibrate_model(model)
-    with pytest.raises(ValueError, match="n_context=2.*calibrate_model cannot"):
+    with pytest.raises(ValueError, match="reads the context .custom.*calibrate_model cannot"):
         mm.calibrate_model(
             model,
             LocalTemperatureScaling(n_context=2).fit(
@@ -670,3 +713,53 @@ def test_demo_with_spatial_context(tmp_path, capsys):
         assert evaluated["calibrator"][key] == pytest.approx(
             metrics["results"]["test"]["selective scaling"][key], rel=1e-9
         )
+
+
+# ------------------------------------------------------------------- a new calibrator class
+@_MMSEG_NOISE
+def test_a_new_class_declaring_context_works_through_every_path(store, images, tmp_path):
+    """A class that only declares ``reads_context`` gets flatten's rows from every path."""
+    X_ref, y_ref, g_ref = reference(images)
+    X_all, _, g_all = reference(images, ignore_index=None)
+    # the store: fit, evaluate, predict
+    toy = fit_store(ToyContext(), store, images=None, max_pixels=10**6, random_state=0)
+    np.testing.assert_array_equal(SEEN["fit"][0], X_ref)
+    SEEN["predict"].clear()
+    accs = evaluate_store(store, {"toy": toy}, chunk_pixels=10_000)
+    np.testing.assert_array_equal(np.concatenate(SEEN["predict"]), X_all)
+    SEEN["predict"].clear()
+    predict_store(toy, store, tmp_path / "proba", chunk_pixels=20)
+    np.testing.assert_array_equal(np.concatenate(SEEN["predict"]), X_all)
+    # the conformal store path
+    from sksegcal.conformal import ConformalPixelSets, fit_conformal_store
+
+    SEEN["predict"].clear()
+    fit_conformal_store(ConformalPixelSets(0.2, calibrator=toy), store, images=None)
+    np.testing.assert_array_equal(np.concatenate(SEEN["predict"]), X_ref)
+    # the command line: evaluate a saved toy (a pickle of a class of this module)
+    from sksegcal.cli import main
+
+    toy = fit_store(ToyCalibrator(), store, images=None, max_pixels=10**6, random_state=0)
+    joblib.dump(toy, tmp_path / "toy.joblib")
+    store.make_split(random_state=0)
+    results = tmp_path / "results"
+    args = ["evaluate", str(store.path), "-c", str(tmp_path / "toy.joblib"), "-o", str(results)]
+    assert main([*args, "-q", "--trusted", "--images", "all"]) == 0
+    got = json.loads((results / "metrics.json").read_text())["results"]
+    assert got["all images"]["toy"]["ece"] == pytest.approx(accs["toy"].summary()["ece"], rel=1e-9)
+    # mmseg: the evaluator metric and calibrated inference
+    pytest.importorskip("mmseg")
+    import torch
+
+    from sksegcal.integrations.mmseg import CalibrationMetric
+    from sksegcal.integrations.mmseg._inference import proba_map
+
+    logits, labels = stored(images)
+    SEEN["predict"].clear()
+    metric = CalibrationMetric(calibrator=toy, chunk_pixels=37)
+    metric.process({}, [_sample(z.astype(np.float32), t) for z, t in zip(logits, labels)])
+    np.testing.assert_array_equal(np.concatenate(SEEN["predict"]), X_all)
+    SEEN["predict"].clear()
+    z = torch.from_numpy(logits[0].astype(np.float32))
+    proba_map(toy, z, 50, estimator_context(toy))
+    np.testing.assert_array_equal(np.concatenate(SEEN["predict"]), X_all[g_all == 0])

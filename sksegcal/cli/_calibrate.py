@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import GroupKFold
 
 from ._common import CommandError, fmt_t
 
+# "logistic" is the old name of "default" (kept for a release)
 CLASSIFIERS = ("default", "mlp", "hgb", "logistic")
 
 
@@ -28,6 +31,15 @@ def parse_temperature(value: str, option: str = "--t2"):
 
 def make_classifier(name: str, seed: int, quick: bool):
     """The correctness classifier of selective scaling (None: the calibrator's default)."""
+    if name == "logistic":
+        # the default detector is a logistic regression already (on standardised features)
+        warnings.warn(
+            "--classifier logistic is --classifier default (the calibrator's own logistic "
+            "regression); the name 'logistic' will be removed in a future release.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return None
     if name == "default":
         return None
     if name == "mlp":
@@ -38,69 +50,64 @@ def make_classifier(name: str, seed: int, quick: bool):
     if name == "hgb":
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        return HistGradientBoostingClassifier(max_iter=30 if quick else 200,
-                                              early_stopping=False, random_state=seed)
-    if name == "logistic":
-        from sklearn.linear_model import LogisticRegression
-
-        return LogisticRegression(max_iter=500)
-    raise CommandError(f"unknown classifier {name!r}; choose default, mlp, hgb or logistic.")
+        return HistGradientBoostingClassifier(
+            max_iter=30 if quick else 200, early_stopping=False, random_state=seed
+        )
+    raise CommandError(f"unknown classifier {name!r}; choose default, mlp or hgb.")
 
 
-def fit_selective(store, split, *, max_pixels, seed, quick, classifier, t2_grid,
-                  t1_grid=(1.0,), features="agnostic", context=None):
-    """SelectiveScalingCalibrator with t1/t2 chosen on the validation images (PredefinedSplit).
+class ValidationImages(GroupKFold):
+    """One split: the calibrator-validation images held out, the rest trained on.
 
-    The grid search scores each candidate by NLL on the calibrator-validation
-    images and refits the best one on train + validation. A joblib cache lets
-    the candidates share fitted correctness classifiers, and metadata routing
-    passes the image ids on to ``fit`` so that "auto" temperatures are fitted
-    on held-out whole images, not on pixels of images the classifier saw. With
-    ``context="spatial"`` the sampled rows carry their pixels' spatial context
-    columns (computed per image from the store) and the detector reads them.
-
-    Returns the fitted calibrator and the search (None for a single candidate).
+    It reads the sample's image ids (``groups``, routed to it by scikit-learn's
+    metadata routing), so that a search scores every candidate on whole
+    held-out images.
     """
-    import sklearn
-    from joblib import Memory
-    from sklearn.model_selection import GridSearchCV, PredefinedSplit
 
-    from ..selective import SelectiveScalingCalibrator
-    from ..store import _sample_table
+    def __init__(self, validation=()):
+        self.validation = validation
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        return 1
+
+    def split(self, X, y=None, groups=None):
+        held = np.isin(np.asarray(groups), np.asarray(self.validation))
+        yield np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def fit_selective(estimator, store, split, *, grid=None, max_pixels: int, seed: int):
+    """Fit selective scaling on the train + validation images through :func:`fit_store`.
+
+    Without a ``grid`` the estimator is fitted as it is. With one (several
+    values of a parameter), a search scores each candidate by NLL on the
+    calibrator-validation images and refits the best on train + validation; a
+    joblib cache lets the candidates share fitted correctness classifiers.
+
+    Returns the fitted calibrator and the search (None without a grid).
+    """
+    from joblib import Memory
+    from sklearn.model_selection import GridSearchCV
+
+    from ..store import fit_store
 
     ids = np.concatenate([split.train, split.validation])
-    X, y, groups = _sample_table(store, max_pixels, context=context, images=ids,
-                                 random_state=seed)
-    fold = split.test_fold(groups)
-    grid = {"t1": list(t1_grid), "t2": list(t2_grid)}
+    sample = {"images": ids, "max_pixels": max_pixels, "random_state": seed}
+    if not grid:
+        return fit_store(estimator, store, **sample), None
     with tempfile.TemporaryDirectory(prefix="sksegcal-memory-") as cache:
-        base = SelectiveScalingCalibrator(
-            make_classifier(classifier, seed, quick), features=features, context=context,
-            random_state=seed, memory=Memory(cache, verbose=0))
-        if len(grid["t1"]) == 1 and len(grid["t2"]) == 1:
-            best = base.set_params(t1=grid["t1"][0], t2=grid["t2"][0], memory=None)
-            return best.fit(X, y, groups=groups), None
-        with sklearn.config_context(enable_metadata_routing=True):
-            base.set_fit_request(groups=True, sample_weight=False)
-            search = GridSearchCV(base, grid, cv=PredefinedSplit(fold), refit=True,
-                                  error_score="raise")
-            search.fit(X, y, groups=groups)
+        estimator.set_params(memory=Memory(cache, verbose=0))
+        search = GridSearchCV(
+            estimator,
+            grid,
+            cv=ValidationImages(split.validation),
+            refit=True,
+            error_score="raise",
+        )
+        fit_store(search, store, **sample)
         best = search.best_estimator_
     # the cache folder is gone: keep the fitted calibrator free of a dangling Memory
     best.set_params(memory=None)
-    # and of the search's routing request (set_fit_request above): it served the search
-    # only, and its objects point back at each other, which skops cannot write (recursion)
-    vars(best).pop("_metadata_request", None)
     return best, search
-
-
-def fit_local_temperature(store, fit_ids, *, max_pixels, seed):
-    """LocalTemperatureScaling on a sample of the fit images, with their spatial context."""
-    from ..local_scaling import LocalTemperatureScaling
-    from ..store import fit_store
-
-    return fit_store(LocalTemperatureScaling(), store, images=fit_ids, max_pixels=max_pixels,
-                     random_state=seed)
 
 
 def local_temperature_info(lts) -> dict:
@@ -116,10 +123,13 @@ def selective_info(selective, search) -> dict:
     if search is not None:
         params = search.cv_results_["params"]
         nll = [round(-float(s), 4) for s in search.cv_results_["mean_test_score"]]
-        info["validation NLL"] = {f"t1={fmt_t(p['t1'])} t2={fmt_t(p['t2'])}": v
-                                  for p, v in zip(params, nll)}
-        info["chosen"] = f"t1={fmt_t(search.best_params_['t1'])} " \
-                         f"t2={fmt_t(search.best_params_['t2'])}"
+        info["validation NLL"] = {
+            " ".join(f"{k}={fmt_t(v)}" for k, v in sorted(p.items())): v
+            for p, v in zip(params, nll)
+        }
+        info["chosen"] = " ".join(
+            f"{k}={fmt_t(v)}" for k, v in sorted(search.best_params_.items())
+        )
     info["features"] = selective.features
     if selective.context is not None:  # (the default prints as it always has)
         info["context"] = selective.context

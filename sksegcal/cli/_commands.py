@@ -9,9 +9,9 @@ import numpy as np
 from .._progress import progress
 from ..pixels import _check_context_calibrator
 from ._calibrate import (
-    fit_local_temperature,
     fit_selective,
     local_temperature_info,
+    make_classifier,
     output_format,
     parse_temperature,
     save_calibrator,
@@ -79,14 +79,17 @@ def extract(args) -> int:
         def get(i):
             return predict_logits(model, part.images[i:i + 1])[0], part.labels[i]
 
-    store = LogitStore.create(args.store, n_classes=n_classes, class_names=class_names,
-                              ignore_index=args.ignore_index, source=source, exist_ok=True,
-                              match_source=_EXTRACT_SOURCE_KEYS)
-    todo = store.missing(names)  # resumable: images already written are skipped
-    position = {name: i for i, name in enumerate(names)}
-    for name in progress(todo, enabled=not args.quiet, desc="extract", unit="image"):
-        z, t = get(position[name])
-        store.add_image(name, z, t)
+    try:  # a store of another model or data, or arrays the store refuses: the user's to fix
+        store = LogitStore.create(args.store, n_classes=n_classes, class_names=class_names,
+                                  ignore_index=args.ignore_index, source=source, exist_ok=True,
+                                  match_source=_EXTRACT_SOURCE_KEYS)
+        todo = store.missing(names)  # resumable: images already written are skipped
+        position = {name: i for i, name in enumerate(names)}
+        for name in progress(todo, enabled=not args.quiet, desc="extract", unit="image"):
+            z, t = get(position[name])
+            store.add_image(name, z, t)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     print(f"{args.store}: {len(store.refresh())} images, {n_classes} classes, "
           f"{store.n_pixels:,} labelled pixels ({len(todo)} written now)")
     return 0
@@ -115,51 +118,112 @@ def _extract_mmseg(args) -> int:
 
 
 # --------------------------------------------------------------------------- fit
+# options of `fit` that set a parameter of SelectiveScalingCalibrator (left out: its default)
+_SELECTIVE_OPTIONS = ("t1", "t2", "classifier", "features", "context", "mode")
+
+
+def selective_options(args) -> tuple[dict, dict]:
+    """The parameters the options set, and the grid of those given several values.
+
+    An option left out sets nothing, so the calibrator keeps its own default:
+    ``sksegcal fit`` alone fits ``SelectiveScalingCalibrator(random_state=seed)``.
+    """
+    params, grid = {}, {}
+    for name in ("t1", "t2"):
+        values = getattr(args, name, None)
+        if values:
+            values = [parse_temperature(v, f"--{name}") for v in values]
+            if len(values) == 1:
+                params[name] = values[0]
+            else:
+                grid[name] = values
+    if getattr(args, "classifier", None) is not None:
+        params["classifier"] = make_classifier(args.classifier, args.seed, quick=False)
+    if getattr(args, "features", None) is not None:
+        params["features"] = args.features
+    if getattr(args, "context", None) is not None:
+        params["context"] = None if args.context == "none" else args.context
+    if getattr(args, "mode", None) is not None:
+        params["mode"] = args.mode
+    return params, grid
+
+
 def fit(args) -> int:
     """``fit``: temperature, selective or local temperature scaling on train + validation."""
+    from ..local_scaling import LocalTemperatureScaling
     from ..scaling import TemperatureScaling
+    from ..selective import SelectiveScalingCalibrator
     from ..store import fit_store
 
     # check the arguments and the output before anything is fitted or written into the store
-    context = None if args.context == "none" else args.context
-    if context is not None and args.method != "selective":
-        raise CommandError(
-            f"--context {args.context} is for --method selective (its detector reads the "
-            "spatial context); --method lts always reads it and --method temperature never."
-        )
-    grid = [parse_temperature(v) for v in args.t2]
-    t1_grid = [parse_temperature(v, "--t1") for v in args.t1]
+    if args.method != "selective":
+        given = [f"--{n}" for n in _SELECTIVE_OPTIONS if getattr(args, n, None) is not None]
+        if given:
+            raise CommandError(
+                f"{', '.join(given)} set parameters of selective scaling (--method "
+                f"selective); --method {args.method} has none of them (--method lts always "
+                "reads the spatial context, --method temperature never)."
+            )
+    params, grid = selective_options(args)
     output = check_output_file(args.output)
     fmt = output_format(output)
     store = open_store(args.store, n_classes=args.n_classes)
     split = store.split
     if split is None or args.resplit:
-        split = store.make_split(validation_size=args.validation_size,
-                                 test_size=args.test_size, random_state=args.seed)
-        say(args, f"recorded a split of {store.n_images} images: {len(split.train)} train / "
-                  f"{len(split.validation)} validation / {len(split.test)} test")
+        split = store.make_split(
+            validation_size=args.validation_size, test_size=args.test_size, random_state=args.seed
+        )
+        say(
+            args,
+            f"recorded a split of {store.n_images} images: {len(split.train)} train / "
+            f"{len(split.validation)} validation / {len(split.test)} test",
+        )
     fit_ids = np.concatenate([split.train, split.validation])
+    sample = {"images": fit_ids, "max_pixels": args.max_pixels, "random_state": args.seed}
     t0 = time.perf_counter()
     if args.method == "temperature":
-        est = fit_store(TemperatureScaling(), store, images=fit_ids, max_pixels=args.max_pixels,
-                        random_state=args.seed)
+        est = fit_store(TemperatureScaling(), store, **sample)
         info = {"temperature": round(float(est.temperature_), 4)}
     elif args.method == "lts":
-        est = fit_local_temperature(store, fit_ids, max_pixels=args.max_pixels, seed=args.seed)
+        est = fit_store(LocalTemperatureScaling(), store, **sample)
         info = local_temperature_info(est)
     else:
-        est, search = fit_selective(store, split, max_pixels=args.max_pixels, seed=args.seed,
-                                    quick=False, classifier=args.classifier, t2_grid=grid,
-                                    t1_grid=t1_grid, features=args.features, context=context)
+        selective = SelectiveScalingCalibrator(random_state=args.seed).set_params(**params)
+        est, search = fit_selective(
+            selective, store, split, grid=grid, max_pixels=args.max_pixels, seed=args.seed
+        )
         info = selective_info(est, search)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_calibrator(est, output, fmt)
-    print(f"{args.method}: " + ", ".join(f"{k} = {fmt_value(v)}" for k, v in info.items())
-          + f" ({time.perf_counter() - t0:.1f} s); saved to {output} ({fmt})")
+    print(
+        f"{args.method}: "
+        + ", ".join(f"{k} = {fmt_value(v)}" for k, v in info.items())
+        + f" ({time.perf_counter() - t0:.1f} s); saved to {output} ({fmt})"
+    )
     return 0
 
 
 # --------------------------------------------------------------------------- evaluate
+def method_role(estimator) -> str:
+    """What the report compares a method as: its class, not the name a user gave it."""
+    from ..scaling import TemperatureScaling
+    from ..selective import SelectiveScalingCalibrator
+
+    if estimator is None:
+        return "uncalibrated"
+    best = getattr(estimator, "best_estimator_", None)  # a fitted search: its best
+    if best is not None:
+        return method_role(best)
+    steps = getattr(estimator, "steps", None)  # a Pipeline: its final step
+    if isinstance(steps, list) and steps:
+        return method_role(steps[-1][1])
+    if isinstance(estimator, SelectiveScalingCalibrator):
+        return "selective"
+    if isinstance(estimator, TemperatureScaling):
+        return "temperature"
+    return type(estimator).__name__
+
+
 def evaluate(args) -> int:
     """``evaluate``: metrics of the uncalibrated model and each calibrator on a store."""
     from ..store import evaluate_store
@@ -189,6 +253,7 @@ def evaluate(args) -> int:
                                                boundary_width=args.boundary_width)}
     meta = {"store": str(store.path), "images": args.images,
             "calibrators": {name: str(p) for name, p in zip(names, paths)},
+            "roles": {name: method_role(est) for name, est in calibrators.items()},
             "dataset": store.source.get("dataset", str(store.path)),
             "class_names": list(store.class_names) if store.class_names else None,
             "boundary_width": args.boundary_width}

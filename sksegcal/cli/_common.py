@@ -59,7 +59,10 @@ def open_store(path, *, n_classes: int | None = None):
     path = Path(path)
     if not path.exists():
         raise CommandError(f"the store {path} does not exist; create it with 'sksegcal extract'.")
-    return LogitStore.open(path, n_classes=n_classes)
+    try:
+        return LogitStore.open(path, n_classes=n_classes)
+    except ValueError as exc:  # a damaged store, or one of another model: the user's to fix
+        raise CommandError(str(exc)) from None
 
 
 def load_calibrator(path, *, trusted: bool = False):

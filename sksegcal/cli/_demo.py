@@ -24,7 +24,7 @@ import numpy as np
 
 from .._progress import progress
 from .._segnet import DEMO_SETTINGS
-from ._calibrate import fit_selective, save_calibrator, selective_info
+from ._calibrate import make_classifier, save_calibrator, selective_info
 from ._common import UNCALIBRATED, CommandError, check_output_dir, say, threads
 from ._report import format_table, summaries, write_metrics, write_report
 
@@ -66,8 +66,12 @@ def demo_data(args):
     from ..datasets import load_dataset
 
     settings = DEMO_SETTINGS[(args.dataset, args.quick)]
-    return load_dataset(args.dataset, random_state=0, cache_dir=_data_cache(args),
-                        **settings["data"])
+    try:
+        return load_dataset(
+            args.dataset, random_state=0, cache_dir=_data_cache(args), **settings["data"]
+        )
+    except (FileNotFoundError, ImportError) as exc:  # data or a package to install
+        raise CommandError(str(exc)) from None
 
 
 def _demo_network(args, data):
@@ -127,33 +131,17 @@ def _demo_stores(args, data, model, net_info, store_root: Path) -> dict:
     return stores
 
 
-def _selective_maps(selective, logits, calibrated) -> dict:
-    """The detector's P(correct) and the per-pixel temperature T = 1/beta, as (N, H, W) maps."""
-    from ..pixels import _context_rows
+def _selective_maps(selective, logits) -> dict:
+    """The detector's P(correct) and the per-pixel temperature, as (N, H, W) maps."""
+    from ..context import estimator_context, image_rows
 
     n, c, h, w = logits.shape
-    X = np.ascontiguousarray(logits.transpose(0, 2, 3, 1).reshape(-1, c), dtype=np.float32)
-    context = getattr(selective, "context", None)
-    if context is not None:  # the detector reads each image's context columns too
-        X = np.concatenate([X, np.concatenate([_context_rows(z) for z in logits])], axis=1)
-    p_correct = selective.predict_correctness(X).reshape(n, h, w)
-    beta = None
-    hook = getattr(selective, "_row_inverse_temperatures", None)
-    if hook is not None:
-        try:
-            rows = hook(X) if context is None else hook(X[:, :c], X[:, c:])
-            beta = np.asarray(rows, dtype=np.float64)
-        except Exception:  # a private hook: fall back on the spreads below
-            beta = None
-    if beta is None or beta.size != X.shape[0]:
-        # log-softmax of beta * z is beta * z minus a constant: the spreads give beta
-        log_q = np.log(np.maximum(calibrated.astype(np.float64), 1e-300))
-        z = logits.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            beta = (log_q.std(axis=1) / z.std(axis=1)).reshape(-1)
-    with np.errstate(divide="ignore"):
-        temperature = 1.0 / np.maximum(beta, 1e-300)
-    return {"p_correct": p_correct, "temperature": temperature.reshape(n, h, w)}
+    context = estimator_context(selective, where="the demo")
+    X = np.concatenate([image_rows(z, context) for z in logits]).astype(np.float32, copy=False)
+    return {
+        "p_correct": selective.predict_correctness(X).reshape(n, h, w),
+        "temperature": selective.temperatures(X).reshape(n, h, w),
+    }
 
 
 def _image_name(part, i: int) -> str:
@@ -173,6 +161,7 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     from ..features import softmax
     from ..pixels import ImageSplit, predict_proba_maps, split_images
     from ..scaling import TemperatureScaling
+    from ..selective import SelectiveScalingCalibrator
     from ..store import evaluate_store, fit_store
 
     timings: dict[str, float] = {}
@@ -217,13 +206,17 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     max_pixels = 60_000 if args.quick else 400_000
     ts = fit_store(TemperatureScaling(), cal_store, images=fit_ids, max_pixels=max_pixels,
                    random_state=args.seed)
-    selective, search = fit_selective(
-        cal_store, split, max_pixels=max_pixels, seed=args.seed, quick=args.quick,
-        # the recommended default (README, docs/quality.md): both temperatures fitted on
-        # held-out images, with the cross-fitted guard against losing to TS. A grid with
-        # fixed temperatures would bypass the guard (it runs for t1 = t2 = "auto" only)
-        classifier=args.classifier, t2_grid=["auto"], t1_grid=["auto"],
-        features=_FEATURES, context=_context(args))
+    # the recommended default (README, docs/quality.md): both temperatures fitted on held-out
+    # images, with the cross-fitted guard against losing to TS
+    selective = SelectiveScalingCalibrator(
+        make_classifier(args.classifier, args.seed, args.quick),
+        features=_FEATURES,
+        context=_context(args),
+        random_state=args.seed,
+    )
+    selective = fit_store(
+        selective, cal_store, images=fit_ids, max_pixels=max_pixels, random_state=args.seed
+    )
     timings["calibrators"] = time.perf_counter() - t0
 
     say(args, "[6/6] evaluating on the test slices, in-domain and shifted")
@@ -254,10 +247,10 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
         "probs": {UNCALIBRATED: softmax(example_logits),
                   SELECTIVE: predict_proba_maps(selective, example_logits)},
     }
-    examples.update(_selective_maps(selective, example_logits, examples["probs"][SELECTIVE]))
+    examples.update(_selective_maps(selective, example_logits))
     calibrator_info = {
         TS: {"temperature": round(float(ts.temperature_), 4)},
-        SELECTIVE: selective_info(selective, search),
+        SELECTIVE: selective_info(selective, None),
     }
     counts = {
         "test": f"{len(split.test)} images of {len(slice_split.test)} slices",
@@ -283,6 +276,7 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
                   "test_images": len(split.test), "shifted_test_images": len(shifted_test),
                   "test_slices": slice_split.test.tolist()},
         "calibrators": calibrator_info,
+        "roles": {UNCALIBRATED: "uncalibrated", TS: "temperature", SELECTIVE: "selective"},
         "boundary_width": BOUNDARY_WIDTH,
         "timings": timings,
     }

@@ -144,27 +144,35 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="selective scaling, temperature scaling, or local temperature scaling "
                         "(a temperature per pixel from its spatial context; docs/spatial.md) "
                         "(default: selective)")
-    p.add_argument("--context", choices=("none", "spatial"), default="none",
-                   help="selective: what the correctness detector reads beside each pixel's "
-                        "probabilities: nothing, or the spatial context of its neighbourhood, "
-                        "computed per image from the store (default: none)")
     p.add_argument("--output", "-o", default="calibrator.joblib",
                    help="where to save it: NAME.skops writes a skops file (needs skops), any "
                         "other name a joblib pickle (default: calibrator.joblib)")
-    p.add_argument("--t2", nargs="+", default=["auto", "2", "1e10"],
-                   help="selective: t2 candidates, chosen by NLL on the validation images "
-                        "(default: auto 2 1e10)")
-    p.add_argument("--t1", nargs="+", default=["1"],
-                   help="selective: t1 candidates (temperature of pixels called correct), "
-                        "searched together with --t2 (default: 1)")
-    p.add_argument("--classifier", choices=CLASSIFIERS, default="default",
-                   help="selective: correctness classifier: SelectiveScalingCalibrator's "
-                        "default (logistic regression), the paper's MLP with 40 epochs, gradient "
-                        "boosting or logistic regression (default: default)")
-    p.add_argument("--features", choices=("agnostic", "log_softmax"), default="agnostic",
-                   help="selective: what the classifier sees: class-agnostic summaries (the "
-                        "calibrator's default) or the log-probability vector (the paper) "
-                        "(default: agnostic)")
+    # selective scaling's parameters: an option left out keeps SelectiveScalingCalibrator's
+    # own default, so `sksegcal fit STORE` fits SelectiveScalingCalibrator(random_state=SEED)
+    p.add_argument("--context", choices=("none", "spatial"), default=None,
+                   help="selective (parameter context): what the correctness detector reads "
+                        "beside each pixel's probabilities: nothing, or the spatial context of "
+                        "its neighbourhood, computed per image from the store (default: the "
+                        "calibrator's, none)")
+    p.add_argument("--t2", nargs="+", default=None,
+                   help="selective (parameter t2): 'auto' or a temperature; several values are "
+                        "searched, chosen by NLL on the validation images (default: the "
+                        "calibrator's, auto)")
+    p.add_argument("--t1", nargs="+", default=None,
+                   help="selective (parameter t1): temperature of pixels called correct, as "
+                        "--t2 (default: the calibrator's, auto)")
+    p.add_argument("--mode", choices=("soft", "hard", "generalised"), default=None,
+                   help="selective (parameter mode): how P(correct) sets the temperature "
+                        "(default: the calibrator's, soft)")
+    p.add_argument("--classifier", choices=CLASSIFIERS, default=None,
+                   help="selective (parameter classifier): the correctness detector: the "
+                        "calibrator's default (logistic regression), the paper's MLP with 40 "
+                        "epochs or gradient boosting; 'logistic' is an old name of 'default' "
+                        "(default: default)")
+    p.add_argument("--features", choices=("agnostic", "log_softmax"), default=None,
+                   help="selective (parameter features): what the detector sees: "
+                        "class-agnostic summaries or the log-probability vector (the paper) "
+                        "(default: the calibrator's, agnostic)")
     p.add_argument("--max-pixels", type=_count(1), default=400_000,
                    help="pixels sampled for fitting (default: 400000)")
     p.add_argument("--validation-size", type=float, default=0.25)
@@ -256,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     int
         0 on success, 1 on an error the user can fix (reported as one line on
-        stderr), 2 on a usage error (one line too), 130 when interrupted.
+        stderr), 2 on a usage error (one line too), 130 when interrupted. Any
+        other exception (a bug in the library, or in an estimator) propagates
+        with its traceback.
     """
     parser = _build_parser()
     try:
@@ -269,13 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sksegcal {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, TypeError, OSError, KeyError, ImportError) as exc:
-        if debug:
+    except (CommandError, OSError) as exc:
+        # usage errors the command raised itself, and files the system could not read or
+        # write, are one line; any other exception is a bug somewhere and keeps its traceback
+        if debug or (isinstance(exc, OSError) and not getattr(exc, "filename", None)):
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        if isinstance(exc, OSError) and getattr(exc, "filename", None) and not isinstance(
-                exc, FileExistsError):
+        message = str(exc)
+        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
             message = f"{exc.strerror or exc}: {exc.filename}"
-        message = " ".join(str(message).split())  # one line
+        message = " ".join(message.split())  # one line
         print(f"sksegcal {args.command}: error: {message}", file=sys.stderr)
         return 1

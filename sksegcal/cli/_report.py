@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .._files import atomic_write_bytes, atomic_write_via_path
-from ._common import CommandError, fmt_value, need_file
+from ._common import UNCALIBRATED, CommandError, fmt_value, need_file
 
 METRICS = ("ece", "mce", "nll", "brier", "accuracy", "miou")
 HEADERS = {"ece": "ECE", "mce": "MCE", "nll": "NLL", "brier": "Brier", "accuracy": "accuracy",
@@ -160,7 +160,7 @@ def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None)
                "", _markdown_table(methods), ""]
         if split in figures:
             md += [f"![reliability diagrams]({figures[split]})", ""]
-        md += _worse_notes(accumulators.get(split, {}), methods)
+        md += _worse_notes(accumulators.get(split, {}), methods, method_roles(meta))
     md += _boundary_section(results, meta)
     if "examples.png" in written:
         md += ["## Example slices", "", "![examples](examples.png)", ""]
@@ -204,7 +204,7 @@ def _boundary_section(results: dict, meta: dict) -> list[str]:
     for split, methods in splits.items():
         first = next(iter(methods.values()))
         nb, ni = int(first["boundary_n_pixels"]), int(first["interior_n_pixels"])
-        base = _find_method(methods, "uncalibrated")
+        base = _find_method(methods, "uncalibrated", method_roles(meta))
         md += [f"### {SPLIT_NAMES.get(split, split)}", "",
                f"{nb:,} boundary pixels ({_pct(nb, nb + ni)}), {ni:,} interior pixels.", "",
                "| method | " + " | ".join(h for _, h in cols) + " | vs uncal. |",
@@ -352,8 +352,18 @@ def _example_notes(*, images, labels, probs, class_names, p_correct=None, temper
     return lines + [""]
 
 
-def _find_method(methods, word: str):
-    return next((m for m in methods if word in m.lower()), None)
+def method_roles(meta: dict) -> dict:
+    """What each method is ("uncalibrated", "selective", "temperature", ...), by its name.
+
+    The commands that write results record it (``meta["roles"]``); the
+    uncalibrated model is always named ``UNCALIBRATED``.
+    """
+    return {UNCALIBRATED: "uncalibrated", **(meta.get("roles") or {})}
+
+
+def _find_method(methods, role: str, roles: dict):
+    """The method whose recorded role is ``role`` (names are the user's: never read them)."""
+    return next((m for m in methods if roles.get(m) == role), None)
 
 
 def _worse(metric: str, sel: float, ts: float) -> bool:
@@ -361,9 +371,9 @@ def _worse(metric: str, sel: float, ts: float) -> bool:
     return diff > WORSE_TOL * max(1.0, abs(ts))
 
 
-def worse_metrics(methods: dict) -> list[str]:
+def worse_metrics(methods: dict, roles: dict) -> list[str]:
     """The metrics of one split where selective scaling is worse than temperature scaling."""
-    sel, ts = _find_method(methods, "selective"), _find_method(methods, "temperature")
+    sel, ts = (_find_method(methods, r, roles) for r in ("selective", "temperature"))
     if sel is None or ts is None:
         return []
     return [k for k in METRICS if _worse(k, methods[sel][k], methods[ts][k])]
@@ -374,12 +384,12 @@ def _bin_text(curve, b: int) -> str:
     return f"[{lo:.3f}, {hi:.3f})"
 
 
-def _worse_notes(accs: dict, methods: dict, n_bins: int = 15) -> list[str]:
+def _worse_notes(accs: dict, methods: dict, roles: dict, n_bins: int = 15) -> list[str]:
     """A paragraph per metric where selective scaling is worse than temperature scaling."""
-    worse = worse_metrics(methods)
+    worse = worse_metrics(methods, roles)
     if not worse:
         return []
-    sel, ts = _find_method(methods, "selective"), _find_method(methods, "temperature")
+    sel, ts = (_find_method(methods, r, roles) for r in ("selective", "temperature"))
     lines = []
     for k in worse:
         a, b = methods[sel][k], methods[ts][k]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..pixels import _context_width, _estimator_context
+from ..context import context_width, estimator_context
 from ..store._engine import DEFAULT_TASK_PIXELS, image_blocks
 from ._base import BaseConformal
 from ._metrics import ConformalSetAccumulator
@@ -42,24 +42,17 @@ def _context_of(estimator, store) -> str | None:
     """The context the estimator's calibrator reads (None without a calibrator)."""
     if estimator.calibrator is None:
         return None
-    return _estimator_context(estimator.calibrator, where=f"the store {store.path}")
+    return estimator_context(estimator.calibrator, where=f"the store {store.path}")
 
 
 def _image_tables(store, image_id: int, chunk_pixels: int, context: str | None):
-    """Yield (X, y) tables of one image; with context, the context columns follow the logits.
+    """Yield (X, y) tables of one image's labelled pixels (the store's reader).
 
-    The context is computed on the whole stored image before ignored pixels are
-    dropped (the store engine's reader), so the calibrator in front gets the rows
-    ``flatten_segmentation(..., context="spatial")`` would give it.
+    With context the context columns follow the logits, computed on the whole
+    stored image before ignored pixels are dropped, so the calibrator in front
+    gets the rows ``flatten_segmentation(..., context=context)`` would give it.
     """
-    if context is None:
-        for X, y, _ in store.iter_chunks(chunk_pixels, images=[image_id]):
-            yield X, y
-        return
-    from ..store._context import iter_tables
-
-    for X, y, ctx in iter_tables(store, int(image_id), chunk_pixels, context):
-        yield np.concatenate([X, ctx], axis=1), y
+    yield from store.iter_tables(int(image_id), chunk_pixels, context=context)
 
 
 def _fit_block(estimator, store, ids, chunk_pixels):
@@ -131,17 +124,17 @@ def fit_conformal_store(
     from joblib import Parallel, delayed
 
     _check_inputs(estimator, store)
-    ids = store._as_ids(images)
+    ids = store.image_ids(images)
     if len(ids) == 0:
         raise ValueError("images selects no image of the store; there is nothing to calibrate on.")
     for attr in ("state_", "n_features_in_"):
         estimator.__dict__.pop(attr, None)
     context = _context_of(estimator, store)
     # a calibrator that reads the spatial context takes C logits and K context columns
-    n_features = store.n_classes + (_context_width(context) if context else 0)
+    n_features = store.n_classes + context_width(context)
     estimator.n_features_in_ = n_features
     estimator._start(n_features)
-    chunk_pixels = store._chunk_pixels(chunk_pixels)
+    chunk_pixels = store.chunk_size(chunk_pixels)
     states = Parallel(n_jobs=n_jobs, backend=backend)(
         delayed(_fit_block)(estimator, store, block, chunk_pixels)
         for block in _blocks(store, ids, task_pixels)
@@ -201,10 +194,10 @@ def evaluate_conformal_store(
         raise ValueError("estimators is empty.")
     for est in estimators.values():
         _check_inputs(est, store)
-    chunk_pixels = store._chunk_pixels(chunk_pixels)
+    chunk_pixels = store.chunk_size(chunk_pixels)
     results = Parallel(n_jobs=n_jobs, backend=backend)(
         delayed(_evaluate_block)(estimators, store, block, chunk_pixels)
-        for block in _blocks(store, store._as_ids(images), task_pixels)
+        for block in _blocks(store, store.image_ids(images), task_pixels)
     )
     accs = {
         name: ConformalSetAccumulator(store.n_classes, ignore_index=store.ignore_index)

@@ -34,16 +34,11 @@ The package, one idea a module:
 - ``_commit``: how an image is committed beside other writers; stray files;
 - ``_logit_store``: :class:`LogitStore` and :class:`StoredImage`;
 - ``_sampling``: the one-pass stratified pixel sample;
-- ``_context``: the spatial context of stored images, per image, for calibrators
-  that read it (``SelectiveScalingCalibrator(context="spatial")``,
-  ``LocalTemperatureScaling()``);
 - ``_engine``: :func:`fit_store`, :func:`evaluate_store`, :func:`predict_store`.
 """
 
-from ._context import sample_table as _sample_table  # noqa: F401 - the CLI's search sample
-from ._engine import (  # noqa: F401 - constants and _keeps_prediction are re-exported too
+from ._engine import (  # noqa: F401 - the constant is re-exported too
     DEFAULT_TASK_PIXELS,
-    _keeps_prediction,  # used by benchmarks/quality.py
     calibrator_fingerprint,
     evaluate_store,
     fit_store,
@@ -53,11 +48,13 @@ from ._format import FORMAT_NAME, FORMAT_VERSION  # noqa: F401
 from ._logit_store import (  # noqa: F401
     DEFAULT_CHUNK_VALUES,
     DEFAULT_GRACE_SECONDS,
+    ImageInfo,
     LogitStore,
     StoredImage,
 )
 
 __all__ = [
+    "ImageInfo",
     "LogitStore",
     "StoredImage",
     "calibrator_fingerprint",
@@ -67,7 +64,13 @@ __all__ = [
 ]
 
 # pickles name the public path (sksegcal.store.LogitStore), whichever module defines it
-for _obj in (LogitStore, StoredImage, evaluate_store, fit_store, predict_store,
-             calibrator_fingerprint):
+for _obj in (
+    LogitStore,
+    StoredImage,
+    evaluate_store,
+    fit_store,
+    predict_store,
+    calibrator_fingerprint,
+):
     _obj.__module__ = __name__
 del _obj

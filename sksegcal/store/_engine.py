@@ -13,7 +13,6 @@ May import: numpy, joblib, scikit-learn, :mod:`sksegcal.metrics`,
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import pickle
 import time
@@ -25,13 +24,14 @@ import numpy as np
 
 from .._files import atomic_write_json
 from .._kernels import argmax_rows
+from ..context import estimator_context
 from ..features import softmax
-from ..pixels import _check_context_calibrator, _estimator_context
-from ._context import iter_blocks, iter_tables, sample_table
+from ..pixels import _check_context_calibrator
 from ._format import MANIFEST, SPLIT_PARTS, VALUE_DTYPE
 from ._logit_store import LogitStore
 
 DEFAULT_TASK_PIXELS = 4_000_000
+
 
 def image_blocks(store: LogitStore, ids: np.ndarray, task_pixels: int) -> list[np.ndarray]:
     """Consecutive image blocks of about ``task_pixels`` pixels each.
@@ -42,9 +42,8 @@ def image_blocks(store: LogitStore, ids: np.ndarray, task_pixels: int) -> list[n
     """
     blocks, current, size = [], [], 0
     for i in ids:
-        r = store._records[store._names[i]]
         current.append(int(i))
-        size += r["height"] * r["width"]
+        size += store.image_info(i).n_pixels
         if size >= task_pixels:
             blocks.append(np.array(current))
             current, size = [], 0
@@ -79,8 +78,13 @@ def _check_calibrator(name, estimator, store: LogitStore, path: str) -> str | No
         ) from None
     except TypeError:  # not a scikit-learn estimator: its own predict_proba will tell
         pass
-    return _check_context_calibrator(estimator, store.n_classes, what=f"calibrator {name!r}",
-                                     where=f"the store {store.path}", path=path)
+    return _check_context_calibrator(
+        estimator,
+        store.n_classes,
+        what=f"calibrator {name!r}",
+        where=f"the store {store.path}",
+        path=path,
+    )
 
 
 def calibrator_fingerprint(estimator) -> str | None:
@@ -146,17 +150,17 @@ def _feed(h, obj, active: set) -> None:
             # in "_"), not private caches that a first predict may fill
             h.update(f"estimator:{cls.__module__}.{cls.__qualname__};".encode())
             fitted = {
-                k: v
-                for k, v in vars(obj).items()
-                if k.endswith("_") and not k.startswith("_")
+                k: v for k, v in vars(obj).items() if k.endswith("_") and not k.startswith("_")
             }
             _feed(h, {"params": obj.get_params(deep=False), "fitted": fitted}, active)
         elif hasattr(obj, "__dict__") and not callable(obj):
             h.update(f"object:{cls.__module__}.{cls.__qualname__};".encode())
             _feed(h, dict(vars(obj)), active)
         elif callable(obj):
-            h.update(f"callable:{getattr(obj, '__module__', '')}."
-                     f"{getattr(obj, '__qualname__', repr(obj))};".encode())
+            h.update(
+                f"callable:{getattr(obj, '__module__', '')}."
+                f"{getattr(obj, '__qualname__', repr(obj))};".encode()
+            )
         else:
             try:
                 h.update(b"pickle:" + pickle.dumps(obj, protocol=4))
@@ -216,8 +220,9 @@ def _softmax_temperatures(store: LogitStore, estimator, x: np.ndarray):
 
 def _zero_timings(calibrators) -> dict:
     """Seconds per step of an evaluation: reading, the model's argmax, and per calibrator."""
-    steps = ["read", "argmax"] + [f"{step}:{n}" for step in ("predict", "metrics")
-                                  for n in calibrators]
+    steps = ["read", "argmax"] + [
+        f"{step}:{n}" for step in ("predict", "metrics") for n in calibrators
+    ]
     return dict.fromkeys(steps, 0.0)
 
 
@@ -227,12 +232,12 @@ def _boundary_regions(store: LogitStore, image_id, width: int) -> np.ndarray:
 
     labels = np.asarray(store.load_image(image_id).labels)
     mask = boundary_mask(labels, width=width, ignore_index=store.ignore_index)
-    return mask[store._keep(labels)]
+    return mask[store.labelled(labels)]
 
 
 def _chunk_region(store: LogitStore, y: np.ndarray, kept_regions: np.ndarray, pos: int):
     """The boundary mask of one chunk of an image (its kept pixels are the next ones)."""
-    keep = store._keep(y)
+    keep = store.labelled(y)
     region = np.zeros(y.shape, dtype=bool)
     k = int(keep.sum())
     region[keep] = kept_regions[pos : pos + k]
@@ -240,16 +245,21 @@ def _chunk_region(store: LogitStore, y: np.ndarray, kept_regions: np.ndarray, po
 
 
 def _evaluate_block(
-    store: LogitStore, calibrators: dict, ids, chunk_pixels: int, acc_params,
+    store: LogitStore,
+    calibrators: dict,
+    ids,
+    chunk_pixels: int,
+    acc_params,
     boundary_width: int | None = None,
 ):
     accs = {name: _make_accumulator(store, acc_params) for name in calibrators}
     timings = _zero_timings(calibrators)
     keeps = {name: _keeps_prediction(est) for name, est in calibrators.items()}
     n_keeping = sum(keeps.values())
-    # the spatial context of each image, computed once for the calibrators that read it
-    contexts = {name: _estimator_context(est) for name, est in calibrators.items()}
+    # the context of each image, computed once for the calibrators that read it
+    contexts = {name: estimator_context(est) for name, est in calibrators.items()}
     context = next((c for c in contexts.values() if c is not None), None)
+    c = store.n_classes
     for image_id in ids:
         t0 = time.perf_counter()
         # the boundary band needs the whole label map; chunks take their part of it
@@ -258,8 +268,13 @@ def _evaluate_block(
         region = None
         # ignored pixels stay in (the accumulators skip their labels): compacting
         # every block would cost a copy of it
-        for x, y, ctx in iter_tables(store, image_id, chunk_pixels, context, drop_ignored=False):
-            with_context = None if ctx is None else np.concatenate([x, ctx], axis=1)
+        for rows_read, y in store.iter_tables(
+            image_id, chunk_pixels, context=context, ignored="keep"
+        ):
+            if not store.labelled(y).any():
+                continue
+            # the logit columns, contiguous for the kernels; the rows for those reading context
+            x = rows_read if context is None else np.ascontiguousarray(rows_read[:, :c])
             if boundary_width is not None:
                 region, pos = _chunk_region(store, y, kept_regions, pos)
             t1 = time.perf_counter()
@@ -274,13 +289,17 @@ def _evaluate_block(
             for name, est in calibrators.items():
                 # Temperature-based methods (and the uncalibrated model) are scored
                 # straight from the logits: no probability table, one exp pass.
-                rows = x if contexts[name] is None else with_context
+                rows = x if contexts[name] is None else rows_read
                 temperature = _softmax_temperatures(store, est, rows)
                 if temperature is not None:
                     t2 = time.perf_counter()
                     accs[name].update_logits(
-                        y, x, temperature=temperature, image_id=int(image_id),
-                        y_pred=model_pred, region=region,
+                        y,
+                        x,
+                        temperature=temperature,
+                        image_id=int(image_id),
+                        y_pred=model_pred,
+                        region=region,
                     )
                 else:
                     proba = _uncalibrated(store, x) if est is None else est.predict_proba(rows)
@@ -401,7 +420,7 @@ def evaluate_store(
         raise ValueError("calibrators is empty; pass e.g. {'uncalibrated': None}.")
     for name, est in calibrators.items():
         _check_calibrator(name, est, store, "evaluate_store")
-    chunk_pixels = store._chunk_pixels(chunk_pixels)
+    chunk_pixels = store.chunk_size(chunk_pixels)
     if boundary_width is not None:
         from ..metrics import BOUNDARY_REGIONS, boundary_mask
 
@@ -409,7 +428,7 @@ def evaluate_store(
             raise ValueError("Give boundary_width or accumulator_params['regions'], not both.")
         boundary_mask(np.zeros((1, 1), dtype=np.int64), width=boundary_width)  # checks it
         accumulator_params = {**(accumulator_params or {}), "regions": BOUNDARY_REGIONS}
-    blocks = image_blocks(store, store._as_ids(images), task_pixels)
+    blocks = image_blocks(store, store.image_ids(images), task_pixels)
     results = Parallel(n_jobs=n_jobs, backend=backend)(
         delayed(_evaluate_block)(
             store, calibrators, ids, chunk_pixels, accumulator_params, boundary_width
@@ -430,23 +449,20 @@ def _predict_block(calibrator, store: LogitStore, out: LogitStore, ids, chunk_pi
     # a private handle: threads of one process must not share the records cache
     out = LogitStore(out.path, out._manifest, {})
     c = store.n_classes
-    context = _estimator_context(calibrator)
+    context = estimator_context(calibrator)
     for image_id in ids:
-        record = store._records[store._names[image_id]]
-        h, w = record["height"], record["width"]
+        info = store.image_info(image_id)
+        h, w = info.height, info.width
         proba = np.empty((c, h, w), dtype=VALUE_DTYPE)
-        labels = []
         r0 = 0
-        for z, t, ctx in iter_blocks(store, image_id, chunk_pixels, context):
-            rows = z.shape[1]
-            x = np.ascontiguousarray(z.reshape(c, -1).T, dtype=np.float32)
-            if ctx is not None:  # every pixel's row, ignored ones included (for inference)
-                x = np.concatenate([x, ctx], axis=1)
+        # every pixel's row, ignored ones included (for inference)
+        for x, y in store.iter_tables(image_id, chunk_pixels, context=context, ignored="keep"):
+            rows = len(y) // w
             p = _uncalibrated(store, x) if calibrator is None else calibrator.predict_proba(x)
             proba[:, r0 : r0 + rows] = np.asarray(p).T.reshape(c, rows, w)
-            labels.append(t)
             r0 += rows
-        out.add_image(record["name"], proba, np.concatenate(labels), overwrite=True)
+        labels = np.asarray(store.load_image(image_id).labels)
+        out.add_image(info.name, proba, labels, overwrite=True)
 
 
 def predict_store(
@@ -544,14 +560,14 @@ def predict_store(
             f"calibrator on {recorded.get('calibrated_from')!r}, not on "
             f"{source['calibrated_from']!r}; write to a new directory."
         )
-    ids = [i for i in store._as_ids(images) if store._names[i] not in out]
-    chunk_pixels = store._chunk_pixels(chunk_pixels)
+    ids = [i for i in store.image_ids(images) if store.image_info(i).name not in out]
+    chunk_pixels = store.chunk_size(chunk_pixels)
     blocks = image_blocks(store, np.asarray(ids, dtype=np.int64), task_pixels)
     Parallel(n_jobs=n_jobs, backend=backend)(
         delayed(_predict_block)(calibrator, store, out, block, chunk_pixels) for block in blocks
     )
     out.refresh()
-    split = store._manifest["split"]
+    split = store.manifest["split"]
     if split is not None and all(n in out for p in SPLIT_PARTS for n in split[p]):
         manifest = out.manifest
         manifest["split"] = split
@@ -577,10 +593,11 @@ def fit_store(
     ----------
     estimator : estimator
         Anything with ``fit(X, y, **fit_params)`` on (n, C) logits. One that
-        reads the spatial context (``SelectiveScalingCalibrator(context=
-        "spatial")``, ``LocalTemperatureScaling()``, or a pipeline or search
-        ending in one) gets rows of C logits followed by the context columns
-        of their pixel, computed on the whole image before sampling, as
+        reads a context (:func:`sksegcal.context.estimator_context` says which:
+        ``SelectiveScalingCalibrator(context="spatial")``,
+        ``LocalTemperatureScaling()``, or a pipeline, search or wrapper around
+        one) gets rows of C logits followed by the context columns of their
+        pixel, computed on the whole image before sampling, as
         ``flatten_segmentation(..., context="spatial")`` computes them.
     store : LogitStore
     images : default="train"
@@ -588,9 +605,12 @@ def fit_store(
     max_pixels, stratify_by_correctness, max_per_image, random_state
         Passed to :meth:`LogitStore.sample`.
     **fit_params
-        Passed to ``estimator.fit``; the sample's image ids go as ``groups``
-        when ``fit`` takes a ``groups`` argument (as
-        :class:`~sksegcal.SelectiveScalingCalibrator` does).
+        Passed to ``estimator.fit``. The sample's image ids go as ``groups``
+        to every estimator that requests them through scikit-learn's metadata
+        routing (:class:`~sksegcal.SelectiveScalingCalibrator` does by default;
+        ``set_fit_request(groups=True)`` asks for them on others), bare or
+        inside a Pipeline, a search or a meta-estimator: a router is fitted
+        with ``enable_metadata_routing=True``.
 
     Returns
     -------
@@ -613,9 +633,8 @@ def fit_store(
     >>> bool(ts.temperature_ > 1)  # random labels: the logits are over-confident
     True
     """
-    context = _estimator_context(estimator, where="fit_store")
-    X, y, groups = sample_table(
-        store,
+    context = estimator_context(estimator, where="fit_store")
+    X, y, groups = store.sample(
         max_pixels,
         context=context,
         images=images,
@@ -623,14 +642,30 @@ def fit_store(
         max_per_image=max_per_image,
         random_state=random_state,
     )
-    if "groups" not in fit_params and _accepts_groups(estimator):
-        # image ids let the estimator hold out whole images (pixels of one image correlate)
+    if "groups" not in fit_params and _requests_groups(estimator):
+        # image ids let the estimator hold out whole images (pixels of one image correlate);
+        # they reach it through scikit-learn's metadata routing, wrapped or not
         fit_params["groups"] = groups
+        if _routes_metadata(estimator):
+            import sklearn
+
+            with sklearn.config_context(enable_metadata_routing=True):
+                return estimator.fit(X, y, **fit_params)
     return estimator.fit(X, y, **fit_params)
 
 
-def _accepts_groups(estimator) -> bool:
+def _requests_groups(estimator) -> bool:
+    """Whether ``fit`` of the estimator, or of an estimator it routes to, requests ``groups``."""
+    from sklearn.utils.metadata_routing import get_routing_for_object
+
     try:
-        return "groups" in inspect.signature(estimator.fit).parameters
-    except (TypeError, ValueError):
+        return bool(get_routing_for_object(estimator).consumes("fit", ["groups"]))
+    except Exception:  # noqa: BLE001 - an object outside scikit-learn's routing requests none
         return False
+
+
+def _routes_metadata(estimator) -> bool:
+    """Whether the estimator is a router (Pipeline, search, meta-estimator), not a consumer."""
+    from sklearn.utils.metadata_routing import MetadataRouter, get_routing_for_object
+
+    return isinstance(get_routing_for_object(estimator), MetadataRouter)

@@ -72,6 +72,20 @@ class StoredImage(NamedTuple):
     labels: np.ndarray
 
 
+class ImageInfo(NamedTuple):
+    """What the record of one stored image says: its name, size and pixel counts."""
+
+    name: Any
+    height: int
+    width: int
+    n_valid: int
+    n_correct: int
+
+    @property
+    def n_pixels(self) -> int:
+        """Every pixel of the image, ignored ones included."""
+        return self.height * self.width
+
 
 def _name_of_stem(rec_path: Path):
     """The image name a damaged record file stands for, where that can be told, else None."""
@@ -537,7 +551,7 @@ class LogitStore:
             z16 = np.ascontiguousarray(z, dtype=VALUE_DTYPE)
         check_finite(z16, where=f"logits of image {name!r} (after the cast to float16)")
         t = np.ascontiguousarray(t, dtype=self.labels_dtype)
-        keep = self._keep(t)
+        keep = self.labelled(t)
         n_valid = int(keep.sum())
         # correctness counts let sample() allocate a stratified sample in one pass
         n_correct = int(((argmax_planes(z16) == t) & keep).sum())
@@ -727,10 +741,29 @@ class LogitStore:
         return spatial, self.labels_dtype, False
 
     # ------------------------------------------------------------------ reading
-    def _keep(self, t: np.ndarray) -> np.ndarray:
+    # The public read interface (image_ids, image_info, labelled, chunk_size,
+    # iter_blocks, iter_tables, sample) is what the engine, the sampler and the
+    # conformal store path use; nothing outside this class reads its fields.
+    def labelled(self, labels: np.ndarray) -> np.ndarray:
+        """The boolean mask of the labelled (not ``ignore_index``) pixels of ``labels``."""
         if self.ignore_index is None:
-            return np.ones(t.shape, bool)
-        return t != self.ignore_index
+            return np.ones(np.shape(labels), bool)
+        return np.asarray(labels) != self.ignore_index
+
+    def image_ids(self, images=None) -> np.ndarray:
+        """Image ids (int64) from None (all), a split part name, ids or a boolean mask."""
+        return self._as_ids(images)
+
+    def image_info(self, image_id: int) -> ImageInfo:
+        """The name, size and labelled/correct pixel counts of one image, from its record."""
+        record = self._records[self._names[int(image_id)]]
+        return ImageInfo(
+            record["name"],
+            int(record["height"]),
+            int(record["width"]),
+            int(record["n_valid"]),
+            int(record["n_correct"]),
+        )
 
     def _as_ids(self, images) -> np.ndarray:
         """Image ids from None, a split part name, ids or a boolean mask."""
@@ -812,13 +845,16 @@ class LogitStore:
         for image_id in self._as_ids(images):
             yield self.load_image(image_id)
 
-    def _iter_blocks(self, image_id: int, block_pixels: int):
+    def iter_blocks(self, image_id: int, block_pixels: int | None = None):
         """Yield (logits (C, rows, W) float16, labels (rows, W)) row blocks of an image.
 
-        Reads each class plane's rows with ``readinto`` rather than through a
+        About ``block_pixels`` pixels a block (whole rows, at least one; default as
+        :meth:`chunk_size`). The logits block is a buffer the next block reuses:
+        copy what you keep. Reads each class plane's rows with ``readinto`` rather than through a
         memory map, so memory (and RSS, which counts mapped pages) stays at one
         block however large the image.
         """
+        block_pixels = self.chunk_size(block_pixels)
         record, logits_path, labels_path = self._paths(image_id)
         # a volume (C, D, H, W) is read as the (C, D * H, W) image its bytes also are
         c, h, w = self.n_classes, record.get("depth", 1) * record["height"], record["width"]
@@ -875,32 +911,86 @@ class LogitStore:
                         )
                 yield block, labels[r0:r1]
 
-    def _chunk_pixels(self, chunk_pixels: int | None) -> int:
+    def chunk_size(self, chunk_pixels: int | None = None) -> int:
+        """Pixels per chunk: ``chunk_pixels`` checked, or 4M values (``4194304 // n_classes``)."""
         if chunk_pixels is None:
             return max(1, DEFAULT_CHUNK_VALUES // self.n_classes)
-        if not isinstance(chunk_pixels, numbers.Integral) or chunk_pixels < 1:
+        if (
+            isinstance(chunk_pixels, (bool, np.bool_))
+            or not isinstance(chunk_pixels, numbers.Integral)
+            or chunk_pixels < 1
+        ):
             raise ValueError(f"chunk_pixels must be an integer >= 1, got {chunk_pixels!r}.")
         return int(chunk_pixels)
 
-    def _iter_image_tables(self, image_id: int, chunk_pixels: int, drop_ignored: bool = True):
-        """Yield (X float32 (n, C), y int64) of the kept pixels of one image.
+    def _read_image(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """One image's logits (C, H, W) float16 and labels (H, W), in memory, read in one block."""
+        info = self.image_info(image_id)
+        z = np.empty((self.n_classes, info.height, info.width), dtype=VALUE_DTYPE)
+        labels = []
+        r0 = 0
+        # the block reader validates the files; its buffer is reused, hence the copy
+        for block, t in self.iter_blocks(image_id, info.n_pixels):
+            z[:, r0 : r0 + block.shape[1]] = block
+            labels.append(t)
+            r0 += block.shape[1]
+        return z, np.concatenate(labels)
 
-        ``drop_ignored=False`` keeps every pixel (labels ``ignore_index``
-        included) and skips only blocks with nothing kept: metrics skip
-        ignored labels themselves, and compacting costs a copy of the block.
+    def iter_tables(
+        self,
+        image_id: int,
+        chunk_pixels: int | None = None,
+        *,
+        context: str | None = None,
+        ignored: str = "drop",
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (X, y) tables of one image's pixels, in row blocks, in row-major order.
+
+        Parameters
+        ----------
+        image_id : int
+        chunk_pixels : int, optional
+            About how many pixels a table holds (whole image rows); default as
+            :meth:`chunk_size`.
+        context : None or str, default=None
+            The context the rows carry after the C logit columns, as
+            :func:`sksegcal.context.estimator_context` names it for a calibrator:
+            the columns of :func:`sksegcal.context.iter_image_rows`, computed on
+            the whole image (one image in memory), so a row is the same bit for
+            bit as the row ``flatten_segmentation(..., context=context)`` gives.
+            Without context an image is read block by block.
+        ignored : {"drop", "keep"}, default="drop"
+            "drop" leaves out the pixels labelled ``ignore_index``; "keep" gives
+            every pixel (for inference, or metrics that skip those labels).
+
+        Yields
+        ------
+        X : ndarray of shape (n, C) or (n, C + K), float32
+        y : ndarray of shape (n,), int64
         """
+        if ignored not in ("drop", "keep"):
+            raise ValueError(f"ignored must be 'drop' or 'keep', got {ignored!r}.")
+        drop = ignored == "drop"
+        chunk_pixels = self.chunk_size(chunk_pixels)
+        if context is not None:
+            from ..context import iter_image_rows
+
+            z, t = self._read_image(image_id)
+            keep = self.labelled(t) if drop else None
+            for rows, X in iter_image_rows(z, context, keep=keep, chunk_pixels=chunk_pixels):
+                y = t[rows] if keep is None else t[rows][keep[rows]]
+                yield X, y.reshape(-1).astype(np.int64)
+            return
         import torch
 
-        for z, t in self._iter_blocks(image_id, chunk_pixels):
-            keep = self._keep(t).ravel()
-            if not drop_ignored and not keep.any():
-                continue
+        for z, t in self.iter_blocks(image_id, chunk_pixels):
             # one pass from class-major float16 to pixel-major float32: torch casts
             # while it transposes, ~2x numpy's cast then transposing copy
-            x = np.empty((keep.size, self.n_classes), dtype=np.float32)
+            x = np.empty((t.size, self.n_classes), dtype=np.float32)
             torch.from_numpy(x).copy_(torch.from_numpy(z.reshape(self.n_classes, -1)).t())
             y = t.ravel().astype(np.int64)
-            yield (x, y) if not drop_ignored or keep.all() else (x[keep], y[keep])
+            keep = self.labelled(y)
+            yield (x, y) if not drop or keep.all() else (x[keep], y[keep])
 
     def iter_chunks(
         self, chunk_pixels: int | None = None, images=None
@@ -925,12 +1015,12 @@ class LogitStore:
         y : ndarray of shape (n,), int64
         groups : ndarray of shape (n,), int64
         """
-        chunk_pixels = self._chunk_pixels(chunk_pixels)
+        chunk_pixels = self.chunk_size(chunk_pixels)
         c = self.n_classes
         out = None  # the chunk being filled: each pixel is copied into it once
         pos = 0
         for image_id in self._as_ids(images):
-            for x, y in self._iter_image_tables(image_id, chunk_pixels):
+            for x, y in self.iter_tables(image_id, chunk_pixels):
                 start = 0
                 while start < len(y):
                     m = min(len(y) - start, chunk_pixels - pos)
@@ -1040,6 +1130,7 @@ class LogitStore:
         max_per_image: int | None = None,
         random_state=None,
         chunk_pixels: int | None = None,
+        context: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A seeded random pixel table of at most ``max_pixels`` rows, in one pass.
 
@@ -1064,10 +1155,14 @@ class LogitStore:
             Default: 4M values per chunk, i.e. ``4194304 // n_classes`` pixels
             (220k at C=19, 28k at C=150), so memory does not grow with C.
             Pixels read per block.
+        context : None or str, default=None
+            The context columns each row carries after its C logits (see
+            :meth:`iter_tables`); the rows drawn do not depend on it (correctness
+            is the argmax of the logit columns).
 
         Returns
         -------
-        X : ndarray of shape (n, C), float32
+        X : ndarray of shape (n, C) or (n, C + K), float32
         y : ndarray of shape (n,), int64
         groups : ndarray of shape (n,), int64
             Store image ids.
@@ -1094,4 +1189,5 @@ class LogitStore:
             max_per_image=max_per_image,
             random_state=random_state,
             chunk_pixels=chunk_pixels,
+            context=context,
         )

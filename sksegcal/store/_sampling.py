@@ -7,7 +7,7 @@ stream while it is read block by block.
 
 May import: numpy, :mod:`sksegcal.pixels` (largest remainder rounding) and
 :mod:`sksegcal._validation`. It reads a store only through the LogitStore's
-record table and its block reader.
+public read interface (``image_ids``, ``image_info``, ``chunk_size``, ``iter_tables``).
 """
 
 from __future__ import annotations
@@ -50,9 +50,7 @@ def check_count(value, what: str, *, allow_none: bool = False):
             f"{what} must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}."
         )
     if value < 1:
-        raise ValueError(
-            f"{what} must be >= 1{' or None' if allow_none else ''}, got {value}."
-        )
+        raise ValueError(f"{what} must be >= 1{' or None' if allow_none else ''}, got {value}.")
     return int(value)
 
 
@@ -65,16 +63,17 @@ def sample_store(
     max_per_image: int | None = None,
     random_state=None,
     chunk_pixels: int | None = None,
+    context: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:meth:`LogitStore.sample` (documented there)."""
     max_pixels = check_count(max_pixels, "max_pixels")
     max_per_image = check_count(max_per_image, "max_per_image", allow_none=True)
-    ids = store._as_ids(images)
-    chunk_pixels = store._chunk_pixels(chunk_pixels)
-    records = [store._records[store._names[i]] for i in ids]
+    ids = store.image_ids(images)
+    chunk_pixels = store.chunk_size(chunk_pixels)
+    infos = [store.image_info(i) for i in ids]
     # counts[i, s]: pixels of image i in stratum s (0 = wrong, 1 = correct)
     counts = np.array(
-        [[r["n_valid"] - r["n_correct"], r["n_correct"]] for r in records], dtype=np.int64
+        [[r.n_valid - r.n_correct, r.n_correct] for r in infos], dtype=np.int64
     ).reshape(-1, 2)
     if not stratify_by_correctness:
         counts = counts.sum(axis=1, keepdims=True)
@@ -113,10 +112,9 @@ def sample_store(
         # ranks (within each stratum, in pixel order) of the chosen pixels
         chosen = [np.sort(irng.choice(n, size=k, replace=False)) for n, k in zip(n_s, k_s)]
         seen = np.zeros(len(n_s), dtype=np.int64)
-        for x, y in store._iter_image_tables(image_id, chunk_pixels):
+        for x, y in store.iter_tables(image_id, chunk_pixels, context=context):
             stratum = (
-                # the logit columns only: rows may carry more columns after them (the
-                # spatial context of store._context.sample_table)
+                # the logit columns only: the context columns follow them
                 (x[:, : store.n_classes].argmax(axis=1) == y).astype(np.int64)
                 if stratify_by_correctness
                 else np.zeros(len(y), np.int64)
@@ -131,10 +129,11 @@ def sample_store(
             ys.append(y[pick])
             gs.append(np.full(int(pick.sum()), image_id, dtype=np.int64))
         if not np.array_equal(seen, n_s):
-            name = store._names[image_id]
+            name = store.image_info(image_id).name
             raise ValueError(
                 f"Image {name!r} of {store.path} has {seen.tolist()} pixels per stratum but "
-                f"its record {store._record_path(name)} says {n_s.tolist()} (fields n_valid, "
-                "n_correct); the store is corrupt: run store.verify() and add the image again."
+                f"its record (store.record({int(image_id)})) says {n_s.tolist()} (fields "
+                "n_valid, n_correct); the store is corrupt: run store.verify() and add the "
+                "image again."
             )
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)

@@ -57,6 +57,6 @@ def check_calibrator_classes(
 
 def calibrator_context(calibrator: Any, where: str) -> str | None:
     """The context ``calibrator`` reads (None for no calibrator); raises where none can be."""
-    from ...pixels import _estimator_context
+    from ...context import estimator_context
 
-    return None if calibrator is None else _estimator_context(calibrator, where=where)
+    return estimator_context(calibrator, where=where)

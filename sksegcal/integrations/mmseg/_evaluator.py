@@ -17,12 +17,11 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from mmengine.dist import all_gather_object, get_dist_info
 from mmengine.evaluator import BaseMetric
 
-from ...pixels import _context_rows
+from ...context import iter_image_rows
 from ._calibrators import calibrator_context, check_calibrator_classes, load_calibrator
 from ._common import CHUNK_PIXELS, IGNORE_INDEX, PROBA_FLAG, PUBLIC_MODULE, log
 
@@ -257,25 +256,23 @@ class CalibrationMetric(BaseMetric):
                     "CalibrationMetric a calibrator or calibrate the model, not both."
                 )
             acc = self._accumulator(c)
-            table = logits.detach().float().permute(1, 2, 0).reshape(-1, c)
             y = label.reshape(-1).cpu().numpy()
             # img_path identifies an image across processes; otherwise a per-instance id
             image_id = sample.get("img_path") or f"{self._uid}-{self._n_seen}"
             self._n_seen += 1
-            # the context of the whole image (ignored pixels too), as flatten_segmentation's
-            ctx = None if self._context is None else _context_rows(logits.detach())
+            if self.calibrator is not None:
+                # the calibrator's rows: logits, then the context it reads (of the whole image)
+                w = int(logits.shape[2])
+                rows_of = iter_image_rows(logits, self._context, chunk_pixels=self.chunk_pixels)
+                for rows, X in rows_of:
+                    p = self.calibrator.predict_proba(X)
+                    acc.update(y[rows.start * w : rows.stop * w], p, image_id=image_id)
+                continue
+            table = logits.detach().float().permute(1, 2, 0).reshape(-1, c)
             for start in range(0, table.shape[0], self.chunk_pixels):
                 stop = start + self.chunk_pixels
                 x = table[start:stop]
-                if self.calibrator is not None:
-                    rows = x.cpu().numpy()
-                    if ctx is not None:
-                        rows = np.concatenate([rows, ctx[start:stop]], axis=1)
-                    p = self.calibrator.predict_proba(rows)
-                elif is_proba:
-                    p = x.cpu().numpy()
-                else:
-                    p = torch.softmax(x, dim=1).cpu().numpy()
+                p = x.cpu().numpy() if is_proba else torch.softmax(x, dim=1).cpu().numpy()
                 acc.update(y[start:stop], p, image_id=image_id)
 
     def evaluate(self, size: int) -> dict:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ...pixels import _context_rows
+from ...context import iter_image_rows
 from ._calibrators import check_calibrator_classes, load_calibrator
 from ._common import CHUNK_PIXELS, PROBA_FLAG, PUBLIC_MODULE
 from ._loading import n_classes
@@ -34,16 +34,10 @@ def proba_map(calibrator, logits, chunk_pixels: int, context: str | None = None)
     ``flatten_segmentation(..., context="spatial", ignore_index=None)``).
     """
     c, h, w = logits.shape
-    table = logits.detach().float().permute(1, 2, 0).reshape(-1, c).cpu().numpy()
-    ctx = None if context is None else _context_rows(logits.detach())
-    out = np.empty(table.shape, dtype=np.float32)
-    for start in range(0, table.shape[0], chunk_pixels):
-        stop = start + chunk_pixels
-        rows = table[start:stop]
-        if ctx is not None:
-            rows = np.concatenate([rows, ctx[start:stop]], axis=1)
-        out[start:stop] = calibrator.predict_proba(rows)
-    proba = torch.from_numpy(out).reshape(h, w, c).permute(2, 0, 1).contiguous()
+    out = np.empty((h, w, c), dtype=np.float32)
+    for rows, X in iter_image_rows(logits, context, chunk_pixels=chunk_pixels):
+        out[rows] = calibrator.predict_proba(X).reshape(-1, w, c)
+    proba = torch.from_numpy(out).permute(2, 0, 1).contiguous()
     return proba.to(device=logits.device)
 
 
@@ -54,8 +48,9 @@ class _CalibratedPostprocess:
     pickling of the model carry a working calibrated model along.
     """
 
-    def __init__(self, model, calibrator, keep_logits: bool, chunk_pixels: int,
-                 context: str | None = None):
+    def __init__(
+        self, model, calibrator, keep_logits: bool, chunk_pixels: int, context: str | None = None
+    ):
         self.model = model
         self.calibrator = calibrator
         self.keep_logits = keep_logits
