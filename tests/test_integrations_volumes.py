@@ -257,3 +257,45 @@ def test_the_store_holds_volumes_and_reads_them_as_flattened_voxels(tmp_path):
     )
     with pytest.raises(ValueError, match=r"\(3, D, H, W\)"):
         store.add_image("bad", logits[0][None], labels[0])
+
+
+def test_pixel_tables_of_volumes_and_back():
+    from sksegcal import TemperatureScaling
+    from sksegcal.pixels import flatten_segmentation, predict_proba_maps, unflatten_segmentation
+
+    logits, labels = _volumes(n=2, shape=(4, 5, 6), seed=4)
+    X, y, groups = flatten_segmentation(logits, labels)
+    keep = labels != IGNORE
+    np.testing.assert_array_equal(X, np.moveaxis(logits, 1, -1)[keep])
+    np.testing.assert_array_equal(groups, np.nonzero(keep)[0])
+    back = unflatten_segmentation(X, labels)
+    np.testing.assert_array_equal(back[:, :, keep[0] & keep[1]], logits[:, :, keep[0] & keep[1]])
+    ts = TemperatureScaling().fit(X, y)
+    maps = predict_proba_maps(ts, logits)
+    flat = ts.predict_proba(np.moveaxis(logits, 1, -1).reshape(-1, 3))
+    np.testing.assert_allclose(maps, np.moveaxis(flat.reshape(2, 4, 5, 6, 3), -1, 1), rtol=1e-6)
+    # the spatial context of a volume is the 3-D one, at the kept voxels
+    Xc, _, _ = flatten_segmentation(logits, labels, context="spatial")
+    expected = np.moveaxis(_brute_force_context(logits[0]), 0, -1)[keep[0]]
+    np.testing.assert_allclose(Xc[groups == 0, 3:], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_store_paths_on_volumes_predict_and_boundary(tmp_path):
+    from sksegcal import TemperatureScaling
+    from sksegcal.pixels import flatten_segmentation, predict_proba_maps
+    from sksegcal.store import LogitStore, evaluate_store, predict_store
+
+    logits, labels = _volumes(n=2, shape=(4, 5, 6), seed=5)
+    logits = logits.astype(np.float16)
+    store = LogitStore.create(tmp_path / "s", n_classes=3)
+    for i in range(2):
+        store.add_image(i, logits[i], labels[i])
+    X, y, _ = flatten_segmentation(logits.astype(np.float32), labels)
+    ts = TemperatureScaling().fit(X, y)
+    out = predict_store(ts, store, tmp_path / "p")
+    expected = predict_proba_maps(ts, logits.astype(np.float32)).astype(np.float16)
+    for i in range(2):
+        np.testing.assert_array_equal(out.load_image(i).logits, expected[i])
+    acc = evaluate_store(store, {"TS": ts}, boundary_width=1)["TS"]
+    mask = np.stack([_brute_force_boundary(t, 1, "chebyshev") for t in labels])
+    assert acc.region("boundary").n_pixels_ == mask.sum()

@@ -80,11 +80,19 @@ class ImageInfo(NamedTuple):
     width: int
     n_valid: int
     n_correct: int
+    depth: int | None = None  # volumes only
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(H, W), or (D, H, W) for a volume: the labels' shape."""
+        if self.depth is None:
+            return (self.height, self.width)
+        return (self.depth, self.height, self.width)
 
     @property
     def n_pixels(self) -> int:
         """Every pixel of the image, ignored ones included."""
-        return self.height * self.width
+        return (self.depth or 1) * self.height * self.width
 
 
 def _name_of_stem(rec_path: Path):
@@ -763,6 +771,7 @@ class LogitStore:
             int(record["width"]),
             int(record["n_valid"]),
             int(record["n_correct"]),
+            int(record["depth"]) if "depth" in record else None,
         )
 
     def _as_ids(self, images) -> np.ndarray:
@@ -926,15 +935,16 @@ class LogitStore:
     def _read_image(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
         """One image's logits (C, H, W) float16 and labels (H, W), in memory, read in one block."""
         info = self.image_info(image_id)
-        z = np.empty((self.n_classes, info.height, info.width), dtype=VALUE_DTYPE)
+        z = np.empty((self.n_classes, *info.shape), dtype=VALUE_DTYPE)
+        rows = z.reshape(self.n_classes, -1, info.width)  # a volume's (D * H) rows
         labels = []
         r0 = 0
         # the block reader validates the files; its buffer is reused, hence the copy
         for block, t in self.iter_blocks(image_id, info.n_pixels):
-            z[:, r0 : r0 + block.shape[1]] = block
+            rows[:, r0 : r0 + block.shape[1]] = block
             labels.append(t)
             r0 += block.shape[1]
-        return z, np.concatenate(labels)
+        return z, np.concatenate(labels).reshape(info.shape)
 
     def iter_tables(
         self,
