@@ -299,3 +299,35 @@ def test_store_paths_on_volumes_predict_and_boundary(tmp_path):
     acc = evaluate_store(store, {"TS": ts}, boundary_width=1)["TS"]
     mask = np.stack([_brute_force_boundary(t, 1, "chebyshev") for t in labels])
     assert acc.region("boundary").n_pixels_ == mask.sum()
+
+
+def test_the_command_line_on_volumes(tmp_path, monkeypatch):
+    import json
+
+    from sksegcal.cli import main
+    from sksegcal.store import LogitStore
+
+    rng = np.random.default_rng(0)
+    labels = np.kron(rng.integers(0, 3, (12, 2, 3, 3)), np.ones((1, 2, 2, 2), int))
+    logits = 3 * np.moveaxis(np.eye(3)[labels], -1, 1) + 2 * rng.normal(size=(12, 3, 4, 6, 6))
+    monkeypatch.chdir(tmp_path)
+    np.save("logits.npy", logits.astype(np.float32))
+    np.save("labels.npy", labels)
+    assert main(["extract", "--logits", "logits.npy", "--labels", "labels.npy", "-q",
+                 "--store", "s"]) == 0  # fmt: skip
+    store = LogitStore.open("s")
+    assert store.load_image(0).logits.shape == (3, 4, 6, 6)
+    assert main(["fit", "s", "--method", "temperature", "-o", "ts.joblib", "-q"]) == 0
+    assert main(["evaluate", "s", "--boundary-width", "1", "-o", "res", "-q"]) == 0
+    result = json.loads((tmp_path / "res" / "metrics.json").read_text())["results"]["test"]
+    store = LogitStore.open("s")  # with the split that fit recorded
+    test = store.split.test
+    z = np.stack([store.load_image(i).logits for i in test]).astype(np.float32)
+    t = np.stack([store.load_image(i).labels for i in test])
+    proba = np.exp(z - z.max(1, keepdims=True))
+    proba /= proba.sum(1, keepdims=True)
+    assert result["uncalibrated"]["ece"] == pytest.approx(expected_calibration_error(t, proba))
+    mask = np.stack([_brute_force_boundary(v, 1, "chebyshev") for v in t])
+    assert result["uncalibrated"]["boundary_n_pixels"] == mask.sum()
+    assert main(["conformal", "s", "-c", "ts.joblib", "--trusted", "-o", "conf", "-q"]) == 0
+    assert (tmp_path / "conf" / "set_sizes.png").is_file()
