@@ -291,3 +291,22 @@ def test_torchvision_deeplab():
     got = bridge.extract_logits(net, [(images, labels)], progress=False)
     with torch.no_grad():
         np.testing.assert_allclose(got.logits, net(images)["out"].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_calibrated_inference_on_volumes():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 3, 3, stride=2, padding=1)
+    images = torch.randn(2, 1, 6, 8, 8)
+    with torch.no_grad():
+        z = F.interpolate(net(images), size=(6, 8, 8), mode="trilinear", align_corners=False)
+    z = z.numpy()
+    rng = np.random.default_rng(0)
+    labels = np.where(
+        rng.random(z[:, 0].shape) < 0.3, rng.integers(0, 3, z[:, 0].shape), z.argmax(1)
+    )
+    ts = TemperatureScaling().fit(np.moveaxis(z, 1, -1).reshape(-1, 3), labels.reshape(-1))
+    proba = bridge.predict_proba(ts, net, images)
+    reference = ts.predict_proba(np.moveaxis(z, 1, -1).reshape(-1, 3))
+    np.testing.assert_allclose(
+        proba, np.moveaxis(reference.reshape(2, 6, 8, 8, 3), -1, 1), rtol=1e-5, atol=1e-6
+    )
