@@ -6,6 +6,8 @@ on 512x512 images that are already prepared (``pixel_values``), so that every
 row times the same forward passes:
 
 * ``forward``: ``model(pixel_values)`` alone, quarter-resolution logits;
+* ``forward+resize``: plus one ``F.interpolate`` of the batch's logits to
+  512x512 (bilinear, ``align_corners=False``), what the torch bridge's rule does;
 * ``forward+post``: plus the image processor's
   ``post_process_semantic_segmentation`` to 512x512 (what any user needs to
   get a map at the image's size);
@@ -73,6 +75,14 @@ def main(argv=None) -> None:
             for b in batches:
                 model(pixel_values=b["pixel_values"])
 
+    def forward_resize():
+        with torch.inference_mode():
+            for b in batches:
+                logits = model(pixel_values=b["pixel_values"]).logits
+                torch.nn.functional.interpolate(
+                    logits, size=(s, s), mode="bilinear", align_corners=False
+                )
+
     def forward_post():
         with torch.inference_mode():
             for b in batches:
@@ -96,6 +106,7 @@ def main(argv=None) -> None:
 
     rows = [
         ("forward", forward),
+        ("forward+resize", forward_resize),
         ("forward+post", forward_post),
         ("torch bridge -> arrays", torch_arrays),
         ("transformers bridge -> arrays", hf_arrays),
