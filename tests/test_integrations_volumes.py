@@ -301,6 +301,8 @@ def test_store_paths_on_volumes_predict_and_boundary(tmp_path):
     assert acc.region("boundary").n_pixels_ == mask.sum()
 
 
+# a few small volumes: too few images for risk control at alpha=0.1 (its sets are then full)
+@pytest.mark.filterwarnings("ignore:ConformalRiskControl. too few calibration units")
 def test_the_command_line_on_volumes(tmp_path, monkeypatch):
     import json
 
