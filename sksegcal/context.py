@@ -277,15 +277,17 @@ def _boundary_distance(boundary: np.ndarray, max_distance: float, kernels=None) 
 # public functions
 # --------------------------------------------------------------------------
 def _as_image(z, where: str) -> np.ndarray:
-    """One image's logits as a C-contiguous float32 (or float64) numpy array (C, H, W)."""
+    """One image's (C, H, W) or volume's (C, D, H, W) logits, C-contiguous float32 (or 64)."""
     if hasattr(z, "detach") and hasattr(z, "cpu"):  # a torch tensor, on any device
         z = z.detach().cpu().numpy()
     z = np.asarray(z)
-    if z.ndim != 3:
-        raise ValueError(f"{where} must have shape (C, H, W), got {z.shape}.")
+    if z.ndim not in (3, 4):
+        raise ValueError(
+            f"{where} must have shape (C, H, W), or (C, D, H, W) for a volume, got {z.shape}."
+        )
     if z.dtype.kind != "f":
         raise TypeError(f"{where} must hold floating-point logits, got dtype {z.dtype}.")
-    if z.shape[0] < 1 or z.shape[1] < 1 or z.shape[2] < 1:
+    if min(z.shape) < 1:
         raise ValueError(f"{where} has an empty axis: shape {z.shape}.")
     dtype = np.float64 if z.dtype == np.float64 else np.float32
     return np.ascontiguousarray(z, dtype=dtype)
@@ -310,20 +312,26 @@ def image_context(
 
     Parameters
     ----------
-    logits : array-like or torch.Tensor of shape (C, H, W)
-        One image's logits (float16, float32 or float64).
+    logits : array-like or torch.Tensor of shape (C, H, W) or (C, D, H, W)
+        One image's logits (float16, float32 or float64). A volume (C, D, H, W)
+        gets the same features over 3-D windows (3x3x3, 7x7x7, 5x5x5) and the
+        3-D distance (:mod:`sksegcal._volume_context`).
     max_distance : float, default=16
         Clip of ``boundary_distance``, in pixels.
-    out : ndarray of shape (K, H, W), float32, optional
+    out : ndarray of shape (K, H, W) or (K, D, H, W), float32, optional
         Where to write the result.
 
     Returns
     -------
-    features : ndarray of shape (K, H, W), float32
+    features : ndarray of shape (K, H, W) or (K, D, H, W), float32
         Columns in the order of :data:`CONTEXT_FEATURES`.
     """
     max_distance = _check_max_distance(max_distance)
     z = _as_image(logits, "logits")
+    if z.ndim == 4:
+        from ._volume_context import volume_context
+
+        return volume_context(z, max_distance, out)
     n_classes, h, w = z.shape
     shape = (len(CONTEXT_FEATURES), h, w)
     if out is None:
@@ -349,7 +357,7 @@ def spatial_context(logits, *, max_distance: float = _DEFAULT_MAX_DISTANCE) -> n
 
     Parameters
     ----------
-    logits : array-like or torch.Tensor of shape (N, C, H, W)
+    logits : array-like or torch.Tensor of shape (N, C, H, W) or (N, C, D, H, W)
         Per-pixel logits of N images (float16, float32 or float64; a torch
         tensor may live on any device and is moved to the CPU one image at
         a time). A sequence of (C, H, W) images of one size works too.
@@ -358,7 +366,7 @@ def spatial_context(logits, *, max_distance: float = _DEFAULT_MAX_DISTANCE) -> n
 
     Returns
     -------
-    features : ndarray of shape (N, K, H, W), float32
+    features : ndarray of shape (N, K, H, W) or (N, K, D, H, W), float32
         ``K = n_context_features()`` columns in the order of
         :data:`CONTEXT_FEATURES`. Each image is computed on its own (memory:
         one image's logits at a time), so an image's features are the same,
@@ -378,25 +386,26 @@ def spatial_context(logits, *, max_distance: float = _DEFAULT_MAX_DISTANCE) -> n
     """
     max_distance = _check_max_distance(max_distance)
     if hasattr(logits, "detach") or (hasattr(logits, "ndim") and hasattr(logits, "shape")):
-        if logits.ndim != 4:
+        if logits.ndim not in (4, 5):
             raise ValueError(
-                f"logits must have shape (N, C, H, W), got {tuple(logits.shape)}. For a "
+                f"logits must have shape (N, C, H, W) or, for volumes, (N, C, D, H, W); got "
+                f"{tuple(logits.shape)}. For a "
                 "single image add a leading axis ([None]) or call image_context."
             )
-        n, _, h, w = (int(s) for s in logits.shape)
+        n, spatial = int(logits.shape[0]), tuple(int(s) for s in logits.shape[2:])
         images = (logits[i] for i in range(n))
     else:
         images = list(logits)
         if not images:
             raise ValueError("No images were given.")
         n = len(images)
-        h, w = np.shape(images[0])[1:]
-    out = np.empty((n, len(CONTEXT_FEATURES), h, w), dtype=np.float32)
+        spatial = tuple(np.shape(images[0])[1:])
+    out = np.empty((n, len(CONTEXT_FEATURES), *spatial), dtype=np.float32)
     for i, z in enumerate(images):
         z = _as_image(z, f"logits of image {i}")
-        if z.shape[1:] != (h, w):
+        if z.shape[1:] != spatial:
             raise ValueError(
-                f"image {i} is {z.shape[1:]} but image 0 is {(h, w)}; give images of one "
+                f"image {i} is {z.shape[1:]} but image 0 is {spatial}; give images of one "
                 "size, or call image_context on each."
             )
         image_context(z, max_distance=max_distance, out=out[i])

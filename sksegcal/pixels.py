@@ -32,12 +32,12 @@ __all__ = [
 ]
 
 
-def _split_images(maps, ndim: int, what: str, shape: str) -> list[np.ndarray]:
+def _split_images(maps, ndims: tuple[int, ...], what: str, shape: str) -> list[np.ndarray]:
     """One array per image, from a stacked array or a sequence of arrays."""
     if isinstance(maps, Sequence):
         return [np.asarray(a) for a in maps]
     maps = np.asarray(maps)
-    if maps.ndim != ndim:
+    if maps.ndim not in ndims:
         raise ValueError(
             f"{what} must have shape {shape}, got an array of shape {maps.shape}. "
             "For a single image add a leading axis: [None]."
@@ -46,19 +46,23 @@ def _split_images(maps, ndim: int, what: str, shape: str) -> list[np.ndarray]:
 
 
 def _as_image_list(logits, labels):
-    """Normalise array or list input into lists of (C,H,W) and (H,W) arrays."""
-    logit_list = _split_images(logits, 4, "logits", "(N, C, H, W)")
-    label_list = _split_images(labels, 3, "labels", "(N, H, W)")
+    """Normalise array or list input into lists of (C,H,W) and (H,W) arrays (or volumes)."""
+    logit_list = _split_images(logits, (4, 5), "logits", "(N, C, H, W) or (N, C, D, H, W)")
+    label_list = _split_images(labels, (3, 4), "labels", "(N, H, W) or (N, D, H, W)")
     if len(logit_list) != len(label_list):
         raise ValueError(
             f"logits hold {len(logit_list)} images but labels hold {len(label_list)}."
         )
     if not logit_list:
         raise ValueError("No images were given.")
-    n_classes = logit_list[0].shape[0] if logit_list[0].ndim == 3 else None
+    n_classes = logit_list[0].shape[0] if logit_list[0].ndim in (3, 4) else None
+    ndim = logit_list[0].ndim
     for i, (z, t) in enumerate(zip(logit_list, label_list)):
-        if z.ndim != 3:
-            raise ValueError(f"logits of image {i} must have shape (C, H, W), got {z.shape}.")
+        if z.ndim != ndim or ndim not in (3, 4):
+            raise ValueError(
+                f"logits of image {i} must have shape (C, H, W), or (C, D, H, W) for volumes, "
+                f"like image 0; got {z.shape}."
+            )
         if z.shape[0] != n_classes:
             raise ValueError(f"image {i} has {z.shape[0]} classes but image 0 has {n_classes}.")
         if t.shape != z.shape[1:]:
@@ -81,9 +85,11 @@ def flatten_segmentation(
     Parameters
     ----------
     logits : ndarray of shape (N, C, H, W) or list of (C, H_i, W_i) arrays
-        Per-pixel logits (or probabilities) of N images.
+        Per-pixel logits (or probabilities) of N images; for volumes
+        (N, C, D, H, W) or a list of (C, D_i, H_i, W_i) arrays.
     labels : ndarray of shape (N, H, W) or list of (H_i, W_i) arrays
-        Ground-truth class indices; ``ignore_index`` marks unlabelled pixels.
+        Ground-truth class indices (for volumes (N, D, H, W)); ``ignore_index``
+        marks unlabelled pixels.
     ignore_index : int or None, default=255
         Label of pixels to drop. None keeps every pixel.
     context : {None, "spatial"}, default=None
@@ -181,7 +187,7 @@ def unflatten_segmentation(
     values : ndarray of shape (n_pixels, K) or (n_pixels,)
         Rows in the order :func:`flatten_segmentation` produced them, e.g.
         calibrated probabilities.
-    labels : ndarray of shape (N, H, W)
+    labels : ndarray of shape (N, H, W) or (N, D, H, W)
         The labels given to :func:`flatten_segmentation`; they tell which pixels
         were kept.
     ignore_index : int or None, default=255
@@ -191,7 +197,7 @@ def unflatten_segmentation(
 
     Returns
     -------
-    maps : ndarray of shape (N, K, H, W) or (N, H, W)
+    maps : ndarray of shape (N, K, *spatial) or (N, *spatial)
 
     Examples
     --------
@@ -205,8 +211,8 @@ def unflatten_segmentation(
     """
     ignore_index = check_ignore_index(ignore_index)
     labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"labels must have shape (N, H, W), got {labels.shape}.")
+    if labels.ndim not in (3, 4):
+        raise ValueError(f"labels must have shape (N, H, W) or (N, D, H, W), got {labels.shape}.")
     keep = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
     values = np.asarray(values)
     if values.shape[0] != keep.sum():
@@ -227,7 +233,8 @@ def unflatten_segmentation(
 def predict_proba_maps(estimator, logits: np.ndarray) -> np.ndarray:
     """Calibrated probability maps (N, C, H, W) from logit maps (N, C, H, W).
 
-    Works image by image so that memory stays at one image's worth. An
+    Volumes (N, C, D, H, W) give (N, C, D, H, W). Works image by image so
+    that memory stays at one image's worth. An
     estimator that reads the spatial context (``SelectiveScalingCalibrator(
     context="spatial")``, ``LocalTemperatureScaling()``, or a pipeline or
     search ending in one) gets each image's context columns appended, as
@@ -246,16 +253,18 @@ def predict_proba_maps(estimator, logits: np.ndarray) -> np.ndarray:
     (2, 3, 8, 8)
     """
     logits = np.asarray(logits)
-    if logits.ndim != 4:
-        raise ValueError(f"logits must have shape (N, C, H, W), got {logits.shape}.")
+    if logits.ndim not in (4, 5):
+        raise ValueError(
+            f"logits must have shape (N, C, H, W) or (N, C, D, H, W), got {logits.shape}."
+        )
     from .context import estimator_context, image_rows
 
     context = estimator_context(estimator, where="predict_proba_maps")
-    n, c, h, w = logits.shape
+    n, c, spatial = logits.shape[0], logits.shape[1], logits.shape[2:]
     out = np.empty(logits.shape, dtype=np.float32)
     for i in range(n):
         table = image_rows(logits[i], context)
-        out[i] = np.moveaxis(estimator.predict_proba(table).reshape(h, w, c), -1, 0)
+        out[i] = np.moveaxis(estimator.predict_proba(table).reshape(*spatial, c), -1, 0)
     return out
 
 

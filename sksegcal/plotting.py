@@ -345,21 +345,27 @@ def plot_set_size_maps(
     n_classes: int | None = None,
     titles: Sequence[str] | None = None,
     panel_size: float = 2.2,
+    slice_index: int | None = None,
 ):
     """Heat maps of conformal prediction-set sizes: one row per method, one column per image.
 
     Parameters
     ----------
-    size_maps : mapping of str to array-like of shape (N, H, W)
+    size_maps : mapping of str to array-like of shape (N, H, W) or (N, D, H, W)
         Set sizes per pixel (e.g.
         :meth:`sksegcal.conformal.ConformalPixelSets.predict_set_size_maps`)
-        of the same N images under each method.
+        of the same N images under each method. Volumes (N, D, H, W) are
+        shown by one axial slice each.
     n_classes : int, optional
         Top of the shared colour scale (default: the largest size shown).
     titles : sequence of str, optional
         One title per image column.
     panel_size : float, default=2.2
         Inches per panel.
+    slice_index : int, optional
+        For volumes: the slice ``[:, slice_index]`` along D to show (default
+        the middle one, ``D // 2``); the panel titles then give the slice's
+        mean set size.
 
     Returns
     -------
@@ -379,8 +385,16 @@ def plot_set_size_maps(
         raise TypeError("size_maps must be a non-empty mapping {method name: (N, H, W) sizes}.")
     maps = {str(k): np.asarray(v) for k, v in size_maps.items()}
     shapes = {m.shape for m in maps.values()}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise ValueError(f"every size map must have the same (N, H, W) shape; got {shapes}.")
+    if len(shapes) != 1 or len(next(iter(shapes))) not in (3, 4):
+        raise ValueError(
+            f"every size map must have the same (N, H, W) or (N, D, H, W) shape; got {shapes}."
+        )
+    if len(next(iter(shapes))) == 4:  # volumes: one slice along D
+        depth = next(iter(shapes))[1]
+        k = depth // 2 if slice_index is None else int(slice_index)
+        if not -depth <= k < depth:
+            raise ValueError(f"slice_index {slice_index} is outside the {depth} slices.")
+        maps = {name: m[:, k] for name, m in maps.items()}
     n = next(iter(shapes))[0]
     if titles is not None and len(titles) != n:
         raise ValueError(f"titles has {len(titles)} entries for {n} images.")

@@ -47,16 +47,23 @@ def extract(args) -> int:
     if args.logits is not None:
         if args.labels is None:
             raise CommandError("--logits needs --labels (an (N, H, W) integer .npy file).")
-        logits = load_npy(args.logits, "the logits file", "(N, C, H, W) float logits")
-        labels = load_npy(args.labels, "the labels file", "(N, H, W) integer labels")
-        if logits.ndim != 4:
+        logits = load_npy(
+            args.logits,
+            "the logits file",
+            "(N, C, H, W) float logits, or (N, C, D, H, W) for volumes",
+        )
+        labels = load_npy(
+            args.labels, "the labels file", "(N, H, W) integer labels, or (N, D, H, W) for volumes"
+        )
+        if logits.ndim not in (4, 5):
             raise CommandError(
-                f"{args.logits} must hold (N, C, H, W) logits, got shape {logits.shape}."
+                f"{args.logits} must hold (N, C, H, W) logits or (N, C, D, H, W) "
+                f"volumes, got shape {logits.shape}."
             )
         if labels.shape != (logits.shape[0],) + logits.shape[2:]:
             raise CommandError(
                 f"{args.labels} has shape {labels.shape} but the logits need "
-                f"{(logits.shape[0],) + logits.shape[2:]} (N, H, W)."
+                f"{(logits.shape[0],) + logits.shape[2:]} (N, *spatial)."
             )
         class_names = args.class_names.split(",") if args.class_names else None
         source = {"logits": str(args.logits), "labels": str(args.labels)}

@@ -178,8 +178,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=_count(1), default=1, help="with --config: images per pass"
     )
-    p.add_argument("--logits", help="(N, C, H, W) float .npy file of logits")
-    p.add_argument("--labels", help="(N, H, W) integer .npy file of labels")
+    p.add_argument(
+        "--logits", help="(N, C, H, W) float .npy file of logits ((N, C, D, H, W) for volumes)"
+    )
+    p.add_argument(
+        "--labels", help="(N, H, W) integer .npy file of labels ((N, D, H, W) for volumes)"
+    )
     p.add_argument("--class-names", help="comma-separated class names (with --logits)")
     p.add_argument(
         "--ignore-index", type=int, default=255, help="label of unlabelled pixels (default: 255)"

@@ -276,21 +276,25 @@ class BaseConformal(BaseEstimator):
         return out
 
     def _table(self, maps) -> tuple[np.ndarray, tuple]:
+        """The pixel table of (N, C, H, W) maps or (N, C, D, H, W) volumes, and (N, *spatial)."""
         maps = np.asarray(maps)
-        if maps.ndim != 4:
-            raise ValueError(f"maps must have shape (N, C, H, W), got {maps.shape}.")
-        n, c, h, w = maps.shape
-        return np.moveaxis(maps, 1, -1).reshape(-1, c), (n, h, w)
+        if maps.ndim not in (4, 5):
+            raise ValueError(
+                f"maps must have shape (N, C, H, W) or, for volumes, (N, C, D, H, W); got "
+                f"{maps.shape}."
+            )
+        c = maps.shape[1]
+        return np.moveaxis(maps, 1, -1).reshape(-1, c), (maps.shape[0], *maps.shape[2:])
 
     def predict_set_maps(self, maps) -> np.ndarray:
-        """Prediction sets of (N, C, H, W) logit maps, as (N, C, H, W) boolean masks."""
-        X, (n, h, w) = self._table(maps)
-        return np.moveaxis(self.predict_set(X).reshape(n, h, w, -1), -1, 1)
+        """Prediction sets of (N, C, *spatial) logit maps, as (N, C, *spatial) boolean masks."""
+        X, shape = self._table(maps)
+        return np.moveaxis(self.predict_set(X).reshape(*shape, -1), -1, 1)
 
     def predict_set_size_maps(self, maps) -> np.ndarray:
-        """Set sizes of (N, C, H, W) logit maps, as an (N, H, W) int array."""
-        X, (n, h, w) = self._table(maps)
-        return self.predict_set_size(X).reshape(n, h, w)
+        """Set sizes of (N, C, *spatial) logit maps, as an (N, *spatial) int array."""
+        X, shape = self._table(maps)
+        return self.predict_set_size(X).reshape(shape)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

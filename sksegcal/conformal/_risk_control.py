@@ -231,12 +231,16 @@ class ConformalRiskControl(BaseConformal):
         return self._finish()
 
     def fit_maps(self, maps, labels):
-        """:meth:`fit` on (N, C, H, W) logit maps and (N, H, W) labels, one image per map."""
+        """:meth:`fit` on (N, C, H, W) logit maps and (N, H, W) labels, one image per map.
+
+        Volumes, (N, C, D, H, W) with (N, D, H, W) labels, are one image each:
+        the risk is controlled per volume.
+        """
         X, shape = self._table(maps)
         labels = np.asarray(labels)
         if labels.shape != shape:
-            raise ValueError(f"labels must have shape {shape} (N, H, W), got {labels.shape}.")
-        groups = np.repeat(np.arange(shape[0]), shape[1] * shape[2])
+            raise ValueError(f"labels must have shape {shape} (N, *spatial), got {labels.shape}.")
+        groups = np.repeat(np.arange(shape[0]), int(np.prod(shape[1:])))
         return self.fit(X, labels.reshape(-1), groups)
 
     def predict_mask(self, X) -> np.ndarray:
@@ -247,7 +251,7 @@ class ConformalRiskControl(BaseConformal):
         return self.predict_set(X)[:, self.target_class]
 
     def predict_mask_maps(self, maps) -> np.ndarray:
-        """:meth:`predict_mask` of (N, C, H, W) maps, as (N, H, W) bool."""
+        """:meth:`predict_mask` of (N, C, *spatial) maps, as (N, *spatial) bool."""
         check_is_fitted(self)
         if self.loss != "fnr":
             raise ValueError("predict_mask_maps needs loss='fnr'; use predict_set_maps.")

@@ -165,9 +165,9 @@ class ConformalPixelSets(BaseConformal):
         return self._finish()
 
     def fit_maps(self, maps, labels):
-        """:meth:`fit` on (N, C, H, W) logit maps and (N, H, W) labels."""
+        """:meth:`fit` on (N, C, H, W) logit maps and (N, H, W) labels (or volumes)."""
         X, shape = self._table(maps)
         labels = np.asarray(labels)
         if labels.shape != shape:
-            raise ValueError(f"labels must have shape {shape} (N, H, W), got {labels.shape}.")
+            raise ValueError(f"labels must have shape {shape} (N, *spatial), got {labels.shape}.")
         return self.fit(X, labels.reshape(-1))

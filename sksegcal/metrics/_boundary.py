@@ -5,7 +5,8 @@ CVPR 2023) finds per-image ECE about three times higher within a few pixels of
 a label change than in the interior. :func:`boundary_mask` marks that band;
 ``CalibrationAccumulator(regions=BOUNDARY_REGIONS)`` keeps a second set of
 tallies per band, and :func:`boundary_accumulator` fills one straight from
-``(N, C, H, W)`` maps and ``(N, H, W)`` labels.
+``(N, C, H, W)`` maps and ``(N, H, W)`` labels, or ``(N, C, D, H, W)`` volumes
+and ``(N, D, H, W)`` labels (the band then a 3-D neighbourhood).
 """
 
 from __future__ import annotations
@@ -36,14 +37,21 @@ def _check_width(width: Any) -> int:
     return int(width)
 
 
-def _footprint(width: int, distance: str) -> np.ndarray:
-    """The window of offsets ``(dy, dx)`` within ``width`` pixels, as a boolean array."""
+def _footprint(width: int, distance: str, spatial_dims: int = 2) -> np.ndarray:
+    """The window of offsets (``(dy, dx)`` or ``(dz, dy, dx)``) within ``width`` pixels."""
     r = np.arange(-width, width + 1)
     if distance == "chebyshev":
-        return np.ones((r.size, r.size), dtype=bool)
+        return np.ones((r.size,) * spatial_dims, dtype=bool)
     if distance == "euclidean":
-        return r[:, None] ** 2 + r[None, :] ** 2 <= width**2
+        grids = np.meshgrid(*([r] * spatial_dims), indexing="ij", sparse=True)
+        return sum(g**2 for g in grids) <= width**2
     raise ValueError(f"distance must be one of {_DISTANCES}; got {distance!r}.")
+
+
+def _check_spatial_dims(spatial_dims: Any) -> int:
+    if isinstance(spatial_dims, (bool, np.bool_)) or spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes); got {spatial_dims!r}.")
+    return int(spatial_dims)
 
 
 def boundary_mask(
@@ -52,6 +60,7 @@ def boundary_mask(
     width: int = DEFAULT_BOUNDARY_WIDTH,
     ignore_index: int | None = 255,
     distance: str = "chebyshev",
+    spatial_dims: int = 2,
 ) -> np.ndarray:
     """Pixels within ``width`` pixels of a pixel with another label.
 
@@ -65,9 +74,9 @@ def boundary_mask(
 
     Parameters
     ----------
-    labels : array-like of shape (H, W) or (N, H, W)
-        Integer label maps (NumPy array or torch tensor); with three
-        dimensions each image is treated on its own.
+    labels : array-like of shape (H, W) or (N, H, W); (D, H, W) or (N, D, H, W)
+        Integer label maps (NumPy array or torch tensor); with a leading
+        batch axis each image (volume) is treated on its own.
     width : int, default=2
         Band half-width in pixels (>= 1).
     ignore_index : int or None, default=255
@@ -77,6 +86,11 @@ def boundary_mask(
         square (the same band as eroding each class mask ``width`` times with
         a 3 x 3 square, as Boundary IoU does); ``"euclidean"``:
         ``dy**2 + dx**2 <= width**2``, a disk (width 1 is the 4-neighbourhood).
+        For volumes the same in three axes: a cube, or a ball (width 1 is the
+        6-neighbourhood).
+    spatial_dims : {2, 3}, default=2
+        2: labels are images, (H, W) or (N, H, W). 3: labels are volumes,
+        (D, H, W) or (N, D, H, W), and the window extends along D too.
 
     Returns
     -------
@@ -106,16 +120,19 @@ def boundary_mask(
     from scipy import ndimage
 
     width = _check_width(width)
-    footprint = _footprint(width, distance)
+    spatial_dims = _check_spatial_dims(spatial_dims)
+    footprint = _footprint(width, distance, spatial_dims)
     lab = labels.detach().cpu().numpy() if is_tensor(labels) else np.asarray(labels)
     if lab.dtype.kind not in "biu":
         raise TypeError(
             f"labels must hold integer class indices; got dtype {lab.dtype}. Pass the "
             "label maps, not probabilities."
         )
-    if lab.ndim not in (2, 3):
+    if lab.ndim not in (spatial_dims, spatial_dims + 1):
+        what = "(H, W) or several (N, H, W)" if spatial_dims == 2 else "(D, H, W) or (N, D, H, W)"
         raise ValueError(
-            f"labels must be one (H, W) or several (N, H, W) label maps; got shape {lab.shape}."
+            f"labels must be one {what} label maps (spatial_dims={spatial_dims}); got shape "
+            f"{lab.shape}." + (" For volumes pass spatial_dims=3." if lab.ndim == 4 else "")
         )
     if ignore_index is not None and not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}.")
@@ -127,7 +144,7 @@ def boundary_mask(
     lo, hi = int(lab[valid].min()) - 1, int(lab[valid].max()) + 1
     small = np.iinfo(np.int32)
     x = lab.astype(np.int32 if small.min <= lo and hi <= small.max else np.int64)
-    if lab.ndim == 3:  # one image at a time: no window reaches into the next image
+    if lab.ndim == spatial_dims + 1:  # one image at a time: no window reaches the next
         footprint = footprint[None]
     square = distance == "chebyshev"
     kw = {"size": footprint.shape} if square else {"footprint": footprint}
@@ -160,10 +177,13 @@ def boundary_accumulator(
 
     Parameters
     ----------
-    y_true : array-like of shape (N, H, W) or (H, W)
-        Integer labels; ``ignore_index`` pixels are skipped.
+    y_true : array-like of shape (N, H, W) or (H, W); (N, D, H, W) for volumes
+        Integer labels; ``ignore_index`` pixels are skipped. Volumes need the
+        batch axis: (N, C, D, H, W) maps with (N, D, H, W) labels, the band
+        then a 3-D neighbourhood (``boundary_mask(..., spatial_dims=3)``).
     y_prob : array-like of shape (N, C, H, W) or (C, H, W), optional
-        Probabilities. Give exactly one of ``y_prob`` and ``logits``.
+        Probabilities (or (N, C, D, H, W)). Give exactly one of ``y_prob`` and
+        ``logits``.
     logits : array-like of shape (N, C, H, W) or (C, H, W), optional
         Logits, scored as ``softmax(logits / temperature)`` without
         materialising it (:meth:`CalibrationAccumulator.update_logits`).
@@ -207,13 +227,16 @@ def boundary_accumulator(
         lab, values = lab[None], values[None]
         if np.ndim(temperature) == 2:
             temperature = temperature[None]
-    if lab.ndim != 3 or ndim not in (3, 4):
+    if lab.ndim not in (3, 4) or len(values.shape) != lab.ndim + 1:
         raise ValueError(
-            "boundary_accumulator takes label maps (N, H, W) with (N, C, H, W) maps; got "
-            f"labels of shape {lab.shape}. For pixel tables use CalibrationAccumulator("
+            "boundary_accumulator takes label maps (N, H, W) with (N, C, H, W) maps, or "
+            f"(N, D, H, W) with (N, C, D, H, W) volumes; got labels of shape {lab.shape} and "
+            f"maps of shape {tuple(values.shape)}. For pixel tables use CalibrationAccumulator("
             "regions=BOUNDARY_REGIONS).update(y, p, region=mask) with your own mask."
         )
-    mask = boundary_mask(lab, width=width, ignore_index=ignore_index, distance=distance)
+    mask = boundary_mask(
+        lab, width=width, ignore_index=ignore_index, distance=distance, spatial_dims=lab.ndim - 1
+    )
     n_classes = int(values.shape[1])
     acc = CalibrationAccumulator(
         n_classes, ignore_index=ignore_index, regions=BOUNDARY_REGIONS, **accumulator_params

@@ -231,7 +231,9 @@ def _boundary_regions(store: LogitStore, image_id, width: int) -> np.ndarray:
     from ..metrics import boundary_mask
 
     labels = np.asarray(store.load_image(image_id).labels)
-    mask = boundary_mask(labels, width=width, ignore_index=store.ignore_index)
+    mask = boundary_mask(
+        labels, width=width, ignore_index=store.ignore_index, spatial_dims=labels.ndim
+    )
     return mask[store.labelled(labels)]
 
 
@@ -452,15 +454,14 @@ def _predict_block(calibrator, store: LogitStore, out: LogitStore, ids, chunk_pi
     context = estimator_context(calibrator)
     for image_id in ids:
         info = store.image_info(image_id)
-        h, w = info.height, info.width
-        proba = np.empty((c, h, w), dtype=VALUE_DTYPE)
+        proba = np.empty((c, *info.shape), dtype=VALUE_DTYPE)
+        flat = proba.reshape(c, -1)  # a volume's voxels in row-major order
         r0 = 0
         # every pixel's row, ignored ones included (for inference)
         for x, y in store.iter_tables(image_id, chunk_pixels, context=context, ignored="keep"):
-            rows = len(y) // w
             p = _uncalibrated(store, x) if calibrator is None else calibrator.predict_proba(x)
-            proba[:, r0 : r0 + rows] = np.asarray(p).T.reshape(c, rows, w)
-            r0 += rows
+            flat[:, r0 : r0 + len(y)] = np.asarray(p).T
+            r0 += len(y)
         labels = np.asarray(store.load_image(image_id).labels)
         out.add_image(info.name, proba, labels, overwrite=True)
 

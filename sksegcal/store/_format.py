@@ -216,10 +216,11 @@ def check_record(record: Any, where: Path, n_classes: int, labels_dtype: np.dtyp
             f"is {name!r}, whose record is {stem_}.json, not {where.name} (a copied or "
             "renamed record would hide or duplicate an image)",
         )
-    for key in ("height", "width"):
-        if not _is_int(record[key]) or record[key] < 1:
+    # "depth" only in the records of volumes (C, D, H, W); images have none
+    for key in ("height", "width", "depth"):
+        if key in record and (not _is_int(record[key]) or record[key] < 1):
             raise _field(where, key, f"must be an integer >= 1, got {record[key]!r}")
-    n = record["height"] * record["width"]
+    n = record.get("depth", 1) * record["height"] * record["width"]
     if not _is_int(record["n_valid"]) or not 0 <= record["n_valid"] <= n:
         raise _field(
             where, "n_valid", f"must be an integer in [0, height*width={n}], got "

@@ -60,7 +60,11 @@ _HASHED_STEM = re.compile(r".*-[0-9a-f]{12}")
 
 
 class StoredImage(NamedTuple):
-    """One image of a store: its id, name and memory-mapped arrays."""
+    """One image of a store: its id, name and memory-mapped arrays.
+
+    ``logits`` is (C, H, W) and ``labels`` (H, W); for a volume (C, D, H, W)
+    and (D, H, W).
+    """
 
     id: int
     name: int | str
@@ -76,11 +80,19 @@ class ImageInfo(NamedTuple):
     width: int
     n_valid: int
     n_correct: int
+    depth: int | None = None  # volumes only
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(H, W), or (D, H, W) for a volume: the labels' shape."""
+        if self.depth is None:
+            return (self.height, self.width)
+        return (self.depth, self.height, self.width)
 
     @property
     def n_pixels(self) -> int:
         """Every pixel of the image, ignored ones included."""
-        return self.height * self.width
+        return (self.depth or 1) * self.height * self.width
 
 
 def _name_of_stem(rec_path: Path):
@@ -499,10 +511,12 @@ class LogitStore:
         ----------
         name : int or str
             The image's name, e.g. its index or file stem in the dataset.
-        logits : array-like of shape (C, H, W)
+        logits : array-like of shape (C, H, W), or (C, D, H, W) for a volume
             Logits (or probabilities for a ``values="probabilities"`` store);
-            stored as float16. H and W must be at least 1.
-        labels : array-like of shape (H, W)
+            stored as float16. Every spatial axis must be at least 1 long.
+            Pixel tables read a volume's voxels in (D, H, W) row-major order,
+            as :func:`~sksegcal.pixels.flatten_segmentation` does.
+        labels : array-like of shape (H, W), or (D, H, W)
             Class indices or the ignore index.
         overwrite : bool, default=False
             Replace an image of the same name instead of raising. The
@@ -525,10 +539,10 @@ class LogitStore:
         z = np.asarray(logits)
         t = np.asarray(labels)
         c = self.n_classes
-        if z.ndim != 3 or z.shape[0] != c:
+        if z.ndim not in (3, 4) or z.shape[0] != c:
             raise ValueError(
-                f"logits of image {name!r} must have shape ({c}, H, W) for this "
-                f"{c}-class store, got {z.shape}."
+                f"logits of image {name!r} must have shape ({c}, H, W), or ({c}, D, H, W) "
+                f"for a volume, in this {c}-class store; got {z.shape}."
             )
         if min(z.shape[1:]) < 1:
             raise ValueError(
@@ -553,8 +567,9 @@ class LogitStore:
         rec_path = self._record_path(name)
         replace, old = self._existing(name, rec_path, overwrite)
         fields = {
-            "height": int(z.shape[1]),
-            "width": int(z.shape[2]),
+            "height": int(z.shape[-2]),
+            "width": int(z.shape[-1]),
+            **({"depth": int(z.shape[1])} if z.ndim == 4 else {}),
             "n_valid": n_valid,
             "n_correct": n_correct,
         }
@@ -727,10 +742,11 @@ class LogitStore:
         return sorted(removed)
 
     def _expected_array(self, record, kind):
-        h, w = record["height"], record["width"]
+        spatial = (record["depth"],) if "depth" in record else ()
+        spatial += (record["height"], record["width"])
         if kind == "logits":
-            return (self.n_classes, h, w), VALUE_DTYPE, False
-        return (h, w), self.labels_dtype, False
+            return (self.n_classes, *spatial), VALUE_DTYPE, False
+        return spatial, self.labels_dtype, False
 
     # ------------------------------------------------------------------ reading
     # The public read interface (image_ids, image_info, labelled, chunk_size,
@@ -755,6 +771,7 @@ class LogitStore:
             int(record["width"]),
             int(record["n_valid"]),
             int(record["n_correct"]),
+            int(record["depth"]) if "depth" in record else None,
         )
 
     def _as_ids(self, images) -> np.ndarray:
@@ -848,7 +865,9 @@ class LogitStore:
         """
         block_pixels = self.chunk_size(block_pixels)
         record, logits_path, labels_path = self._paths(image_id)
-        c, h, w = self.n_classes, record["height"], record["width"]
+        # a volume (C, D, H, W) is read as the (C, D * H, W) image its bytes also are
+        c, h, w = self.n_classes, record.get("depth", 1) * record["height"], record["width"]
+        labels_shape = self._expected_array(record, "labels")[0]
         rows = max(1, min(h, block_pixels // max(w, 1)))
         try:
             labels = np.load(labels_path, allow_pickle=False)
@@ -857,10 +876,10 @@ class LogitStore:
                 f"labels file {labels_path} of image {record['name']!r} cannot be read "
                 f"({exc}); run store.verify() and re-add the image."
             ) from None
-        if labels.shape != (h, w) or labels.dtype != self.labels_dtype:
+        if labels.shape != labels_shape or labels.dtype != self.labels_dtype:
             raise ValueError(
                 f"labels file {labels_path} of image {record['name']!r} has shape "
-                f"{labels.shape} {labels.dtype}, its record's fields height, width say ({h}, {w}) "
+                f"{labels.shape} {labels.dtype}, its record's fields say {labels_shape} "
                 f"{self.labels_dtype}; run "
                 "store.verify()."
             )
@@ -880,12 +899,13 @@ class LogitStore:
                     f"logits file {logits_path} of image {record['name']!r} has no valid "
                     f".npy header ({exc}); run store.verify() and re-add the image."
                 ) from None
-            if shape != (c, h, w) or dtype != VALUE_DTYPE:
+            if shape != (c, *labels_shape) or dtype != VALUE_DTYPE:
                 raise ValueError(
                     f"logits file {logits_path} of image {record['name']!r} has shape {shape}, "
-                    f"dtype {dtype}; its record says ({c}, {h}, {w}) float16. Run "
+                    f"dtype {dtype}; its record says {(c, *labels_shape)} float16. Run "
                     "store.verify()."
                 )
+            labels = labels.reshape(h, w)
             buf = np.empty((c, rows, w), dtype=VALUE_DTYPE)
             for r0 in range(0, h, rows):
                 r1 = min(h, r0 + rows)
@@ -915,15 +935,16 @@ class LogitStore:
     def _read_image(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
         """One image's logits (C, H, W) float16 and labels (H, W), in memory, read in one block."""
         info = self.image_info(image_id)
-        z = np.empty((self.n_classes, info.height, info.width), dtype=VALUE_DTYPE)
+        z = np.empty((self.n_classes, *info.shape), dtype=VALUE_DTYPE)
+        rows = z.reshape(self.n_classes, -1, info.width)  # a volume's (D * H) rows
         labels = []
         r0 = 0
         # the block reader validates the files; its buffer is reused, hence the copy
         for block, t in self.iter_blocks(image_id, info.n_pixels):
-            z[:, r0 : r0 + block.shape[1]] = block
+            rows[:, r0 : r0 + block.shape[1]] = block
             labels.append(t)
             r0 += block.shape[1]
-        return z, np.concatenate(labels)
+        return z, np.concatenate(labels).reshape(info.shape)
 
     def iter_tables(
         self,
