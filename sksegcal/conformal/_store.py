@@ -17,6 +17,12 @@ import numpy as np
 from ..pixels import _context_width, _estimator_context
 from ..store._engine import DEFAULT_TASK_PIXELS, image_blocks
 from ._base import BaseConformal
+from ._margins import (
+    ConformalMargins,
+    MarginAccumulator,
+    _evaluate_margins_block,
+    fit_margins_store,
+)
 from ._metrics import ConformalSetAccumulator
 
 
@@ -92,9 +98,9 @@ def fit_conformal_store(
 
     Parameters
     ----------
-    estimator : ConformalPixelSets or ConformalRiskControl
+    estimator : ConformalPixelSets, ConformalRiskControl or ConformalMargins
         Unfitted (or fitted: it is refitted). Its calibrator, if any, must
-        take the store's (n, C) rows.
+        take the store's (n, C) rows. Margins read whole images.
     store : LogitStore
     images : None, "train", "validation", "test", array of ids or mask, default="validation"
         The conformal calibration images. They must be exchangeable with the
@@ -130,8 +136,13 @@ def fit_conformal_store(
     """
     from joblib import Parallel, delayed
 
-    _check_inputs(estimator, store)
     ids = store._as_ids(images)
+    if isinstance(estimator, ConformalMargins) and len(ids):  # whole images, not row chunks
+        blocks = _blocks(store, ids, task_pixels)
+        return fit_margins_store(
+            estimator, store, ids, n_jobs=n_jobs, backend=backend, blocks=blocks
+        )
+    _check_inputs(estimator, store)
     if len(ids) == 0:
         raise ValueError("images selects no image of the store; there is nothing to calibrate on.")
     for attr in ("state_", "n_features_in_"):
@@ -154,10 +165,13 @@ def fit_conformal_store(
 
 
 def _evaluate_block(estimators, store, ids, chunk_pixels):
+    margins = {k: v for k, v in estimators.items() if isinstance(v, ConformalMargins)}
+    estimators = {k: v for k, v in estimators.items() if k not in margins}
     accs = {
         name: ConformalSetAccumulator(store.n_classes, ignore_index=store.ignore_index)
         for name in estimators
     }
+    accs.update({name: _evaluate_margins_block(est, store, ids) for name, est in margins.items()})
     contexts = {name: _context_of(est, store) for name, est in estimators.items()}
     for image_id in ids:
         for context in sorted(set(contexts.values()), key=str):
@@ -182,7 +196,8 @@ def evaluate_conformal_store(
 
     Parameters
     ----------
-    estimators : mapping of str to fitted ConformalPixelSets or ConformalRiskControl
+    estimators : mapping of str to fitted ConformalPixelSets, ConformalRiskControl or
+        ConformalMargins
     store : LogitStore
     images : default="test"
         The images to evaluate on (not those the estimators were calibrated on).
@@ -191,8 +206,9 @@ def evaluate_conformal_store(
 
     Returns
     -------
-    accumulators : dict of str to ConformalSetAccumulator
-        One per estimator, with per-image tallies keyed by store image id.
+    accumulators : dict of str to ConformalSetAccumulator or MarginAccumulator
+        One per estimator, with per-image tallies keyed by store image id (a
+        :class:`MarginAccumulator` for a :class:`ConformalMargins`).
     """
     from joblib import Parallel, delayed
 
@@ -200,15 +216,18 @@ def evaluate_conformal_store(
     if not estimators:
         raise ValueError("estimators is empty.")
     for est in estimators.values():
-        _check_inputs(est, store)
+        if not isinstance(est, ConformalMargins):
+            _check_inputs(est, store)
     chunk_pixels = store._chunk_pixels(chunk_pixels)
     results = Parallel(n_jobs=n_jobs, backend=backend)(
         delayed(_evaluate_block)(estimators, store, block, chunk_pixels)
         for block in _blocks(store, store._as_ids(images), task_pixels)
     )
     accs = {
-        name: ConformalSetAccumulator(store.n_classes, ignore_index=store.ignore_index)
-        for name in estimators
+        name: MarginAccumulator(est.target_class, ignore_index=est.ignore_index)
+        if isinstance(est, ConformalMargins)
+        else ConformalSetAccumulator(store.n_classes, ignore_index=store.ignore_index)
+        for name, est in estimators.items()
     }
     for block in results:
         for name in estimators:
