@@ -504,6 +504,11 @@ def test_cli_conformal_end_to_end(store, tmp_path, capsys):
         "all",
         "--fnr-class",
         "1",
+        "--margin-class",
+        "1",
+        "--guarantee",
+        "image",
+        "pixel",
         "--alpha",
         "0.2",
         "-o",
@@ -513,17 +518,23 @@ def test_cli_conformal_end_to_end(store, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "pixel sets" in printed and "CRC FNR class 1" in printed
+    assert "pixel sets (pixel)" in printed and "margins class 1" in printed
     result = json.loads((out / "conformal.json").read_text())
     rows = result["results"]
     assert {r["method"] for r in rows} == {"uncalibrated", "ts"}
     assert len(result["meta"]["calibration_images"]) == 6
     assert all(0 <= r["coverage"] <= 1 and r["mean_set_size"] >= 0 for r in rows)
     assert (out / "conformal.md").is_file() and (out / "set_sizes.png").is_file()
+    margins = result["margins"]
+    assert [m["method"] for m in margins] == ["uncalibrated", "ts"]
+    assert all(m["n_calibration"] == 6 and 0 <= m["outer_covers"] <= 1 for m in margins)
     # the untrusted pickle is refused; a class outside the store is a one-line error
     assert main(argv[:3] + [str(tmp_path / "ts.joblib")] + argv[4:]) == 1
     assert "--trusted" in capsys.readouterr().err
     assert main([*argv[:6], "--fnr-class", "9", "-o", str(out)]) == 1
     assert "--fnr-class 9" in capsys.readouterr().err
+    assert main([*argv[:6], "--margin-class", "9", "-o", str(out)]) == 1
+    assert "--margin-class 9" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- plotting
