@@ -202,7 +202,8 @@ def check_split0(P, y, unit, U, score, fnr_class, n_cal, alpha, seed=0):
     for i in perm[:n_cal]:
         if U["fnr"][i] is not None:
             tally.merge(U["fnr"][i])
-    assert crc.threshold_level_ == (tally.lambda_level(alpha) or N_BINS)
+    level = tally.lambda_level(alpha)
+    assert crc.threshold_level_ == (N_BINS if level is None else level)
 
 
 def unit_states(P, y, unit, score):
@@ -261,7 +262,8 @@ def check_size_split0(P, y, unit, units, S, n_cal, alpha, score, seed=0):
     tally = ImageRiskTally(N_BINS)
     for i in perm[:n_cal]:
         tally.merge(S["tally"][i])
-    assert est.threshold_level_ == (tally.lambda_level(alpha) or N_BINS)
+    level = tally.lambda_level(alpha)
+    assert est.threshold_level_ == (N_BINS if level is None else level)
 
 
 def size_study(args):
