@@ -4,8 +4,9 @@
 
 Logits are generated in chunks of whole images (``--image-pixels`` each) and fed to
 ``ConformalPixelSets.partial_fit`` (the default image-level guarantee, with the image ids,
-and ``guarantee="pixel"``) and ``ConformalRiskControl.partial_fit`` one chunk at a time; tracemalloc records the peak of Python/NumPy allocations during the fit, beyond the
-chunk being fed (generated outside the measured window). Beside it, the memory the exact
+and ``guarantee="pixel"``) and ``ConformalRiskControl.partial_fit`` one chunk at a time;
+tracemalloc records the peak of Python/NumPy allocations during the fit, beyond the chunk
+being fed (generated outside the measured window). Beside it, the memory the exact
 approach needs: every calibration score kept (float32, 4 bytes a pixel) for np.quantile.
 Run in one process, after a warm-up fit (imports and torch's first softmax); tracemalloc
 is started afresh for every chunk and the largest peak is kept.
