@@ -266,12 +266,71 @@ def check_size_split0(P, y, unit, units, S, n_cal, alpha, score, seed=0):
     assert est.threshold_level_ == (N_BINS if level is None else level)
 
 
+def margin_study(Z, labels, slices, cls, sizes, labels_of_sizes, n_splits, alphas, seed=0):
+    """ConformalMargins per slice (its two images one unit) over random slice splits."""
+    from sksegcal.conformal import ConformalMargins
+    from sksegcal.conformal._margins import dilation_distance, erosion_depth
+
+    units = np.unique(slices)
+    pred = Z.argmax(1) == cls
+    per_image = ConformalMargins(alpha=0.5, target_class=cls, ignore_index=None)
+    per_image.fit(Z, labels)  # the scores of every image (alpha plays no part in them)
+    unit_of = np.searchsorted(units, slices)
+    score = np.full((len(units), 2), -np.inf)
+    np.maximum.at(score, unit_of, np.stack([per_image.outer_scores_, per_image.inner_scores_], 1))
+    # areas of the outer / inner masks at k dilations / erosions, per slice
+    big = 200
+    out_area = np.zeros((len(units), big + 1))
+    in_area = np.zeros((len(units), big + 1))
+    for i in range(len(Z)):
+        d = dilation_distance(pred[i])
+        e = erosion_depth(pred[i])
+        if (d >= 0).any():
+            out_area[unit_of[i]] += np.cumsum(np.bincount(d[d >= 0], minlength=big + 1)[: big + 1])
+        in_area[unit_of[i]] += np.array([(e > k).sum() for k in range(big + 1)])
+    pred_area = np.bincount(unit_of, weights=pred.sum((1, 2)), minlength=len(units))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n_cal, label in zip(sizes, labels_of_sizes):
+        for alpha in alphas:
+            res = []
+            for _ in range(n_splits):
+                perm = rng.permutation(len(units))
+                cal, test = perm[:n_cal], perm[n_cal:]
+                est = ConformalMargins(alpha=alpha, target_class=cls)
+                est.__dict__.update(
+                    outer_scores_=score[cal, 0],
+                    inner_scores_=score[cal, 1],
+                    n_features_in_=Z.shape[1],
+                )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    est._finish()
+                ko, ki = est.outer_margin_, est.inner_margin_
+                if not np.isfinite(ko):
+                    res.append((1.0, np.nan, np.nan, np.nan, np.nan))
+                    continue
+                hold = (score[test, 0] <= ko) & (score[test, 1] <= ki)
+                ko_i, ki_i = int(min(ko, big)), int(min(ki, big))
+                res.append(
+                    (
+                        hold.mean(),
+                        ko,
+                        ki,
+                        out_area[test, ko_i].sum() / pred_area[test].sum(),
+                        in_area[test, ki_i].sum() / pred_area[test].sum(),
+                    )
+                )
+            rows.append((label, n_cal, alpha, np.asarray(res), est.n_required_))
+    return rows
+
+
 def size_study(args):
     lines = []
     for name in args.datasets:
         t0 = time.perf_counter()
         try:
-            Z, labels, slices, _ = real_case(name)
+            Z, labels, slices, class_names = real_case(name)
         except FileNotFoundError as exc:  # AAL needs Debian's mricron-data
             lines += [f"## {name}", "", f"not run: {exc}", ""]
             print("\n".join(lines[-4:]), flush=True)
@@ -317,6 +376,36 @@ def size_study(args):
                             f"| {np.quantile(cov, 0.1):.4f} | {np.mean(cov < 1 - alpha):.2f} | "
                             f"{size.mean():.3f} |"
                         )
+        cls = args.margin_class
+        if cls is None:
+            present = np.array([np.bincount(t.ravel(), minlength=c) > 0 for t in labels])
+            cls = 2 if name == "mni152-tissue" else int(np.argmax(present[:, 1:].sum(0)) + 1)
+        lines += [
+            "",
+            f"### Margins of class {cls} ({class_names[cls]}), margin='both'",
+            "",
+            "Per split: the fraction of test slices (both acquisitions) whose class lies within "
+            "the outer mask and whose inner mask lies within the class; the areas are the "
+            "test slices' outer and inner mask areas over the predicted mask's.",
+            "",
+            "| alpha | calibration slices | slices where both hold ± SE | 10% quantile | "
+            "median erosions / dilations | outer area / predicted | inner area / predicted |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, n_cal, alpha, v, need in margin_study(
+            Z, labels, slices, cls, sizes, args.sizes, args.splits, args.alphas
+        ):
+            cal = f"{n_cal} (all)" if label == "all" else str(n_cal)
+            if np.isnan(v[:, 1]).all():
+                lines.append(f"| {alpha} | {cal} | refused: needs >= {need} slices | | | | |")
+                continue
+            hold = v[:, 0]
+            se = hold.std() / np.sqrt(len(hold))
+            lines.append(
+                f"| {alpha} | {cal} | {fmt(hold.mean(), se)} | {np.quantile(hold, 0.1):.3f} | "
+                f"{np.nanmedian(v[:, 2]):.0f} / {np.nanmedian(v[:, 1]):.0f} | "
+                f"{np.nanmean(v[:, 3]):.2f} | {np.nanmean(v[:, 4]):.2f} |"
+            )
         lines += ["", f"({time.perf_counter() - t0:.0f} s)", ""]
         print("\n".join(lines), flush=True)
     return lines
@@ -342,6 +431,13 @@ def main():
     ap.add_argument("--study", choices=("sizes", "methods"), default="sizes")
     ap.add_argument("--sizes", nargs="+", default=["5", "10", "20", "all"])
     ap.add_argument("--n-test-all", type=int, default=5)
+    ap.add_argument(
+        "--margin-class",
+        type=int,
+        default=None,
+        help="class of the margins study (default: white matter on mni152-tissue, the region "
+        "in the most slices on aal)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", UserWarning)  # infinite thresholds: reported in the tables

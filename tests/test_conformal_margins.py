@@ -131,7 +131,13 @@ def test_too_few_images_say_how_many_are_needed():
     assert outer.all() and not inner.any()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ConformalMargins(alpha=0.2, margin="outer").fit(logits[:4], truth[:4])  # 4 >= 1/0.2 - 1
+        one = ConformalMargins(alpha=0.2, margin="outer").fit(logits[:8], truth[:8])
+        # two maps a unit (two acquisitions of a scene): a unit's score is its maps' largest
+        pairs = ConformalMargins(alpha=0.2, margin="outer").fit(
+            logits[:8], truth[:8], groups=[0, 0, 1, 1, 2, 2, 3, 3]
+        )  # 4 units >= 1/0.2 - 1
+    assert np.array_equal(pairs.outer_scores_, one.outer_scores_.reshape(4, 2).max(1))
+    assert pairs.n_calibration_ == 4
 
 
 def test_one_channel_models_and_store_path(tmp_path):

@@ -299,7 +299,7 @@ class ConformalMargins(BaseEstimator):
             self._predicted(z), t == self.target_class, labelled, self.connectivity
         )
 
-    def fit(self, maps, labels):
+    def fit(self, maps, labels, groups=None):
         """Calibrate the margins on calibration images.
 
         Parameters
@@ -310,6 +310,11 @@ class ConformalMargins(BaseEstimator):
         labels : array-like of shape (N, *spatial)
             Class indices (0/1 for a binary model); ``ignore_index`` pixels
             count neither way.
+        groups : array-like of shape (N,), optional
+            The exchangeable unit of each map (e.g. a patient or a scene with
+            several acquisitions): a unit's scores are the largest of its
+            maps', so the promise covers all of a new unit's maps at once.
+            None: each map is its own unit. A unit must come whole in one call.
 
         Returns
         -------
@@ -317,12 +322,12 @@ class ConformalMargins(BaseEstimator):
         """
         for attr in ("outer_scores_", "n_features_in_"):
             self.__dict__.pop(attr, None)
-        return self.partial_fit(maps, labels)
+        return self.partial_fit(maps, labels, groups)
 
     fit_maps = fit
 
-    def partial_fit(self, maps, labels):
-        """Add whole calibration images and read the margins again. Returns self."""
+    def partial_fit(self, maps, labels, groups=None):
+        """Add whole calibration images (units) and read the margins again. Returns self."""
         first = not hasattr(self, "outer_scores_")
         maps = self._check_maps(maps, reset=first)
         labels = np.asarray(labels)
@@ -331,10 +336,21 @@ class ConformalMargins(BaseEstimator):
                 f"labels must have shape {(maps.shape[0], *maps.shape[2:])}, got {labels.shape}."
             )
         n_classes = max(2, maps.shape[1])
-        scores = [
-            self._image_scores(z, check_labels(t, n_classes, self.ignore_index))
-            for z, t in zip(maps, labels)
-        ]
+        scores = np.array(
+            [
+                self._image_scores(z, check_labels(t, n_classes, self.ignore_index))
+                for z, t in zip(maps, labels)
+            ],
+            dtype=np.float64,
+        ).reshape(-1, 2)
+        if groups is not None:
+            groups = np.asarray(groups).reshape(-1)
+            if groups.shape[0] != len(scores):
+                raise ValueError(f"groups must hold one unit per map ({len(scores)}).")
+            _, inverse = np.unique(groups, return_inverse=True)
+            unit = np.full((inverse.max() + 1, 2), -np.inf)
+            np.maximum.at(unit, inverse, scores)  # a unit is covered when all its maps are
+            scores = unit
         self._add_scores(scores, first)
         return self._finish()
 
