@@ -34,8 +34,8 @@ def _blocks(store, ids: np.ndarray, task_pixels: int) -> list[np.ndarray]:
 def _check_inputs(estimator, store) -> None:
     if not isinstance(estimator, BaseConformal):
         raise TypeError(
-            f"estimator must be a ConformalPixelSets or ConformalRiskControl, got "
-            f"{type(estimator).__name__}."
+            "estimator must be a ConformalPixelSets, ConformalRiskControl or ConformalMargins, "
+            f"got {type(estimator).__name__}."
         )
     if estimator.calibrator is None and estimator.input_type != store.values:
         raise ValueError(
