@@ -121,19 +121,21 @@ def test_maps_and_store_path_know_the_images(tmp_path):
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, size=(12, 6, 5))
-    logits = 3.0 * (np.moveaxis(np.eye(3)[labels], -1, 1) + rng.normal(size=(12, 3, 6, 5)))
-    logits = logits.astype(np.float16).astype(np.float32)
-    ref = ConformalPixelSets(alpha=0.2).fit_maps(logits[:10], labels[:10])
+    z = 3.0 * (np.moveaxis(np.eye(3)[labels], -1, 1) + rng.normal(size=(12, 3, 6, 5)))
+    proba = np.exp(z - z.max(1, keepdims=True))
+    proba = (proba / proba.sum(1, keepdims=True)).astype(np.float16).astype(np.float32)
+    kw = {"alpha": 0.2, "input_type": "probabilities"}
+    ref = ConformalPixelSets(**kw).fit_maps(proba[:10], labels[:10])
     assert ref.n_calibration_ == 10 and ref.state_.n_images_ == 10
-    store = LogitStore.create(tmp_path / "s", n_classes=3)
+    store = LogitStore.create(tmp_path / "s", n_classes=3, values="probabilities")
     for i in range(12):
-        store.add_image(i, logits[i], labels[i])
-    est = fit_conformal_store(ConformalPixelSets(alpha=0.2), store, images=np.arange(10))
+        store.add_image(i, proba[i], labels[i])
+    est = fit_conformal_store(ConformalPixelSets(**kw), store, images=np.arange(10))
     assert est.threshold_level_ == ref.threshold_level_ and est.n_calibration_ == 10
     # 3-D maps: one image per volume
-    vol = ConformalPixelSets(alpha=0.2).fit_maps(logits[:10, :, None], labels[:10, None])
+    vol = ConformalPixelSets(**kw).fit_maps(proba[:10, :, None], labels[:10, None])
     assert vol.threshold_level_ == ref.threshold_level_
-    assert vol.predict_set_maps(logits[10:, :, None]).shape == (2, 3, 1, 6, 5)
+    assert vol.predict_set_maps(proba[10:, :, None]).shape == (2, 3, 1, 6, 5)
 
 
 def test_metadata_routing_passes_groups():
