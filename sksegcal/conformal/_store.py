@@ -137,14 +137,15 @@ def fit_conformal_store(
     from joblib import Parallel, delayed
 
     ids = store._as_ids(images)
-    if isinstance(estimator, ConformalMargins) and len(ids):  # whole images, not row chunks
+    if not isinstance(estimator, ConformalMargins):
+        _check_inputs(estimator, store)
+    if len(ids) == 0:
+        raise ValueError("images selects no image of the store; there is nothing to calibrate on.")
+    if isinstance(estimator, ConformalMargins):  # whole images, not row chunks
         blocks = _blocks(store, ids, task_pixels)
         return fit_margins_store(
             estimator, store, ids, n_jobs=n_jobs, backend=backend, blocks=blocks
         )
-    _check_inputs(estimator, store)
-    if len(ids) == 0:
-        raise ValueError("images selects no image of the store; there is nothing to calibrate on.")
     for attr in ("state_", "n_features_in_"):
         estimator.__dict__.pop(attr, None)
     context = _context_of(estimator, store)
