@@ -419,7 +419,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--datasets", nargs="+", default=["mni152-tissue", "aal"])
     ap.add_argument("--splits", type=int, default=200)
-    ap.add_argument("--alphas", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    ap.add_argument(
+        "--alphas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="default: 0.05 0.1 0.2 (sizes), 0.01 0.02 0.05 0.1 0.2 (methods)",
+    )
     ap.add_argument(
         "--fnr-class",
         type=int,
@@ -442,14 +448,14 @@ def main():
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", UserWarning)  # infinite thresholds: reported in the tables
     if args.study == "sizes":
-        if "--alphas" not in " ".join(__import__("sys").argv):
-            args.alphas = [0.05, 0.1, 0.2]
+        args.alphas = args.alphas or [0.05, 0.1, 0.2]
         lines = size_study(args)
         if args.out:
             from pathlib import Path
 
             Path(args.out).write_text("\n".join(lines) + "\n")
         return
+    args.alphas = args.alphas or [0.01, 0.02, 0.05, 0.1, 0.2]
     lines = []
     for name in args.datasets:
         t0 = time.perf_counter()
