@@ -19,7 +19,7 @@ class ConformalPixelSets(BaseConformal):
 
     - ``"image"`` (default): conformal risk control of each image's
       miscoverage fraction (Angelopoulos et al. 2022), i.e. the pooled-CDF
-      quantile of Dunn, Wasserman & Ramdas (2022) at level
+      quantile of Dunn, Wasserman & Ramdas (2023) at level
       ``(1 - alpha)(1 + 1/n)``, over the ``n`` calibration images. If the
       calibration images and a new image are exchangeable, a pixel drawn
       uniformly from the labelled pixels of the new image has its class in
