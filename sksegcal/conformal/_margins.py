@@ -5,7 +5,7 @@ model's most probable class is that class. Its *outer* mask is the predicted
 mask dilated ``k_out`` times, its *inner* mask the predicted mask eroded
 ``k_in`` times, by the structuring element of ``connectivity``. Each
 calibration image gives two integer scores (the morphological scores of
-ConSeMa, Mossina & Friedrich 2025):
+the ConSeMa research code):
 
 - ``outer``: the fewest dilations after which the dilated mask holds every
   labelled pixel of the class (infinite when the class is present and the
