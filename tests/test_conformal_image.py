@@ -132,6 +132,12 @@ def test_maps_and_store_path_know_the_images(tmp_path):
         store.add_image(i, proba[i], labels[i])
     est = fit_conformal_store(ConformalPixelSets(**kw), store, images=np.arange(10))
     assert est.threshold_level_ == ref.threshold_level_ and est.n_calibration_ == 10
+    # several maps one unit: as fit on the pixel table with the units as groups
+    units = np.repeat(np.arange(5), 2)
+    pairs = ConformalPixelSets(**kw).fit_maps(proba[:10], labels[:10], groups=units)
+    X = np.moveaxis(proba[:10], 1, -1).reshape(-1, 3)
+    direct = ConformalPixelSets(**kw).fit(X, labels[:10].reshape(-1), np.repeat(units, 30))
+    assert pairs.n_calibration_ == 5 and pairs.threshold_level_ == direct.threshold_level_
     # 3-D maps: one image per volume
     vol = ConformalPixelSets(**kw).fit_maps(proba[:10, :, None], labels[:10, None])
     assert vol.threshold_level_ == ref.threshold_level_

@@ -342,6 +342,16 @@ class BaseConformal(BaseEstimator):
         X, shape = self._table(maps)
         return self.predict_set_size(X).reshape(shape)
 
+    @staticmethod
+    def _map_groups(groups, shape) -> np.ndarray:
+        """One group id per pixel of (N, *spatial) maps: the map's, or its unit's."""
+        per_map = np.arange(shape[0]) if groups is None else np.asarray(groups).reshape(-1)
+        if per_map.shape[0] != shape[0]:
+            raise ValueError(
+                f"groups must hold one unit per map ({shape[0]}), got {len(per_map)}."
+            )
+        return np.repeat(per_map, int(np.prod(shape[1:], dtype=np.int64)))
+
     def _map_labels(self, labels, shape) -> np.ndarray:
         labels = np.asarray(labels)
         if labels.shape != shape:

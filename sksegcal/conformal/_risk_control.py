@@ -199,12 +199,15 @@ class ConformalRiskControl(BaseConformal):
         """
         return self._fit_images(X, y, groups)
 
-    def fit_maps(self, maps, labels):
-        """:meth:`fit` on (N, C, *spatial) logit maps and (N, *spatial) labels, one image a map."""
+    def fit_maps(self, maps, labels, groups=None):
+        """:meth:`fit` on (N, C, *spatial) logit maps and (N, *spatial) labels.
+
+        ``groups`` (N,): the unit of each map (several acquisitions of one
+        scene are one unit); None: each map is an image of its own.
+        """
         X, shape = self._table(maps)
         y = self._map_labels(labels, shape)
-        groups = np.repeat(np.arange(shape[0]), X.shape[0] // max(shape[0], 1))
-        return self.fit(X, y, groups)
+        return self.fit(X, y, self._map_groups(groups, shape))
 
     def predict_mask(self, X) -> np.ndarray:
         """With ``loss="fnr"``: the pixels whose set holds ``target_class``, shape (n,), bool."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from sklearn.utils._param_validation import StrOptions
 
 from ._base import BaseConformal, images_needed
@@ -225,9 +224,12 @@ class ConformalPixelSets(BaseConformal):
         self._add_image(self.state_, self._image_histogram([(X, y)], rng))
         return self._finish()
 
-    def fit_maps(self, maps, labels):
-        """:meth:`fit` on (N, C, *spatial) logit maps and (N, *spatial) labels, one image a map."""
+    def fit_maps(self, maps, labels, groups=None):
+        """:meth:`fit` on (N, C, *spatial) logit maps and (N, *spatial) labels.
+
+        ``groups`` (N,): the unit of each map (several acquisitions of one
+        scene are one unit); None: each map is an image of its own.
+        """
         X, shape = self._table(maps)
         y = self._map_labels(labels, shape)
-        groups = np.repeat(np.arange(shape[0]), X.shape[0] // max(shape[0], 1))
-        return self.fit(X, y, groups)
+        return self.fit(X, y, self._map_groups(groups, shape))
