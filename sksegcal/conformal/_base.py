@@ -322,7 +322,7 @@ class BaseConformal(BaseEstimator):
         return out
 
     def _table(self, maps) -> tuple[np.ndarray, tuple]:
-        """(N, C, *spatial) maps as an (N * prod(spatial), C) view-or-copy, and (N, *spatial)."""
+        """``(N, C, *spatial)`` maps as an ``(n, C)`` table, and the shape ``(N, *spatial)``."""
         maps = np.asarray(maps)
         if maps.ndim < 3:
             raise ValueError(
@@ -333,18 +333,18 @@ class BaseConformal(BaseEstimator):
         return np.moveaxis(maps, 1, -1).reshape(-1, c), shape
 
     def predict_set_maps(self, maps) -> np.ndarray:
-        """Prediction sets of (N, C, *spatial) logit maps, as (N, C, *spatial) boolean masks."""
+        """Prediction sets of ``(N, C, *spatial)`` logit maps, as boolean masks of that shape."""
         X, shape = self._table(maps)
         return np.moveaxis(self.predict_set(X).reshape(*shape, -1), -1, 1)
 
     def predict_set_size_maps(self, maps) -> np.ndarray:
-        """Set sizes of (N, C, *spatial) logit maps, as an (N, *spatial) int array."""
+        """Set sizes of ``(N, C, *spatial)`` logit maps, as an ``(N, *spatial)`` int array."""
         X, shape = self._table(maps)
         return self.predict_set_size(X).reshape(shape)
 
     @staticmethod
     def _map_groups(groups, shape) -> np.ndarray:
-        """One group id per pixel of (N, *spatial) maps: the map's, or its unit's."""
+        """One group id per pixel of ``(N, *spatial)`` maps: the map's, or its unit's."""
         per_map = np.arange(shape[0]) if groups is None else np.asarray(groups).reshape(-1)
         if per_map.shape[0] != shape[0]:
             raise ValueError(

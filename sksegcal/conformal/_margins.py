@@ -257,7 +257,7 @@ class ConformalMargins(BaseEstimator):
 
     # ------------------------------------------------------------ the mask
     def _predicted(self, z: np.ndarray) -> np.ndarray:
-        """The predicted mask of one (C, *spatial) map."""
+        """The predicted mask of one ``(C, *spatial)`` map."""
         c = z.shape[0]
         if c == 1:
             cut = 0.0 if self.input_type == "logits" else 0.5
@@ -283,7 +283,7 @@ class ConformalMargins(BaseEstimator):
         return X
 
     def predict_mask(self, maps) -> np.ndarray:
-        """The predicted masks of ``target_class``, shape (N, *spatial), bool."""
+        """The predicted masks of ``target_class``, shape ``(N, *spatial)``, bool."""
         maps = self._check_maps(maps, reset=False)
         return (
             np.stack([self._predicted(z) for z in maps])
@@ -304,10 +304,10 @@ class ConformalMargins(BaseEstimator):
 
         Parameters
         ----------
-        maps : array-like of shape (N, C, *spatial)
+        maps : array-like of shape ``(N, C, *spatial)``
             Logits (or probabilities) of N whole images, 2-D or N-D; C = 1
             for a one-channel (sigmoid) binary model.
-        labels : array-like of shape (N, *spatial)
+        labels : array-like of shape ``(N, *spatial)``
             Class indices (0/1 for a binary model); ``ignore_index`` pixels
             count neither way.
         groups : array-like of shape (N,), optional
@@ -417,7 +417,7 @@ class ConformalMargins(BaseEstimator):
         return inner, outer
 
     def predict_masks(self, maps) -> tuple[np.ndarray, np.ndarray]:
-        """(inner, outer) masks of (N, C, *spatial) maps, each (N, *spatial) bool.
+        """(inner, outer) masks of ``(N, C, *spatial)`` maps, each ``(N, *spatial)`` bool.
 
         The side that ``margin`` leaves out is the predicted mask itself.
         """
@@ -454,7 +454,7 @@ class MarginAccumulator:
         self.rows_: list[tuple] = []
 
     def update(self, labels, pred, inner, outer) -> MarginAccumulator:
-        """Add images: (N, *spatial) labels and masks. Returns self."""
+        """Add images: ``(N, *spatial)`` labels and masks. Returns self."""
         labels = np.asarray(labels)
         for t, p, i, o in zip(labels, pred, inner, outer):
             lab = np.ones(t.shape, bool) if self.ignore_index is None else t != self.ignore_index

@@ -200,7 +200,7 @@ class ConformalRiskControl(BaseConformal):
         return self._fit_images(X, y, groups)
 
     def fit_maps(self, maps, labels, groups=None):
-        """:meth:`fit` on (N, C, *spatial) logit maps and (N, *spatial) labels.
+        """:meth:`fit` on ``(N, C, *spatial)`` logit maps and ``(N, *spatial)`` labels.
 
         ``groups`` (N,): the unit of each map (several acquisitions of one
         scene are one unit); None: each map is an image of its own.
@@ -217,7 +217,7 @@ class ConformalRiskControl(BaseConformal):
         return self.predict_set(X)[:, self.target_class]
 
     def predict_mask_maps(self, maps) -> np.ndarray:
-        """:meth:`predict_mask` of (N, C, *spatial) maps, as (N, *spatial) bool."""
+        """:meth:`predict_mask` of ``(N, C, *spatial)`` maps, as ``(N, *spatial)`` bool."""
         check_is_fitted(self)
         if self.loss != "fnr":
             raise ValueError("predict_mask_maps needs loss='fnr'; use predict_set_maps.")

@@ -225,7 +225,7 @@ class ConformalPixelSets(BaseConformal):
         return self._finish()
 
     def fit_maps(self, maps, labels, groups=None):
-        """:meth:`fit` on (N, C, *spatial) logit maps and (N, *spatial) labels.
+        """:meth:`fit` on ``(N, C, *spatial)`` logit maps and ``(N, *spatial)`` labels.
 
         ``groups`` (N,): the unit of each map (several acquisitions of one
         scene are one unit); None: each map is an image of its own.
