@@ -3,9 +3,10 @@
     python benchmarks/bench_conformal_memory.py --pixels 2e6 1e7 5e7 --classes 8
 
 Logits are generated in chunks of whole images (``--image-pixels`` each) and fed to
-``ConformalPixelSets.partial_fit`` and ``ConformalRiskControl.partial_fit`` one chunk at a
-time; tracemalloc records the peak of Python/NumPy allocations during the fit, beyond the
-chunk being fed (generated outside the measured window). Beside it, the memory the exact
+``ConformalPixelSets.partial_fit`` (the default image-level guarantee, with the image ids,
+and ``guarantee="pixel"``) and ``ConformalRiskControl.partial_fit`` one chunk at a time;
+tracemalloc records the peak of Python/NumPy allocations during the fit, beyond the chunk
+being fed (generated outside the measured window). Beside it, the memory the exact
 approach needs: every calibration score kept (float32, 4 bytes a pixel) for np.quantile.
 Run in one process, after a warm-up fit (imports and torch's first softmax); tracemalloc
 is started afresh for every chunk and the largest peak is kept.
@@ -43,7 +44,7 @@ def measure(est, total, image_pixels, images_per_chunk, c):
     for X, y, groups in chunks(total, image_pixels, images_per_chunk, c):
         tracemalloc.start()
         t0 = time.perf_counter()
-        if isinstance(est, ConformalRiskControl):
+        if isinstance(est, ConformalRiskControl) or est.guarantee == "image":
             est.partial_fit(X, y, groups)
         else:
             est.partial_fit(X, y)
@@ -65,7 +66,8 @@ def main():
     # warm up: the first fit imports and initialises torch's softmax, which tracemalloc
     # would count against the smallest size
     for X, y, groups in chunks(2000, 1000, 2, c):
-        ConformalPixelSets().partial_fit(X, y)
+        ConformalPixelSets(guarantee="pixel").partial_fit(X, y)
+        ConformalPixelSets().partial_fit(X, y, groups)
         ConformalRiskControl().partial_fit(X, y, groups)
     print(
         f"C = {c}, images of {args.image_pixels:,} pixels, {args.images_per_chunk} images a "
@@ -79,14 +81,16 @@ def main():
     for total in (int(p) for p in args.pixels):
         for make in (
             lambda: ConformalPixelSets(alpha=0.1),
-            lambda: ConformalPixelSets(alpha=0.1, conformity_score="aps"),
+            lambda: ConformalPixelSets(alpha=0.1, guarantee="pixel"),
+            lambda: ConformalPixelSets(alpha=0.1, guarantee="pixel", conformity_score="aps"),
             lambda: ConformalRiskControl(alpha=0.1),
         ):
             est = make()
             peak, seconds = measure(est, total, args.image_pixels, args.images_per_chunk, c)
             state = est.state_.state_dict()
             state_mb = sum(np.asarray(v).nbytes for v in state.values()) / 2**20
-            name = type(est).__name__ + (f" ({est.conformity_score})")
+            name = type(est).__name__ + f" ({est.conformity_score}"
+            name += f", {est.guarantee})" if hasattr(est, "guarantee") else ")"
             print(
                 f"| {total:,} | {name} | {peak / 2**20:.1f} | {seconds:.1f} | "
                 f"{state_mb:.2f} | {total * 4 / 2**20:.0f} |",

@@ -128,7 +128,7 @@ def test_scores_against_a_loop():
 @pytest.mark.parametrize("score", ["lac", "aps"])
 def test_pixel_sets_threshold_matches_direct_quantile(score):
     X, y = _logits(n=2001)
-    est = ConformalPixelSets(alpha=0.1, conformity_score=score).fit(X, y)
+    est = ConformalPixelSets(guarantee="pixel", alpha=0.1, conformity_score=score).fit(X, y)
     p = softmax(X)
     s = (lac_scores(p) if score == "lac" else aps_scores(p))[np.arange(len(y)), y]
     exact = _exact_threshold(s, 0.1)
@@ -141,7 +141,7 @@ def test_pixel_sets_threshold_matches_direct_quantile(score):
 
 def test_lac_set_is_classes_above_probability_threshold():
     X, y = _logits()
-    est = ConformalPixelSets(alpha=0.1).fit(X[:1500], y[:1500])
+    est = ConformalPixelSets(guarantee="pixel", alpha=0.1).fit(X[:1500], y[:1500])
     p = softmax(X[1500:])
     level = est.threshold_level_
     direct = np.ceil((1.0 - p).astype(np.float64) * 2**16) <= level
@@ -153,7 +153,7 @@ def test_lac_set_is_classes_above_probability_threshold():
 def test_sets_are_nested_in_alpha(score):
     X, y = _logits()
     sets = [
-        ConformalPixelSets(alpha=a, conformity_score=score)
+        ConformalPixelSets(guarantee="pixel", alpha=a, conformity_score=score)
         .fit(X[:1500], y[:1500])
         .predict_set(X[1500:])
         for a in (0.02, 0.05, 0.1, 0.2, 0.4)
@@ -165,7 +165,9 @@ def test_sets_are_nested_in_alpha(score):
 
 def test_aps_sets_hold_the_argmax_and_are_prefixes_of_the_ranking():
     X, y = _logits(c=6, scale=1.5)
-    est = ConformalPixelSets(alpha=0.1, conformity_score="aps").fit(X[:1500], y[:1500])
+    est = ConformalPixelSets(guarantee="pixel", alpha=0.1, conformity_score="aps").fit(
+        X[:1500], y[:1500]
+    )
     sets = est.predict_set(X[1500:])
     p = softmax(X[1500:])
     assert np.all(sets[np.arange(len(p)), p.argmax(1)])
@@ -176,29 +178,29 @@ def test_aps_sets_hold_the_argmax_and_are_prefixes_of_the_ranking():
 def test_randomized_aps_is_reproducible_and_may_be_empty():
     X, y = _logits(c=4, scale=1.0)
     kw = dict(conformity_score="aps", randomized=True, random_state=0, alpha=0.3)
-    a = ConformalPixelSets(**kw).fit(X[:1500], y[:1500])
-    b = ConformalPixelSets(**kw).fit(X[:1500], y[:1500])
+    a = ConformalPixelSets(guarantee="pixel", **kw).fit(X[:1500], y[:1500])
+    b = ConformalPixelSets(guarantee="pixel", **kw).fit(X[:1500], y[:1500])
     assert a.threshold_ == b.threshold_
     assert np.array_equal(a.predict_set(X[1500:]), b.predict_set(X[1500:]))
     assert (a.predict_set(X[1500:]).sum(1) == 0).any()
-    c = ConformalPixelSets(**{**kw, "random_state": 1}).fit(X[:1500], y[:1500])
+    c = ConformalPixelSets(guarantee="pixel", **{**kw, "random_state": 1}).fit(X[:1500], y[:1500])
     assert c.threshold_ != a.threshold_
 
 
 def test_partial_fit_and_merge_equal_one_fit():
     X, y = _logits(n=3000)
-    one = ConformalPixelSets(alpha=0.1).fit(X, y)
-    parts = ConformalPixelSets(alpha=0.1)
+    one = ConformalPixelSets(guarantee="pixel", alpha=0.1).fit(X, y)
+    parts = ConformalPixelSets(guarantee="pixel", alpha=0.1)
     for part in np.array_split(np.arange(3000), 7):
         parts.partial_fit(X[part], y[part])
-    a = ConformalPixelSets(alpha=0.1).fit(X[:1000], y[:1000])
-    b = ConformalPixelSets(alpha=0.1).fit(X[1000:], y[1000:])
+    a = ConformalPixelSets(guarantee="pixel", alpha=0.1).fit(X[:1000], y[:1000])
+    b = ConformalPixelSets(guarantee="pixel", alpha=0.1).fit(X[1000:], y[1000:])
     a.merge(b)
     for est in (parts, a):
         assert np.array_equal(est.state_.counts_, one.state_.counts_)
         assert est.threshold_level_ == one.threshold_level_
     with pytest.raises(ValueError, match="score"):
-        a.merge(ConformalPixelSets(conformity_score="aps").fit(X, y))
+        a.merge(ConformalPixelSets(guarantee="pixel", conformity_score="aps").fit(X, y))
 
 
 def test_ignored_pixels_are_left_out():
@@ -206,16 +208,16 @@ def test_ignored_pixels_are_left_out():
     y2 = y.copy()
     y2[::3] = 255
     keep = y2 != 255
-    a = ConformalPixelSets().fit(X, y2)
-    b = ConformalPixelSets().fit(X[keep], y[keep])
+    a = ConformalPixelSets(guarantee="pixel").fit(X, y2)
+    b = ConformalPixelSets(guarantee="pixel").fit(X[keep], y[keep])
     assert a.threshold_level_ == b.threshold_level_ and a.n_calibration_ == keep.sum()
 
 
 def test_calibrator_in_front_equals_its_probabilities():
     X, y = _logits(n=3000)
     ts = TemperatureScaling().fit(X[:1000], y[:1000])
-    a = ConformalPixelSets(calibrator=ts).fit(X[1000:2000], y[1000:2000])
-    b = ConformalPixelSets(input_type="probabilities").fit(
+    a = ConformalPixelSets(guarantee="pixel", calibrator=ts).fit(X[1000:2000], y[1000:2000])
+    b = ConformalPixelSets(guarantee="pixel", input_type="probabilities").fit(
         ts.predict_proba(X[1000:2000]), y[1000:2000]
     )
     assert a.threshold_level_ == b.threshold_level_
@@ -225,7 +227,7 @@ def test_calibrator_in_front_equals_its_probabilities():
 
 def test_maps_helpers_match_the_pixel_table(segmentation_data):
     logits, labels = segmentation_data
-    est = ConformalPixelSets().fit_maps(logits[:6], labels[:6])
+    est = ConformalPixelSets(guarantee="pixel").fit_maps(logits[:6], labels[:6])
     masks = est.predict_set_maps(logits[6:])
     sizes = est.predict_set_size_maps(logits[6:])
     n, c, h, w = logits[6:].shape
@@ -237,8 +239,8 @@ def test_maps_helpers_match_the_pixel_table(segmentation_data):
 
 def test_too_few_calibration_pixels_warn_and_give_full_sets():
     X, y = _logits(n=20)
-    with pytest.warns(UserWarning, match="too few calibration"):
-        est = ConformalPixelSets(alpha=0.01).fit(X[:5], y[:5])
+    with pytest.warns(UserWarning, match="cannot support"):
+        est = ConformalPixelSets(guarantee="pixel", alpha=0.01).fit(X[:5], y[:5])
     assert np.isinf(est.threshold_) and est.predict_set(X).all()
 
 
@@ -270,7 +272,7 @@ def test_risk_control_matches_a_brute_force_search(loss, alpha):
     assert est.calibration_risk_ == pytest.approx(risk)
 
 
-@pytest.mark.filterwarnings("ignore:.*too few calibration:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*cannot support:UserWarning")
 def test_risk_tally_merge_and_images_whole():
     X, y, g = _images(n_images=20)
     one = ConformalRiskControl().fit(X, y, g)
@@ -314,7 +316,7 @@ def test_pixel_coverage_holds_over_random_splits_of_exchangeable_pixels(score):
     assert mean <= 1 - alpha + 1 / (n_cal + 1) + 3 * se
 
 
-@pytest.mark.filterwarnings("ignore:.*too few calibration:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*cannot support:UserWarning")
 def test_image_risk_holds_over_random_splits_of_correlated_images():
     X, y, g = _images(n_images=60, pixels=50, seed=2)
     alpha, n_splits = 0.1, 100
@@ -342,13 +344,13 @@ def test_image_risk_holds_over_random_splits_of_correlated_images():
 @pytest.mark.parametrize(
     "est, match",
     [
-        (ConformalPixelSets(alpha=0.0), "alpha"),
-        (ConformalPixelSets(alpha=1.5), "alpha"),
-        (ConformalPixelSets(conformity_score="raps"), "score"),
-        (ConformalPixelSets(randomized=True), "conformity_score='aps' only"),
-        (ConformalPixelSets(calibrator=TemperatureScaling()), "not fitted"),
-        (ConformalPixelSets(calibrator="ts"), "calibrator"),
-        (ConformalPixelSets(n_bins=0), "n_bins"),
+        (ConformalPixelSets(guarantee="pixel", alpha=0.0), "alpha"),
+        (ConformalPixelSets(guarantee="pixel", alpha=1.5), "alpha"),
+        (ConformalPixelSets(guarantee="pixel", conformity_score="raps"), "score"),
+        (ConformalPixelSets(guarantee="pixel", randomized=True), "conformity_score='aps' only"),
+        (ConformalPixelSets(guarantee="pixel", calibrator=TemperatureScaling()), "not fitted"),
+        (ConformalPixelSets(guarantee="pixel", calibrator="ts"), "calibrator"),
+        (ConformalPixelSets(guarantee="pixel", n_bins=0), "n_bins"),
     ],
 )
 def test_bad_parameters_are_named(est, match):
@@ -360,11 +362,11 @@ def test_bad_parameters_are_named(est, match):
 def test_bad_inputs_are_named():
     X, y = _logits(n=50, c=3)
     with pytest.raises(ValueError, match="outside"):
-        ConformalPixelSets().fit(X, np.full(50, 7))
+        ConformalPixelSets(guarantee="pixel").fit(X, np.full(50, 7))
     with pytest.raises(ValueError, match="values outside"):
-        ConformalPixelSets(input_type="probabilities").fit(X, y)
+        ConformalPixelSets(guarantee="pixel", input_type="probabilities").fit(X, y)
     with pytest.raises(ValueError, match="rows but y"):
-        ConformalPixelSets().fit(X, y[:10])
+        ConformalPixelSets(guarantee="pixel").fit(X, y[:10])
     with pytest.raises(ValueError, match="groups is required"):
         ConformalRiskControl().fit(X, y, None)
     with pytest.raises(ValueError, match="needs target_class"):
@@ -373,13 +375,13 @@ def test_bad_inputs_are_named():
         ConformalRiskControl(target_class=1).fit(X, y, np.zeros(50))
     with pytest.raises(ValueError, match="target_class=5"):
         ConformalRiskControl(loss="fnr", target_class=5).fit(X, y, np.zeros(50))
-    est = ConformalPixelSets().fit(X, y)
+    est = ConformalPixelSets(guarantee="pixel").fit(X, y)
     with pytest.raises(ValueError, match="features"):
         est.predict_set(X[:, :2])
     with pytest.raises(ValueError, match="N, C, H, W"):
         est.predict_set_maps(X)
     with pytest.raises(NotFittedError):
-        ConformalPixelSets().predict_set(X)
+        ConformalPixelSets(guarantee="pixel").predict_set(X)
 
 
 # -------------------------------------------------------------- accumulator
@@ -412,7 +414,7 @@ def test_accumulator_against_direct_numpy():
 
 def test_accumulator_maps_and_errors(segmentation_data):
     logits, labels = segmentation_data
-    est = ConformalPixelSets().fit_maps(logits[:6], labels[:6])
+    est = ConformalPixelSets(guarantee="pixel").fit_maps(logits[:6], labels[:6])
     acc = ConformalSetAccumulator(4).update(labels[6:], est.predict_set_maps(logits[6:]))
     assert len(acc.per_image_miscoverage()) == 6
     with pytest.raises(TypeError, match="boolean"):
@@ -441,7 +443,8 @@ def _stored(logits):  # what the store reads back: float16 logits
     "make",
     [
         lambda: ConformalPixelSets(alpha=0.2),
-        lambda: ConformalPixelSets(alpha=0.2, conformity_score="aps"),
+        lambda: ConformalPixelSets(guarantee="pixel", alpha=0.2),
+        lambda: ConformalPixelSets(guarantee="pixel", alpha=0.2, conformity_score="aps"),
         lambda: ConformalRiskControl(alpha=0.2),
         lambda: ConformalRiskControl(alpha=0.2, loss="fnr", target_class=1),
     ],
@@ -472,7 +475,9 @@ def test_store_fit_equals_in_memory_fit_for_any_jobs(store, make):
 def test_store_path_refuses_mismatched_inputs(store):
     s, _, _ = store
     with pytest.raises(ValueError, match="input_type"):
-        fit_conformal_store(ConformalPixelSets(input_type="probabilities"), s, images=None)
+        fit_conformal_store(
+            ConformalPixelSets(guarantee="pixel", input_type="probabilities"), s, images=None
+        )
     with pytest.raises(TypeError, match="ConformalPixelSets"):
         fit_conformal_store(TemperatureScaling(), s, images=None)
 
@@ -499,26 +504,39 @@ def test_cli_conformal_end_to_end(store, tmp_path, capsys):
         "all",
         "--fnr-class",
         "1",
+        "--margin-class",
+        "1",
+        "--guarantee",
+        "image",
+        "pixel",
         "--alpha",
         "0.2",
         "-o",
         str(out),
         "-q",
     ]
-    assert main(argv) == 0
+    # 6 images cannot support margins at alpha/2 = 0.1 on each side: the user is told
+    with pytest.warns(UserWarning, match="at least 9 images are needed"):
+        assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "pixel sets" in printed and "CRC FNR class 1" in printed
+    assert "pixel sets (pixel)" in printed and "margins class 1" in printed
     result = json.loads((out / "conformal.json").read_text())
     rows = result["results"]
     assert {r["method"] for r in rows} == {"uncalibrated", "ts"}
     assert len(result["meta"]["calibration_images"]) == 6
     assert all(0 <= r["coverage"] <= 1 and r["mean_set_size"] >= 0 for r in rows)
     assert (out / "conformal.md").is_file() and (out / "set_sizes.png").is_file()
+    margins = result["margins"]
+    assert [m["method"] for m in margins] == ["uncalibrated", "ts"]
+    assert all(m["n_calibration"] == 6 and 0 <= m["outer_covers"] <= 1 for m in margins)
     # the untrusted pickle is refused; a class outside the store is a one-line error
     assert main(argv[:3] + [str(tmp_path / "ts.joblib")] + argv[4:]) == 1
     assert "--trusted" in capsys.readouterr().err
     assert main([*argv[:6], "--fnr-class", "9", "-o", str(out)]) == 1
     assert "--fnr-class 9" in capsys.readouterr().err
+    assert main([*argv[:6], "--margin-class", "9", "-o", str(out)]) == 1
+    assert "--margin-class 9" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- plotting
@@ -535,7 +553,8 @@ def test_set_size_heat_map():
 
 
 # ------------------------------------------------------ scikit-learn's checks
-# ConformalRiskControl is not run through them: its fit requires groups (the image of every
+# ConformalRiskControl and ConformalPixelSets' default guarantee="image" are not run through
+# them (guarantee="pixel" is): their fit requires groups (the image of every
 # pixel; images are its exchangeable units), which the generic checks never pass. What they
 # guard is tested above on image data (fit returns self, refit, merge, errors).
 _LOGITS = "labels are not indices of X's columns (e.g. 3 classes, 2 columns), which we reject"
@@ -543,8 +562,10 @@ _LOGITS = "labels are not indices of X's columns (e.g. 3 classes, 2 columns), wh
 
 @parametrize_with_checks(
     [
-        ConformalPixelSets(),
-        ConformalPixelSets(conformity_score="aps", randomized=True, random_state=0),
+        ConformalPixelSets(guarantee="pixel"),
+        ConformalPixelSets(
+            guarantee="pixel", conformity_score="aps", randomized=True, random_state=0
+        ),
     ],
     expected_failed_checks=lambda est: {
         "check_estimators_overwrite_params": _LOGITS,
@@ -561,8 +582,10 @@ def test_sklearn_compatible(estimator, check):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ConformalPixelSets(),
-        lambda: ConformalPixelSets(conformity_score="aps", randomized=True, random_state=0),
+        lambda: ConformalPixelSets(guarantee="pixel"),
+        lambda: ConformalPixelSets(
+            guarantee="pixel", conformity_score="aps", randomized=True, random_state=0
+        ),
         lambda: ConformalRiskControl(loss="fnr", target_class=1),
     ],
 )
@@ -592,7 +615,11 @@ def test_randomized_aps_coverage_over_random_splits():
         perm = rng.permutation(len(y))
         cal, test = perm[:n_cal], perm[n_cal:]
         est = ConformalPixelSets(
-            alpha=alpha, conformity_score="aps", randomized=True, random_state=seed
+            alpha=alpha,
+            guarantee="pixel",
+            conformity_score="aps",
+            randomized=True,
+            random_state=seed,
         ).fit(X[cal], y[cal])
         cover.append(est.predict_set(X[test])[np.arange(len(test)), y[test]].mean())
     mean, se = np.mean(cover), np.std(cover) / 8

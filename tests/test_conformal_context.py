@@ -36,10 +36,12 @@ def test_store_path_gives_the_in_memory_sets_with_spatial_context(maps, tmp_path
         store.add_image(i, logits[i], labels[i])
 
     calib, test = np.arange(6), np.arange(6, 10)
-    want = ConformalPixelSets(alpha=0.1, calibrator=cal).fit(
+    want = ConformalPixelSets(guarantee="pixel", alpha=0.1, calibrator=cal).fit(
         X[np.isin(groups, calib)], y[np.isin(groups, calib)]
     )
-    got = fit_conformal_store(ConformalPixelSets(alpha=0.1, calibrator=cal), store, images=calib)
+    got = fit_conformal_store(
+        ConformalPixelSets(guarantee="pixel", alpha=0.1, calibrator=cal), store, images=calib
+    )
     assert got.n_features_in_ == 3 + 6
     assert got.threshold_level_ == want.threshold_level_
 

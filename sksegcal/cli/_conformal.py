@@ -3,11 +3,13 @@
 The chosen images (by default the recorded split's test images, which no
 calibrator was fitted on) are split once more, by image and seeded, into
 conformal-calibration and evaluation images. For the uncalibrated model and
-each calibrator given, it calibrates pixel-level sets (per score), the
-image-level risk control of the miscoverage fraction and, with
-``--fnr-class``, of one class's false-negative rate, all over the store
-one image at a time; then evaluates them on the evaluation images and
-writes ``conformal.json``, ``conformal.md`` and ``set_sizes.png``.
+each calibrator given, it calibrates prediction sets (per score and
+``--guarantee``), the image-level risk control of the miscoverage fraction
+and, with ``--fnr-class``, of one class's false-negative rate, and with
+``--margin-class`` inner and outer morphological margins of one class's
+predicted mask, all over the store one image at a time; then evaluates them
+on the evaluation images and writes ``conformal.json``, ``conformal.md`` and
+``set_sizes.png``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ _N_MAP_IMAGES = 4  # evaluation images shown in the set-size heat map
 
 def _procedures(args, store, calibrator):
     """{(procedure, score): unfitted estimator} for one calibrator."""
-    from ..conformal import ConformalPixelSets, ConformalRiskControl
+    from ..conformal import ConformalMargins, ConformalPixelSets, ConformalRiskControl
 
     common = {
         "alpha": args.alpha,
@@ -45,13 +47,27 @@ def _procedures(args, store, calibrator):
         "random_state": args.seed,
     }
     out = {}
+    guarantees = getattr(args, "guarantee", None) or ["image"]
     for score in args.score:
-        out[("pixel sets", score)] = ConformalPixelSets(conformity_score=score, **common)
+        for guarantee in guarantees:
+            name = "pixel sets" if guarantee == "image" else "pixel sets (pixel)"
+            out[(name, score)] = ConformalPixelSets(
+                conformity_score=score, guarantee=guarantee, **common
+            )
         out[("CRC miscoverage", score)] = ConformalRiskControl(conformity_score=score, **common)
         if args.fnr_class is not None:
             out[(f"CRC FNR class {args.fnr_class}", score)] = ConformalRiskControl(
                 conformity_score=score, loss="fnr", target_class=args.fnr_class, **common
             )
+    if getattr(args, "margin_class", None) is not None:
+        out[(f"margins class {args.margin_class}", "morphological")] = ConformalMargins(
+            alpha=args.alpha,
+            target_class=args.margin_class,
+            connectivity=args.connectivity,
+            calibrator=calibrator,
+            input_type=store.values,
+            ignore_index=store.ignore_index,
+        )
     return out
 
 
@@ -87,11 +103,24 @@ _COLUMNS = (
     ("empty_fraction", "empty sets"),
     ("mean_image_fnr", "mean image FNR"),
 )
+_MARGIN_COLUMNS = (
+    ("method", "method"),
+    ("procedure", "procedure"),
+    ("inner_margin", "erosions"),
+    ("outer_margin", "dilations"),
+    ("both", "images inner within truth within outer"),
+    ("outer_covers", "truth within outer"),
+    ("inner_inside", "inner within truth"),
+    ("mean_outer_fnr", "mean outer FNR"),
+    ("mean_inner_area", "inner area"),
+    ("mean_predicted_area", "predicted area"),
+    ("mean_outer_area", "outer area"),
+)
 
 
-def _table(rows: list[dict], *, markdown: bool) -> str:
-    cells = [[_fmt(r.get(key)) for key, _ in _COLUMNS] for r in rows]
-    heads = [head for _, head in _COLUMNS]
+def _table(rows: list[dict], *, markdown: bool, columns=_COLUMNS) -> str:
+    cells = [[_fmt(r.get(key)) for key, _ in columns] for r in rows]
+    heads = [head for _, head in columns]
     if markdown:
         lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
@@ -131,11 +160,11 @@ def conformal(args) -> int:
     if not 0 < args.alpha < 1:
         raise CommandError(f"--alpha must be in (0, 1), got {args.alpha}.")
     store = open_store(args.store)
-    if args.fnr_class is not None and not 0 <= args.fnr_class < store.n_classes:
-        raise CommandError(
-            f"--fnr-class {args.fnr_class} is not a class of the store "
-            f"(0 .. {store.n_classes - 1})."
-        )
+    for option, value in (("--fnr-class", args.fnr_class), ("--margin-class", args.margin_class)):
+        if value is not None and not 0 <= value < store.n_classes:
+            raise CommandError(
+                f"{option} {value} is not a class of the store (0 .. {store.n_classes - 1})."
+            )
     paths = args.calibrator or []
     calibrators = {UNCALIBRATED: None}
     for name, path in zip(calibrator_names(paths), paths):
@@ -168,9 +197,21 @@ def conformal(args) -> int:
     accs = evaluate_conformal_store(
         {names[k]: fitted[k] for k in keys}, store, images=test_ids, n_jobs=args.n_jobs
     )
-    rows = []
+    rows, margin_rows = [], []
     for key in keys:
         est, acc = fitted[key], accs[names[key]]
+        if key[2] == "morphological":
+            margin_rows.append(
+                {
+                    "method": key[0],
+                    "procedure": key[1],
+                    "inner_margin": float(est.inner_margin_),
+                    "outer_margin": float(est.outer_margin_),
+                    "n_calibration": int(est.n_calibration_),
+                    **acc.summary(),
+                }
+            )
+            continue
         target = getattr(est, "target_class", None)
         s = acc.summary(target_class=target)
         rows.append(
@@ -198,7 +239,9 @@ def conformal(args) -> int:
         "class_names": list(store.class_names) if store.class_names else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    atomic_write_json(output / "conformal.json", {"meta": meta, "results": rows})
+    atomic_write_json(
+        output / "conformal.json", {"meta": meta, "results": rows, "margins": margin_rows}
+    )
     written.append("conformal.json")
     figure = _heat_map(output, store, pixel_sets, test_ids)
     md = [
@@ -208,8 +251,11 @@ def conformal(args) -> int:
         f"evaluation images ({args.images} images split with seed {args.seed}); "
         f"alpha = {args.alpha} (target coverage {1 - args.alpha:g}).",
         "",
-        "- *pixel sets*: split-conformal sets, marginal over pixels; the finite-sample "
-        "guarantee assumes exchangeable pixels, which pixels of whole images are not.",
+        "- *pixel sets*: the mean coverage of a new image is at least 1 - alpha, over "
+        "exchangeable images; *pixel sets (pixel)*: split conformal over pixels, which "
+        "assumes exchangeable pixels (pixels of whole images are not).",
+        "- *margins*: the predicted mask of the class eroded / dilated so that the truth lies "
+        "between them on a new image with probability at least 1 - alpha.",
         "- *CRC*: conformal risk control over images: the mean per-image loss (miscoverage "
         "fraction, or the class's false-negative rate) is at most alpha in expectation over "
         "exchangeable images.",
@@ -217,11 +263,16 @@ def conformal(args) -> int:
         _table(rows, markdown=True),
         "",
     ]
+    if margin_rows:
+        md += [_table(margin_rows, markdown=True, columns=_MARGIN_COLUMNS), ""]
     if figure is not None:
         md += [f"![set sizes]({figure})", ""]
         written.append(figure)
     atomic_write_bytes(output / "conformal.md", "\n".join(md).encode())
     written.append("conformal.md")
     print(_table(rows, markdown=False))
+    if margin_rows:
+        print()
+        print(_table(margin_rows, markdown=False, columns=_MARGIN_COLUMNS))
     print(f"\nwritten: {output}/ ({', '.join(written)})")
     return 0

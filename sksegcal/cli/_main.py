@@ -400,6 +400,27 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also control the per-image false-negative rate of this class index",
     )
     p.add_argument(
+        "--guarantee",
+        nargs="+",
+        choices=("image", "pixel"),
+        default=["image"],
+        help="what the pixel sets' promise is over: new images (default) or "
+        "exchangeable pixels; give both to compare",
+    )
+    p.add_argument(
+        "--margin-class",
+        type=_count(0),
+        default=None,
+        help="also calibrate inner and outer morphological margins around the "
+        "predicted mask of this class index",
+    )
+    p.add_argument(
+        "--connectivity",
+        type=_count(1),
+        default=1,
+        help="of the margins' structuring element (default: 1, a cross)",
+    )
+    p.add_argument(
         "--images",
         choices=("test", "validation", "train", "all"),
         default="test",

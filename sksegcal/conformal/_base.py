@@ -9,8 +9,11 @@ into and how a threshold is read from it.
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from abc import abstractmethod
+from fractions import Fraction
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -20,6 +23,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._validation import check_calibrator_classes, check_labels
 from ..features import softmax
+from ._histogram import check_alpha
 from ._scores import class_scores, to_levels
 
 _PROBA_TOL = 1e-3
@@ -108,6 +112,7 @@ class BaseConformal(BaseEstimator):
         self.classes_ = np.arange(n_classes)
         self.seed_ = self._seed()
         self.state_ = self._new_state()
+        self._images_seen: set = set()
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
         """Probabilities (n, C) of a validated chunk, through the calibrator if any."""
@@ -172,6 +177,55 @@ class BaseConformal(BaseEstimator):
             return np.ones(len(y), bool)
         return y != self.ignore_index
 
+    # -------------------------------------------------------------- images
+    def _fit_images(self, X, y, groups):
+        """Add whole images (``groups``: the image of each pixel), one state entry each."""
+        if groups is None:
+            raise ValueError(
+                f"groups is required by {self._units_owner()}: the image of each pixel, "
+                "because images are the exchangeable units of an image-level guarantee. "
+                "Give image ids (fit_maps does it for (N, C, ...) maps)"
+                + (", or pass guarantee='pixel'." if hasattr(self, "guarantee") else ".")
+            )
+        first = not hasattr(self, "state_")
+        X = self._validate_X(X, reset=first)
+        if first:
+            self._start(X.shape[1])
+        y = self._labels(y, X.shape[0])
+        groups = np.asarray(groups).reshape(-1)
+        if groups.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"groups has {groups.shape[0]} entries but X has {X.shape[0]} "
+                "rows; give one image id per pixel."
+            )
+        ids, inverse = np.unique(groups, return_inverse=True)
+        again = [g for g in ids.tolist() if g in self._images_seen]
+        if again:
+            raise ValueError(
+                f"images {again[:5]} were already added by an earlier call; "
+                "each image must come whole in one call."
+            )
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(ids) + 1))
+        for j, image in enumerate(ids.tolist()):
+            rows = order[bounds[j] : bounds[j + 1]]
+            rng = self._rng(0, len(self._images_seen))
+            self._add_image(self.state_, self._image_histogram([(X[rows], y[rows])], rng))
+            self._images_seen.add(image)
+        return self._finish()
+
+    def _units_owner(self) -> str:
+        return type(self).__name__
+
+    def _merge_images_seen(self, other) -> None:
+        both = self._images_seen & other._images_seen
+        if both:
+            raise ValueError(
+                f"Both estimators saw images {sorted(both, key=repr)[:5]}: an "
+                "image must be calibrated on whole, by one of them."
+            )
+        self._images_seen |= other._images_seen
+
     # ------------------------------------------------------------ the state
     @abstractmethod
     def _new_state(self): ...
@@ -188,15 +242,7 @@ class BaseConformal(BaseEstimator):
         self.threshold_level_ = self.n_bins if level is None else level
         self.threshold_ = np.inf if level is None else level / self.n_bins
         if level is None:
-            import warnings
-
-            warnings.warn(
-                f"{type(self).__name__}: too few calibration units for alpha={self.alpha} "
-                f"(need at least {int(np.ceil(1 / self.alpha - 1))}); the threshold is "
-                "infinite and every set holds every class.",
-                UserWarning,
-                stacklevel=3,
-            )
+            warnings.warn(too_few_message(self), UserWarning, stacklevel=3)
         return self
 
     def merge(self, other):
@@ -276,28 +322,69 @@ class BaseConformal(BaseEstimator):
         return out
 
     def _table(self, maps) -> tuple[np.ndarray, tuple]:
-        """The pixel table of (N, C, H, W) maps or (N, C, D, H, W) volumes, and (N, *spatial)."""
+        """``(N, C, *spatial)`` maps as an ``(n, C)`` table, and the shape ``(N, *spatial)``."""
         maps = np.asarray(maps)
-        if maps.ndim not in (4, 5):
+        if maps.ndim < 3:
             raise ValueError(
-                f"maps must have shape (N, C, H, W) or, for volumes, (N, C, D, H, W); got "
-                f"{maps.shape}."
+                f"maps must have shape (N, C, H, W) or (N, C, D, H, W), got {maps.shape}."
             )
         c = maps.shape[1]
-        return np.moveaxis(maps, 1, -1).reshape(-1, c), (maps.shape[0], *maps.shape[2:])
+        shape = (maps.shape[0], *maps.shape[2:])
+        return np.moveaxis(maps, 1, -1).reshape(-1, c), shape
 
     def predict_set_maps(self, maps) -> np.ndarray:
-        """Prediction sets of (N, C, *spatial) logit maps, as (N, C, *spatial) boolean masks."""
+        """Prediction sets of ``(N, C, *spatial)`` logit maps, as boolean masks of that shape."""
         X, shape = self._table(maps)
         return np.moveaxis(self.predict_set(X).reshape(*shape, -1), -1, 1)
 
     def predict_set_size_maps(self, maps) -> np.ndarray:
-        """Set sizes of (N, C, *spatial) logit maps, as an (N, *spatial) int array."""
+        """Set sizes of ``(N, C, *spatial)`` logit maps, as an ``(N, *spatial)`` int array."""
         X, shape = self._table(maps)
         return self.predict_set_size(X).reshape(shape)
+
+    @staticmethod
+    def _map_groups(groups, shape) -> np.ndarray:
+        """One group id per pixel of ``(N, *spatial)`` maps: the map's, or its unit's."""
+        per_map = np.arange(shape[0]) if groups is None else np.asarray(groups).reshape(-1)
+        if per_map.shape[0] != shape[0]:
+            raise ValueError(
+                f"groups must hold one unit per map ({shape[0]}), got {len(per_map)}."
+            )
+        return np.repeat(per_map, int(np.prod(shape[1:], dtype=np.int64)))
+
+    def _map_labels(self, labels, shape) -> np.ndarray:
+        labels = np.asarray(labels)
+        if labels.shape != shape:
+            raise ValueError(f"labels must have shape {shape} (N, *spatial), got {labels.shape}.")
+        return labels.reshape(-1)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False
         tags.target_tags.required = True
         return tags
+
+
+def images_needed(alpha, bound: float = 1.0) -> int:
+    """The fewest calibration units for which a finite threshold exists at ``alpha``.
+
+    Split conformal needs ``ceil((n + 1)(1 - alpha)) <= n`` and conformal risk
+    control with a loss bounded by ``B`` needs ``B <= alpha (n + 1)``; with
+    ``B = 1`` both read ``n >= 1 / alpha - 1``, computed on the exact decimal
+    ``alpha`` (``n >= 9`` at 0.1, 19 at 0.05, 99 at 0.01).
+    """
+    a = check_alpha(alpha)
+    return max(1, math.ceil(Fraction(bound) / a - 1))
+
+
+def too_few_message(est) -> str:
+    """What a user reads when the calibration units cannot support ``alpha``."""
+    unit = getattr(est, "_unit", "image")
+    n = int(getattr(est, "n_calibration_", 0))
+    need = images_needed(est.alpha)
+    return (
+        f"{type(est).__name__}: {n} calibration {unit}{'s' if n != 1 else ''} cannot support "
+        f"alpha={est.alpha}: at least {need} {unit}s are needed (n >= 1/alpha - 1). The "
+        f"threshold is infinite and every set holds every class. Add calibration {unit}s, or "
+        f"raise alpha to at least {1 / (n + 1):.3g} (1/(n + 1))."
+    )

@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import BaseConformal
+from ._base import BaseConformal, images_needed
 from ._histogram import DEFAULT_N_BINS
 from ._risk import ImageRiskTally
 
@@ -63,6 +63,8 @@ class ConformalRiskControl(BaseConformal):
     state_ : ImageRiskTally
     n_calibration_ : int
         Calibration images counted.
+    n_required_ : int
+        The fewest calibration images that support ``alpha`` (``1/alpha - 1``).
     calibration_risk_ : float
         ``R_hat(lambda_hat)``, the mean calibration loss at the threshold.
     classes_, n_features_in_, seed_
@@ -90,6 +92,9 @@ class ConformalRiskControl(BaseConformal):
         "target_class": [Interval(numbers.Integral, 0, None, closed="left"), None],
     }
     _merge_keys = ("loss", "target_class")
+    # images are the exchangeable units: metadata routing passes groups to fit
+    __metadata_request__fit = {"groups": True}
+    __metadata_request__partial_fit = {"groups": True}
 
     def __init__(
         self,
@@ -133,7 +138,6 @@ class ConformalRiskControl(BaseConformal):
             raise ValueError(
                 f"target_class={self.target_class} but there are {len(self.classes_)} classes."
             )
-        self._images_seen: set = set()
 
     def _counted(self, y):
         keep = super()._counted(y)
@@ -148,6 +152,7 @@ class ConformalRiskControl(BaseConformal):
         state.add_image_histogram(counts)
 
     def _threshold_level(self):
+        self.n_required_ = images_needed(self.alpha)
         self.n_calibration_ = self.state_.n_images_
         level = self.state_.lambda_level(self.alpha)
         risk = (
@@ -159,16 +164,10 @@ class ConformalRiskControl(BaseConformal):
         return level
 
     def _merge_state(self, other) -> None:
-        both = self._images_seen & other._images_seen
-        if both:
-            raise ValueError(
-                f"Both estimators saw images {sorted(both, key=repr)[:5]}: an "
-                "image must be calibrated on whole, by one of them."
-            )
+        self._merge_images_seen(other)
         super()._merge_state(other)
-        self._images_seen |= other._images_seen
 
-    def fit(self, X, y, groups):
+    def fit(self, X, y, groups=None):
         """Calibrate ``lambda_hat`` on whole calibration images.
 
         Parameters
@@ -188,7 +187,7 @@ class ConformalRiskControl(BaseConformal):
             self.__dict__.pop(attr, None)
         return self.partial_fit(X, y, groups)
 
-    def partial_fit(self, X, y, groups):
+    def partial_fit(self, X, y, groups=None):
         """Add whole calibration images and read ``lambda_hat`` again.
 
         Each image must come whole in one call: an image id seen in an earlier
@@ -198,50 +197,17 @@ class ConformalRiskControl(BaseConformal):
         -------
         self
         """
-        if groups is None:
-            raise ValueError(
-                "groups is required: the image of each pixel. Conformal risk control "
-                "treats images as the exchangeable units; give image ids (or use fit_maps)."
-            )
-        first = not hasattr(self, "state_")
-        X = self._validate_X(X, reset=first)
-        if first:
-            self._start(X.shape[1])
-        y = self._labels(y, X.shape[0])
-        groups = np.asarray(groups).reshape(-1)
-        if groups.shape[0] != X.shape[0]:
-            raise ValueError(
-                f"groups has {groups.shape[0]} entries but X has {X.shape[0]} "
-                "rows; give one image id per pixel."
-            )
-        ids, inverse = np.unique(groups, return_inverse=True)
-        again = [g for g in ids.tolist() if g in self._images_seen]
-        if again:
-            raise ValueError(
-                f"images {again[:5]} were already added by an earlier call; "
-                "each image must come whole in one call."
-            )
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.searchsorted(inverse[order], np.arange(len(ids) + 1))
-        for j, image in enumerate(ids.tolist()):
-            rows = order[bounds[j] : bounds[j + 1]]
-            rng = self._rng(0, len(self._images_seen))
-            self._add_image(self.state_, self._image_histogram([(X[rows], y[rows])], rng))
-            self._images_seen.add(image)
-        return self._finish()
+        return self._fit_images(X, y, groups)
 
-    def fit_maps(self, maps, labels):
-        """:meth:`fit` on (N, C, H, W) logit maps and (N, H, W) labels, one image per map.
+    def fit_maps(self, maps, labels, groups=None):
+        """:meth:`fit` on ``(N, C, *spatial)`` logit maps and ``(N, *spatial)`` labels.
 
-        Volumes, (N, C, D, H, W) with (N, D, H, W) labels, are one image each:
-        the risk is controlled per volume.
+        ``groups`` (N,): the unit of each map (several acquisitions of one
+        scene are one unit); None: each map is an image of its own.
         """
         X, shape = self._table(maps)
-        labels = np.asarray(labels)
-        if labels.shape != shape:
-            raise ValueError(f"labels must have shape {shape} (N, *spatial), got {labels.shape}.")
-        groups = np.repeat(np.arange(shape[0]), int(np.prod(shape[1:])))
-        return self.fit(X, labels.reshape(-1), groups)
+        y = self._map_labels(labels, shape)
+        return self.fit(X, y, self._map_groups(groups, shape))
 
     def predict_mask(self, X) -> np.ndarray:
         """With ``loss="fnr"``: the pixels whose set holds ``target_class``, shape (n,), bool."""
@@ -251,7 +217,7 @@ class ConformalRiskControl(BaseConformal):
         return self.predict_set(X)[:, self.target_class]
 
     def predict_mask_maps(self, maps) -> np.ndarray:
-        """:meth:`predict_mask` of (N, C, *spatial) maps, as (N, *spatial) bool."""
+        """:meth:`predict_mask` of ``(N, C, *spatial)`` maps, as ``(N, *spatial)`` bool."""
         check_is_fitted(self)
         if self.loss != "fnr":
             raise ValueError("predict_mask_maps needs loss='fnr'; use predict_set_maps.")

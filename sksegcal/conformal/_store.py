@@ -17,6 +17,12 @@ import numpy as np
 from ..context import context_width, estimator_context
 from ..store._engine import DEFAULT_TASK_PIXELS, image_blocks
 from ._base import BaseConformal
+from ._margins import (
+    ConformalMargins,
+    MarginAccumulator,
+    _evaluate_margins_block,
+    fit_margins_store,
+)
 from ._metrics import ConformalSetAccumulator
 
 
@@ -28,8 +34,8 @@ def _blocks(store, ids: np.ndarray, task_pixels: int) -> list[np.ndarray]:
 def _check_inputs(estimator, store) -> None:
     if not isinstance(estimator, BaseConformal):
         raise TypeError(
-            f"estimator must be a ConformalPixelSets or ConformalRiskControl, got "
-            f"{type(estimator).__name__}."
+            "estimator must be a ConformalPixelSets, ConformalRiskControl or ConformalMargins, "
+            f"got {type(estimator).__name__}."
         )
     if estimator.calibrator is None and estimator.input_type != store.values:
         raise ValueError(
@@ -85,9 +91,9 @@ def fit_conformal_store(
 
     Parameters
     ----------
-    estimator : ConformalPixelSets or ConformalRiskControl
+    estimator : ConformalPixelSets, ConformalRiskControl or ConformalMargins
         Unfitted (or fitted: it is refitted). Its calibrator, if any, must
-        take the store's (n, C) rows.
+        take the store's (n, C) rows. Margins read whole images.
     store : LogitStore
     images : None, "train", "validation", "test", array of ids or mask, default="validation"
         The conformal calibration images. They must be exchangeable with the
@@ -123,10 +129,16 @@ def fit_conformal_store(
     """
     from joblib import Parallel, delayed
 
-    _check_inputs(estimator, store)
     ids = store.image_ids(images)
+    if not isinstance(estimator, ConformalMargins):
+        _check_inputs(estimator, store)
     if len(ids) == 0:
         raise ValueError("images selects no image of the store; there is nothing to calibrate on.")
+    if isinstance(estimator, ConformalMargins):  # whole images, not row chunks
+        blocks = _blocks(store, ids, task_pixels)
+        return fit_margins_store(
+            estimator, store, ids, n_jobs=n_jobs, backend=backend, blocks=blocks
+        )
     for attr in ("state_", "n_features_in_"):
         estimator.__dict__.pop(attr, None)
     context = _context_of(estimator, store)
@@ -147,10 +159,13 @@ def fit_conformal_store(
 
 
 def _evaluate_block(estimators, store, ids, chunk_pixels):
+    margins = {k: v for k, v in estimators.items() if isinstance(v, ConformalMargins)}
+    estimators = {k: v for k, v in estimators.items() if k not in margins}
     accs = {
         name: ConformalSetAccumulator(store.n_classes, ignore_index=store.ignore_index)
         for name in estimators
     }
+    accs.update({name: _evaluate_margins_block(est, store, ids) for name, est in margins.items()})
     contexts = {name: _context_of(est, store) for name, est in estimators.items()}
     for image_id in ids:
         for context in sorted(set(contexts.values()), key=str):
@@ -175,7 +190,8 @@ def evaluate_conformal_store(
 
     Parameters
     ----------
-    estimators : mapping of str to fitted ConformalPixelSets or ConformalRiskControl
+    estimators : mapping of str to fitted ConformalPixelSets, ConformalRiskControl or
+        ConformalMargins
     store : LogitStore
     images : default="test"
         The images to evaluate on (not those the estimators were calibrated on).
@@ -184,8 +200,9 @@ def evaluate_conformal_store(
 
     Returns
     -------
-    accumulators : dict of str to ConformalSetAccumulator
-        One per estimator, with per-image tallies keyed by store image id.
+    accumulators : dict of str to ConformalSetAccumulator or MarginAccumulator
+        One per estimator, with per-image tallies keyed by store image id (a
+        :class:`MarginAccumulator` for a :class:`ConformalMargins`).
     """
     from joblib import Parallel, delayed
 
@@ -193,15 +210,18 @@ def evaluate_conformal_store(
     if not estimators:
         raise ValueError("estimators is empty.")
     for est in estimators.values():
-        _check_inputs(est, store)
+        if not isinstance(est, ConformalMargins):
+            _check_inputs(est, store)
     chunk_pixels = store.chunk_size(chunk_pixels)
     results = Parallel(n_jobs=n_jobs, backend=backend)(
         delayed(_evaluate_block)(estimators, store, block, chunk_pixels)
         for block in _blocks(store, store.image_ids(images), task_pixels)
     )
     accs = {
-        name: ConformalSetAccumulator(store.n_classes, ignore_index=store.ignore_index)
-        for name in estimators
+        name: MarginAccumulator(est.target_class, ignore_index=est.ignore_index)
+        if isinstance(est, ConformalMargins)
+        else ConformalSetAccumulator(store.n_classes, ignore_index=store.ignore_index)
+        for name, est in estimators.items()
     }
     for block in results:
         for name in estimators:
