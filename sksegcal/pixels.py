@@ -16,6 +16,7 @@ import numpy as np
 
 from ._validation import (
     check_calibrator_classes,
+    check_channels_first,
     check_finite,
     check_ignore_index,
     check_labels,
@@ -61,6 +62,7 @@ def _as_image_list(logits, labels):
             raise ValueError(f"logits of image {i} must have shape (C, H, W), got {z.shape}.")
         if z.shape[0] != n_classes:
             raise ValueError(f"image {i} has {z.shape[0]} classes but image 0 has {n_classes}.")
+        check_channels_first(z.shape, t.shape, where=f"image {i}")
         if t.shape != z.shape[1:]:
             raise ValueError(
                 f"labels of image {i} have shape {t.shape} but its logits are "

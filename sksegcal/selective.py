@@ -29,6 +29,7 @@ from ._softplus_temperature import (
     softplus_nll,
     standardisation,
 )
+from ._validation import warn_no_groups
 from .features import FEATURE_SETS, features_from_logits
 from .pixels import sample_pixels
 
@@ -546,6 +547,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             or (self.mode == "hard" and self.threshold == "auto")
             or self.mode == "generalised"
         )
+        warn_no_groups(groups, needs_holdout, owner=type(self).__name__)
         train_idx, holdout_idx = self._split_fit_rows(correct, groups, needs_holdout, rng)
 
         train_idx = train_idx[
