@@ -49,7 +49,8 @@ def test_maps_given_to_fit_and_predict_name_flatten_segmentation(ndim):
         TemperatureScaling().fit(logits, labels)
     X, y, _ = flatten_segmentation(*_maps())
     ts = TemperatureScaling().fit(X, y)
-    with pytest.raises(ValueError, match=re.escape(f"shape {tuple(logits.shape)}") + ".*flatten_segmentation"):
+    shape = re.escape(f"shape {tuple(logits.shape)}")
+    with pytest.raises(ValueError, match=shape + ".*flatten_segmentation"):
         ts.predict_proba(logits)
 
 

@@ -144,16 +144,18 @@ def selective_info(selective, search) -> dict:
 
 
 def output_format(path) -> str:
-    """The format a calibrator is saved in, from the file name: ``.skops`` or joblib.
+    """The format a calibrator is saved in, from the file name: joblib or else skops.
 
+    ``.joblib``, ``.pkl`` and ``.pickle`` ask for a pickle; every other name gets
+    skops, the format ``evaluate`` and ``conformal`` load without ``--trusted``.
     Checked before fitting, so that a missing skops package fails at once.
     """
-    if Path(path).suffix.lower() != ".skops":
+    if Path(path).suffix.lower() in (".joblib", ".pkl", ".pickle"):
         return "joblib"
     try:
         import skops.io  # noqa: F401
     except ImportError:
-        raise CommandError(f"writing {path} (a .skops file) needs the skops package: "
+        raise CommandError(f"writing {path} (a skops file) needs the skops package: "
                            "pip install skops, or save to a .joblib file.") from None
     return "skops"
 

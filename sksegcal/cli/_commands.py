@@ -31,6 +31,7 @@ from ._common import (
     open_store,
     say,
 )
+from ._groups import store_groups
 from ._report import format_table, load_results, save_results, summaries, write_metrics
 
 # what must match when `extract` resumes a store (not the sksegcal version)
@@ -135,7 +136,8 @@ def fit(args) -> int:
     split = store.split
     if split is None or args.resplit:
         split = store.make_split(validation_size=args.validation_size,
-                                 test_size=args.test_size, random_state=args.seed)
+                                 test_size=args.test_size, random_state=args.seed,
+                                 groups=store_groups(store, getattr(args, "groups", None)))
         say(args, f"recorded a split of {store.n_images} images: {len(split.train)} train / "
                   f"{len(split.validation)} validation / {len(split.test)} test")
     fit_ids = np.concatenate([split.train, split.validation])

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from .._progress import progress
-from .._segnet import DEMO_SETTINGS
 from ._calibrate import fit_selective, save_calibrator, selective_info
 from ._common import UNCALIBRATED, CommandError, check_output_dir, say, threads
 from ._report import format_table, summaries, write_metrics, write_report
@@ -39,11 +38,6 @@ BOUNDARY_WIDTH = 2
 # kept that under the shift (docs/quality.md); at AAL's 117 classes it also trains in
 # seconds instead of minutes.
 _FEATURES = "agnostic"
-
-# the demo's data and network settings live with the network (sksegcal._segnet), so that
-# the script that made the shipped weights and the demo read the same ones
-_DEMO_SETTINGS = DEMO_SETTINGS
-
 
 def demo(args) -> int:
     """The ``demo`` command."""
@@ -63,6 +57,9 @@ def demo(args) -> int:
 
 def demo_data(args):
     """The embedded dataset of ``args.dataset`` at the demo's settings."""
+    # the demo's settings live with the network, so that the script that made the shipped
+    # weights and the demo read the same ones; imported here: ``--help`` needs no torch
+    from .._segnet import DEMO_SETTINGS
     from ..datasets import load_dataset
 
     settings = DEMO_SETTINGS[(args.dataset, args.quick)]
@@ -82,7 +79,7 @@ def _demo_network(args, data):
     ``config``, ``train_seconds`` and ``losses``. This is the one place the demo
     and ``extract --dataset`` get their network from.
     """
-    from .._segnet import SegNetConfig, load_demo_network, load_or_train
+    from .._segnet import DEMO_SETTINGS, SegNetConfig, load_demo_network, load_or_train
 
     config = SegNetConfig(**DEMO_SETTINGS[(args.dataset, args.quick)]["net"])
     if not getattr(args, "retrain", False):
