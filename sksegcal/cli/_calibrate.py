@@ -127,7 +127,7 @@ def selective_info(selective, search) -> dict:
     if selective.mode == "hard" and hasattr(selective, "threshold_"):
         info["threshold"] = round(float(selective.threshold_), 4)
     info["t1"] = round(float(selective.t1_), 4)
-    info["t2"] = fmt_t(float(selective.t2_))
+    info["t2"] = float(f"{float(selective.t2_):.4g}")  # a number in metrics.json, as t1
     auroc = getattr(selective, "detection_auroc_", None)
     if auroc is not None:
         info["misprediction AUROC"] = round(float(auroc), 4)

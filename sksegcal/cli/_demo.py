@@ -24,7 +24,7 @@ import numpy as np
 
 from .._progress import progress
 from ._calibrate import fit_selective, save_calibrator, selective_info
-from ._common import UNCALIBRATED, CommandError, check_output_dir, say, threads
+from ._common import UNCALIBRATED, CommandError, check_output_dir, fmt_value, say, threads
 from ._report import format_table, summaries, write_metrics, write_report
 
 TS = "temperature scaling"
@@ -289,6 +289,7 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     timings["total"] = time.perf_counter() - t_start
     # rewrite with the final timings (the report step's own time included)
     write_metrics(output, results, meta)
+    _rewrite_timings(output / "report.md", timings)
 
     print(f"sksegcal demo: {args.dataset} ({data.n_classes} classes), seed {args.seed}"
           + (", quick" if args.quick else ""))
@@ -298,7 +299,7 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
         if isinstance(value, dict):
             print(f"  {key}: " + ", ".join(f"{k} {v}" for k, v in value.items()))
         else:
-            print(f"  {key}: {value}")
+            print(f"  {key}: {fmt_value(value)}")
     print()
     print(format_table(results, extra=counts))
     print()
@@ -306,6 +307,22 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     print(f"report: {output}/ ({', '.join(written)}, calibrator.joblib, "
           "temperature_scaling.joblib)")
     return 0
+
+
+def _rewrite_timings(path: Path, timings: dict) -> None:
+    """report.md's timings section with the final timings (the report's own and the total)."""
+    from .._files import atomic_write_bytes
+
+    lines = path.read_text().split("\n")
+    head = "## Timings (seconds)"
+    if head not in lines:
+        return
+    start = lines.index(head) + 2
+    end = start
+    while end < len(lines) and lines[end].startswith("- "):
+        end += 1
+    lines[start:end] = [f"- {k}: {v:.1f}" for k, v in timings.items()]
+    atomic_write_bytes(path, "\n".join(lines).encode())
 
 
 def _context(args) -> str | None:

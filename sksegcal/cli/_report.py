@@ -43,10 +43,11 @@ REGION_KEYS = ("n_pixels", "ece", "nll", "brier", "accuracy", "mean_per_image_ec
 
 # --------------------------------------------------------------------------- tables
 def _summary(acc) -> dict:
-    out = {k: float(v) for k, v in acc.summary().items()}
+    out = {k: int(v) if k.endswith("n_pixels") else float(v) for k, v in acc.summary().items()}
     if getattr(acc, "regions", None) is not None:
         for region, s in acc.region_summary().items():
-            out.update({f"{region}_{k}": float(s.get(k, float("nan"))) for k in REGION_KEYS})
+            out.update({f"{region}_{k}": int(s[k]) if k == "n_pixels" else
+                        float(s.get(k, float("nan"))) for k in REGION_KEYS})
     return out
 
 
