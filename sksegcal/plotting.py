@@ -61,15 +61,30 @@ def _named(accumulators: Any) -> list[tuple[str, CalibrationAccumulator]]:
     )
 
 
-def _draw_reliability(ax, curve, *, show_gap: bool, label_y: bool) -> None:
+def _bar_colors(rgb: str, sparse: np.ndarray, alpha: float = 1.0) -> list:
+    """One RGBA colour per bar: ``rgb`` at ``alpha``, faded to a fifth of it on sparse bins."""
+    from matplotlib.colors import to_rgba
+
+    return [to_rgba(rgb, alpha * (0.2 if s else 1.0)) for s in sparse]
+
+
+def _draw_reliability(ax, curve, *, show_gap: bool, label_y: bool,
+                      min_fraction: float = 0.0) -> None:
     edges = curve.bin_edges
     widths = np.diff(edges)
     left = edges[:-1]
     filled = curve.count > 0
     acc = np.where(filled, curve.accuracy, 0.0)
     conf = np.where(filled, curve.confidence, 0.0)
+    # a bin with a handful of pixels has an accuracy of pure chance: faded, its count written
+    sparse = (curve.fraction < min_fraction)[filled]
     ax.bar(left[filled], acc[filled], width=widths[filled], align="edge",
-           color=_ACC_COLOR, edgecolor="white", linewidth=0.6, label="accuracy")
+           color=_bar_colors(_ACC_COLOR, sparse), edgecolor="white", linewidth=0.6,
+           label="accuracy")
+    for x, w, n in zip(left[filled][sparse], widths[filled][sparse],
+                       curve.count[filled][sparse]):
+        ax.text(x + w / 2, 0.02, f"n={n:,.0f}", rotation=90, ha="center", va="bottom",
+                fontsize=6, color="0.25")
     if show_gap:
         # The gap between the bin's mean confidence and its accuracy: above the
         # bar when over-confident, inside it when under-confident.
@@ -77,18 +92,45 @@ def _draw_reliability(ax, curve, *, show_gap: bool, label_y: bool) -> None:
         # over-confident gaps sit on the empty area above the bar: light fill;
         # under-confident gaps sit inside the bar: hatch only, so it stays blue
         over = (conf > acc)[filled]
-        face = [(0.84, 0.15, 0.16, 0.25) if o else (0, 0, 0, 0) for o in over]
+        face = [(0.84, 0.15, 0.16, 0.25 * (0.3 if s else 1.0)) if o else (0, 0, 0, 0)
+                for o, s in zip(over, sparse)]
         ax.bar(left[filled], np.abs(conf - acc)[filled], bottom=lo[filled],
                width=widths[filled], align="edge", color=face,
-               edgecolor=_GAP_COLOR, linewidth=0.6, hatch="//", label="gap to confidence")
+               edgecolor=_bar_colors(_GAP_COLOR, sparse), linewidth=0.6, hatch="//",
+               label="gap to confidence")
     ax.plot([0, 1], [0, 1], ls="--", color="black", lw=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_aspect("equal", adjustable="box")
+    # no equal aspect: the panel keeps the full column width, so that its bins sit exactly
+    # above the histogram's (the figure's proportions keep it about square)
     ax.tick_params(labelbottom=False)
     if label_y:
         ax.set_ylabel("accuracy")
     ax.grid(alpha=0.25, lw=0.5)
+
+
+def _legend_items(show_gap: bool, sparse: bool, min_fraction: float):
+    """Legend handles drawn for the legend (the bars' own colours vary with their counts)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    items = [(Line2D([], [], ls="--", color="black", lw=1), "perfect calibration"),
+             (Patch(color=_ACC_COLOR), "accuracy")]
+    if show_gap:
+        items.append((Patch(facecolor=(0.84, 0.15, 0.16, 0.25), edgecolor=_GAP_COLOR,
+                            hatch="//"), "gap to confidence"))
+    if sparse:
+        items.append((Patch(color=_bar_colors(_ACC_COLOR, [True])[0]),
+                      f"bin under {min_fraction:.1%} of pixels (faded, n = its pixels)"))
+    return [h for h, _ in items], [t for _, t in items]
+
+
+def _dense_mce(curve, min_fraction: float) -> float:
+    """The largest |accuracy - confidence| over the bins holding at least ``min_fraction``."""
+    keep = (curve.count > 0) & (curve.fraction >= min_fraction)
+    if not keep.any():
+        return float("nan")
+    return float(np.abs(curve.accuracy[keep] - curve.confidence[keep]).max())
 
 
 def _draw_histogram(ax, curve, *, log: bool, label_y: bool, mean_conf: float, acc: float):
@@ -121,10 +163,17 @@ def plot_reliability_diagram(
     hist_log: bool = True,
     title: str | None = None,
     panel_size: float = 3.6,
+    min_bin_fraction: float = 1e-3,
     path: str | None = None,
     dpi: int = 150,
 ):
     """Reliability diagram with the confidence histogram beneath it, one column per model.
+
+    Bins holding less than ``min_bin_fraction`` of the pixels are drawn faded
+    with their pixel count: their accuracy rests on a few pixels. MCE, a
+    maximum over bins, is often set by such a bin, so the panel also gives the
+    MCE over the other bins. Every panel spans the same x axis as the
+    histogram under it.
 
     Parameters
     ----------
@@ -145,6 +194,8 @@ def plot_reliability_diagram(
         Figure title.
     panel_size : float, default=3.6
         Width of one column in inches.
+    min_bin_fraction : float, default=1e-3
+        Bins below this share of the pixels are faded and counted (0: none).
     path : str or path-like, optional
         Save the figure there (PNG by extension).
     dpi : int, default=150
@@ -175,25 +226,30 @@ def plot_reliability_diagram(
     fig = Figure(figsize=(panel_size * k, panel_size * 1.45), layout="constrained")
     gs = fig.add_gridspec(2, k, height_ratios=[3, 1.1])
     hist_axes, fractions = [], []
+    any_sparse = False
     for j, (name, acc) in enumerate(items):
         curve = acc.reliability_curve(n_bins, strategy=strategy)
         ax = fig.add_subplot(gs[0, j])
-        _draw_reliability(ax, curve, show_gap=show_gap, label_y=j == 0)
+        _draw_reliability(ax, curve, show_gap=show_gap, label_y=j == 0,
+                          min_fraction=min_bin_fraction)
         ece = acc.calibration_error(n_bins, strategy=strategy)
         mce = acc.calibration_error(n_bins, norm="max", strategy=strategy)
+        dense = _dense_mce(curve, min_bin_fraction)
+        mce_text = f"MCE {mce:.4f}"
+        if min_bin_fraction > 0 and np.isfinite(dense) and dense < mce:
+            mce_text += f"\n  {dense:.4f} on bins \u2265 {min_bin_fraction:.1%}"
         ax.text(
             # upper left: the corner bars reach least often (over-confident
             # bars sit under the diagonal, under-confident ones rarely reach 1)
             0.03, 0.97,
-            f"ECE {ece:.4f}\nMCE {mce:.4f}\nNLL {acc.negative_log_likelihood():.4f}\n"
+            f"ECE {ece:.4f}\n{mce_text}\nNLL {acc.negative_log_likelihood():.4f}\n"
             f"Brier {acc.brier_score():.4f}\npixels {acc.n_pixels_:,}",
             transform=ax.transAxes, ha="left", va="top", fontsize=7.5,
             bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.9},
         )
         if name:
             ax.set_title(name)
-        if j == 0:
-            handles, labels = ax.get_legend_handles_labels()
+        any_sparse |= bool(((curve.count > 0) & (curve.fraction < min_bin_fraction)).any())
         # histograms share their y axis so that models compare at a glance
         hx = fig.add_subplot(gs[1, j], sharex=ax, sharey=hist_axes[0] if hist_axes else None)
         hist_axes.append(hx)
@@ -207,7 +263,9 @@ def plot_reliability_diagram(
         hist_axes[0].set_ylim(max(allf[allf > 0].min() / 2, 1e-7), 1.5)
     else:
         hist_axes[0].set_ylim(0, max(allf.max() * 1.1, 1e-3))
-    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    handles, labels = _legend_items(show_gap, any_sparse, min_bin_fraction)
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 2 * k),
+               fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
     if path is not None:
