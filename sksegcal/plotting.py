@@ -16,7 +16,12 @@ import numpy as np
 
 from .metrics import CalibrationAccumulator
 
-__all__ = ["plot_classwise_reliability", "plot_reliability_diagram", "plot_set_size_maps"]
+__all__ = [
+    "plot_classwise_reliability",
+    "plot_reliability_diagram",
+    "plot_segmentation_examples",
+    "plot_set_size_maps",
+]
 
 _ACC_COLOR = "#1f77b4"
 _GAP_COLOR = "#d62728"
@@ -468,4 +473,173 @@ def plot_set_size_maps(
     bar = fig.colorbar(image, ax=axes, shrink=0.8, label="classes in the set")
     if top <= 12:
         bar.set_ticks(range(top + 1))
+    return fig
+
+
+def _class_legend(fig, cmap, n_classes: int, class_names) -> None:
+    """Colour swatches of the label classes under the figure (a note when there are too many)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Patch
+
+    if n_classes > 12:
+        fig.text(0.01, 0.005, f"labels and prediction: {n_classes} classes, one colour each "
+                 f"from '{cmap}' (colours repeat)", fontsize=7, ha="left", va="bottom")
+        return
+    colours = colormaps[cmap]
+    norm = Normalize(vmin=0, vmax=max(n_classes - 1, 1))
+    handles = [Patch(color=colours(norm(k)), label=str(class_names[k]))
+               for k in range(n_classes)]
+    fig.legend(handles=handles, loc="outside lower left", ncols=min(n_classes, 6),
+               fontsize=7, frameon=False, title="classes (labels, prediction)",
+               title_fontsize=7)
+
+
+def plot_segmentation_examples(
+    *,
+    images,
+    labels,
+    probs: Mapping[str, Any],
+    class_names: Sequence[str],
+    p_correct=None,
+    temperature=None,
+    rows: int | None = None,
+    row_labels: Sequence[str] | None = None,
+    note: str | None = None,
+    ignore_index: int = 255,
+    flag_below: float = 0.5,
+    panel_size: float = 2.1,
+):
+    """Example images, one row each: the maps behind a calibration, side by side.
+
+    Columns: the image; the labels and the network's prediction (class colours
+    in a legend); the top-label confidence under each method of ``probs``; the
+    difference of the last two confidences (red: the later method is more
+    confident; blue: less); the errors (argmax != label, ignored pixels grey);
+    with ``p_correct`` the detector's P(correct); with ``temperature`` the
+    per-pixel temperature (log scale; a map that is one value everywhere says
+    so instead of stretching a colour bar over rounding noise).
+
+    Parameters
+    ----------
+    images : array of shape (N, 1, H, W) or (N, H, W)
+    labels : array of shape (N, H, W)
+    probs : mapping of str to array of shape (N, C, H, W)
+        Probabilities of each method, in column order; the first one's argmax
+        is the prediction.
+    class_names : sequence of str
+    p_correct, temperature : array of shape (N, H, W), optional
+    rows : int, optional
+        How many images to show (default: all).
+    row_labels : sequence of str, optional
+        One label per row (e.g. "in-domain, slice 40", "shifted, slice 40").
+    note : str, optional
+        A line under the title, e.g. what a method's panels really show.
+    ignore_index : int, default=255
+    flag_below : float, default=0.5
+        The detector's flag threshold, named in its column title.
+    panel_size : float, default=2.1
+        Inches per panel.
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal.features import softmax
+    >>> from sksegcal.plotting import plot_segmentation_examples
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=(2, 3, 8, 8))
+    >>> fig = plot_segmentation_examples(
+    ...     images=rng.random((2, 8, 8)), labels=rng.integers(0, 3, (2, 8, 8)),
+    ...     probs={"raw": softmax(z), "T=2": softmax(z / 2)}, class_names=["a", "b", "c"],
+    ...     row_labels=["first", "second"])
+    >>> [ax.get_ylabel() for ax in fig.axes[:8:7]]  # the first column of each row
+    ['first', 'second']
+    """
+    from matplotlib.colors import ListedColormap, LogNorm, TwoSlopeNorm
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    Figure = _figure_cls()
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[:, 0]
+    n = len(images) if rows is None else min(rows, len(images))
+    if row_labels is not None and len(row_labels) < n:
+        raise ValueError(f"row_labels has {len(row_labels)} entries for {n} rows.")
+    n_classes = len(class_names)
+    cmap = "tab20" if n_classes > 10 else "viridis"
+    names = list(probs)
+    first = np.asarray(probs[names[0]])
+    preds = first[:n].argmax(axis=1)
+    conf = {m: np.asarray(p)[:n].max(axis=1) for m, p in probs.items()}
+    cols = ["image", "labels", "prediction"] + [f"confidence:\n{m}" for m in names]
+    diff = None
+    if len(names) >= 2:
+        diff = conf[names[-1]] - conf[names[-2]]
+        cols.append(f"confidence difference:\n{names[-1]} \u2212 {names[-2]}")
+    cols.append("errors\n(argmax \u2260 label)")
+    if p_correct is not None:
+        cols.append(f"detector P(correct)\n(flag < {flag_below:g})")
+    t_norm, t_constant = None, None
+    if temperature is not None:
+        t = np.asarray(temperature[:n], dtype=np.float64)
+        t = t[np.isfinite(t) & (t > 0)]
+        lo, hi = (float(t.min()), float(t.max())) if t.size else (1.0, 10.0)
+        if hi <= lo * 1.01:  # one temperature everywhere: no colour scale of rounding noise
+            t_constant = float(np.median(t)) if t.size else 1.0
+            lo, hi = t_constant / 2, t_constant * 2
+        t_norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.01))
+        cols.append("temperature T = 1/beta\n(log scale)")
+    error_cmap = ListedColormap(["#1b1b1b", "#e8432e", "#a0a0a0"])
+    fig = Figure(figsize=(panel_size * len(cols), 2.3 * n + 1.4), layout="constrained")
+    axes = fig.subplots(n, len(cols), squeeze=False)
+    d_max = 0.01
+    if diff is not None:
+        d_max = max(float(np.nanmax(np.abs(diff))), 0.01)
+    for r in range(n):
+        lab = np.asarray(labels[r])
+        shown = np.ma.masked_equal(lab, ignore_index)
+        panels = [(images[r], "gray", {}),
+                  (shown, cmap, dict(vmin=0, vmax=n_classes - 1)),
+                  (preds[r], cmap, dict(vmin=0, vmax=n_classes - 1))]
+        panels += [(conf[m][r], "magma", dict(vmin=1.0 / n_classes, vmax=1.0)) for m in names]
+        if diff is not None:
+            panels.append((diff[r], "RdBu_r", dict(norm=TwoSlopeNorm(0.0, -d_max, d_max))))
+        errors = (preds[r] != lab).astype(np.int8)
+        errors[lab == ignore_index] = 2
+        panels.append((errors, error_cmap, dict(vmin=-0.5, vmax=2.5)))
+        if p_correct is not None:
+            panels.append((p_correct[r], "RdYlGn", dict(vmin=0.0, vmax=1.0)))
+        if temperature is not None:
+            panels.append((np.clip(temperature[r], t_norm.vmin, t_norm.vmax), "cividis",
+                           dict(norm=t_norm)))
+        for c, (img, cm, kw) in enumerate(panels):
+            ax = axes[r, c]
+            im = ax.imshow(img, cmap=cm, interpolation="nearest", **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=7.5)
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[r], fontsize=8)
+            if cols[c].startswith("temperature") and t_constant is not None:
+                ax.text(0.5, 0.04, f"T = {t_constant:.3g} everywhere", transform=ax.transAxes,
+                        ha="center", va="bottom", fontsize=7, color="white")
+            if r == n - 1 and c >= 3:
+                bar = fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
+                bar.ax.tick_params(labelsize=6.5)
+                if cols[c].startswith("errors"):
+                    bar.set_ticks([0, 1, 2], labels=["correct", "error", "ignored"])
+                if kw.get("norm") is t_norm and t_norm is not None:
+                    bar.ax.xaxis.set_minor_formatter(NullFormatter())
+                    bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+                    ticks = [t_constant] if t_constant is not None else np.geomspace(
+                        t_norm.vmin, t_norm.vmax, 4)
+                    bar.set_ticks(ticks)
+    _class_legend(fig, cmap, n_classes, class_names)
+    if note:
+        fig.suptitle(note, fontsize=9, color="#b22222")
     return fig

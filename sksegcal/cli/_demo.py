@@ -153,6 +153,35 @@ def _selective_maps(selective, logits, calibrated) -> dict:
     return {"p_correct": p_correct, "temperature": temperature.reshape(n, h, w)}
 
 
+def _examples(model, selective, data, cal_part, shifted_part, test_rows) -> dict:
+    """The example figure's maps: three in-domain test slices, then the first under the shift.
+
+    The shifted row shows the same slice as the first in-domain row, so the two
+    rows differ only by the acquisition, where the network's errors are.
+    """
+    from .._segnet import predict_logits
+    from ..features import softmax
+    from ..pixels import predict_proba_maps
+
+    slices = cal_part.slice_index[test_rows]
+    shifted_row = np.flatnonzero(shifted_part.slice_index == slices[0])[:1]
+    images = np.concatenate([cal_part.images[test_rows], shifted_part.images[shifted_row]])
+    labels = np.concatenate([cal_part.labels[test_rows], shifted_part.labels[shifted_row]])
+    row_labels = [f"in-domain, slice {z}" for z in slices]
+    row_labels += [f"shifted, slice {z}" for z in shifted_part.slice_index[shifted_row]]
+    logits = predict_logits(model, images)
+    probs = {UNCALIBRATED: softmax(logits), SELECTIVE: predict_proba_maps(selective, logits)}
+    note = None
+    if getattr(selective, "guard_choice_", None) == "ts":
+        # the guard kept plain TS: the selective-scaling panels are that TS, and say so
+        note = (f"The guard kept temperature scaling (T = {selective.t1_:.3g} on every "
+                "pixel) over selective scaling: the 'selective scaling' maps show that TS.")
+    out = {"images": images, "labels": labels, "class_names": data.class_names,
+           "probs": probs, "rows": len(images), "row_labels": row_labels, "note": note}
+    out.update(_selective_maps(selective, logits, probs[SELECTIVE]))
+    return out
+
+
 def _image_name(part, i: int) -> str:
     return f"z{part.slice_index[i]:03d}-{i:04d}"
 
@@ -166,9 +195,7 @@ def _ids_of(store, part, slices) -> np.ndarray:
 
 def _run_demo(args, output: Path, store_root: Path) -> int:
     from .. import __version__
-    from .._segnet import predict_logits
-    from ..features import softmax
-    from ..pixels import ImageSplit, predict_proba_maps, split_images
+    from ..pixels import ImageSplit, split_images
     from ..scaling import TemperatureScaling
     from ..store import evaluate_store, fit_store
 
@@ -244,14 +271,7 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     test_rows = test_rows[first]
     tissue = (cal_part.labels[test_rows] > 0).sum(axis=(1, 2))
     test_rows = np.sort(test_rows[np.argsort(-tissue, kind="stable")[:3]])
-    example_logits = predict_logits(model, cal_part.images[test_rows])
-    examples = {
-        "images": cal_part.images[test_rows], "labels": cal_part.labels[test_rows],
-        "class_names": data.class_names,
-        "probs": {UNCALIBRATED: softmax(example_logits),
-                  SELECTIVE: predict_proba_maps(selective, example_logits)},
-    }
-    examples.update(_selective_maps(selective, example_logits, examples["probs"][SELECTIVE]))
+    examples = _examples(model, selective, data, cal_part, shifted_part, test_rows)
     calibrator_info = {
         TS: {"temperature": round(float(ts.temperature_), 4)},
         SELECTIVE: selective_info(selective, search),

@@ -147,7 +147,10 @@ def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None)
             figures[split] = name
             written.append(name)
         if examples is not None:
-            _save_figure(_plot_examples(**examples), output / "examples.png", dpi=110)
+            from ..plotting import plot_segmentation_examples
+
+            _save_figure(plot_segmentation_examples(**examples), output / "examples.png",
+                         dpi=110)
             written.append("examples.png")
     md = [f"# sksegcal calibration report: {meta.get('dataset', 'your data')}", ""]
     if meta.get("description"):
@@ -237,82 +240,12 @@ _LOWER_IS_BETTER = {"ece": True, "mce": True, "nll": True, "brier": True, "accur
                     "miou": False}
 
 
-def _error_map(labels, pred):
-    """0: correct, 1: error (argmax differs from the label), 2: ignored pixel."""
-    out = (pred != labels).astype(np.int8)
-    out[labels == IGNORE_INDEX] = 2
-    return out
-
-
-def _plot_examples(*, images, labels, probs, class_names, p_correct=None, temperature=None,
-                   rows=3):
-    """A few test slices, one row each.
-
-    Columns: image, labels, the network's prediction, the top-label confidence
-    of each method, the error map (argmax != label; ignored pixels grey), the
-    detector's P(correct) and selective scaling's per-pixel temperature (log scale).
-    """
-    from matplotlib.colors import ListedColormap, LogNorm
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
-
-    n = min(rows, len(images))
-    n_classes = len(class_names)
-    cmap = "tab20" if n_classes > 10 else "viridis"
-    first = next(iter(probs.values()))
-    preds = first[:n].argmax(axis=1)
-    cols = ["image", "labels", "prediction"] + [f"confidence: {m}" for m in probs]
-    cols.append("errors (argmax != label)")
-    if p_correct is not None:
-        cols.append(f"detector P(correct) (flag < {FLAG_BELOW:g})")
-    t_norm = None
-    if temperature is not None:
-        cols.append("temperature T = 1/beta (log)")
-        t = np.asarray(temperature[:n], dtype=np.float64)
-        t = t[np.isfinite(t) & (t > 0)]
-        lo, hi = (float(t.min()), float(t.max())) if t.size else (1.0, 10.0)
-        t_norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.01))
-    error_cmap = ListedColormap(["#1b1b1b", "#e8432e", "#a0a0a0"])
-    fig = Figure(figsize=(2.1 * len(cols), 2.3 * n + 0.8), layout="constrained")
-    axes = fig.subplots(n, len(cols), squeeze=False)
-    n_conf = len(probs)
-    for r in range(n):
-        pred = preds[r]
-        panels = [(images[r, 0], "gray", {}), (labels[r], cmap, dict(vmin=0, vmax=n_classes - 1)),
-                  (pred, cmap, dict(vmin=0, vmax=n_classes - 1))]
-        panels += [(p[r].max(axis=0), "magma", dict(vmin=1.0 / n_classes, vmax=1.0))
-                   for p in probs.values()]
-        panels.append((_error_map(labels[r], pred), error_cmap, dict(vmin=-0.5, vmax=2.5)))
-        if p_correct is not None:
-            panels.append((p_correct[r], "RdYlGn", dict(vmin=0.0, vmax=1.0)))
-        if temperature is not None:
-            panels.append((np.clip(temperature[r], t_norm.vmin, t_norm.vmax), "cividis",
-                           dict(norm=t_norm)))
-        for c, (img, cm, kw) in enumerate(panels):
-            ax = axes[r, c]
-            im = ax.imshow(img, cmap=cm, interpolation="nearest", **kw)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(cols[c], fontsize=8)
-            if r == n - 1 and c >= 3:
-                bar = fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
-                bar.ax.tick_params(labelsize=7)
-                if c == 3 + n_conf:
-                    bar.set_ticks([0, 1, 2], labels=["correct", "error", "ignored"])
-                if kw.get("norm") is t_norm and t_norm is not None:
-                    bar.ax.xaxis.set_minor_formatter(NullFormatter())
-                    bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-                    bar.set_ticks(np.geomspace(t_norm.vmin, t_norm.vmax, 4))
-    return fig
-
-
 def _pct(part, whole) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "n/a"
 
 
 def _example_notes(*, images, labels, probs, class_names, p_correct=None, temperature=None,
-                   rows=3) -> list[str]:
+                   rows=3, **figure_only) -> list[str]:
     """One sentence per map of the example figure, with its numbers on the example slices."""
     n = min(rows, len(images))
     first = next(iter(probs.values()))
