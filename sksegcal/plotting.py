@@ -633,6 +633,9 @@ def plot_segmentation_examples(
                 bar.ax.tick_params(labelsize=6.5)
                 if cols[c].startswith("errors"):
                     bar.set_ticks([0, 1, 2], labels=["correct", "error", "ignored"])
+                if cols[c].startswith("confidence difference"):
+                    bar.set_ticks([-d_max, 0.0, d_max],
+                                  labels=[f"{-d_max:+.2g}", "0", f"{d_max:+.2g}"])
                 if kw.get("norm") is t_norm and t_norm is not None:
                     bar.ax.xaxis.set_minor_formatter(NullFormatter())
                     bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
