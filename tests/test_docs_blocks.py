@@ -16,6 +16,7 @@ does not show it). Blocks that need data build small synthetic arrays or use
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NO_RUN = re.compile(r"^<!--\s*no-run\b.*-->\s*$")
-_FENCE = re.compile(r"^```python\s*$")
+_FENCE = re.compile(r"^\s*```python\s*$")
 
 
 def python_blocks(text: str) -> list[tuple[int, str, bool]]:
@@ -34,10 +35,11 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
         if _FENCE.match(lines[i]):
             start = i + 1
             j = start
-            while j < len(lines) and lines[j].rstrip() != "```":
+            while j < len(lines) and lines[j].strip() != "```":
                 j += 1
             above = lines[i - 1].strip() if i > 0 else ""
-            blocks.append((start + 1, "\n".join(lines[start:j]) + "\n", not NO_RUN.match(above)))
+            code = textwrap.dedent("\n".join(lines[start:j])) + "\n"
+            blocks.append((start + 1, code, not NO_RUN.match(above)))
             i = j + 1
         else:
             i += 1
@@ -46,8 +48,9 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
 
 def test_the_block_reader_honours_the_marker():
     text = ("x\n```python\na = 1\n```\n<!-- no-run: needs a GPU -->\n```python\nb = 2\n```\n"
-            "```bash\nls\n```\n")
-    assert python_blocks(text) == [(3, "a = 1\n", True), (7, "b = 2\n", False)]
+            "```bash\nls\n```\n1. a list\n   <!-- no-run -->\n   ```python\n   c = 3\n   ```\n")
+    assert python_blocks(text) == [(3, "a = 1\n", True), (7, "b = 2\n", False),
+                                   (15, "c = 3\n", False)]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
