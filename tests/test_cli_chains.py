@@ -64,3 +64,18 @@ def test_fit_then_conformal(store, tmp_path, method, capsys):
         capsys.readouterr().err
     report = json.loads((out / "conformal.json").read_text())
     assert method in json.dumps(report)
+
+
+def test_help_answers_without_importing_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\nfrom sksegcal.cli import main\nfor argv in ([], ['fit'], ['demo']):\n"
+            "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("no torch")
+    assert "--groups" in out.stdout  # fit's help names the grouped split
