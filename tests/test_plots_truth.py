@@ -124,3 +124,20 @@ def test_result_numbers_are_numbers(tmp_path):
     _rewrite_timings(page, {"data": 1.0, "report": 2.0, "total": 3.0})
     assert page.read_text() == ("# r\n\n## Timings (seconds)\n\n- data: 1.0\n- report: 2.0\n"
                                 "- total: 3.0\n\nafter\n")
+
+
+def test_the_guards_fallback_is_said_on_the_example_figure():
+    from sksegcal import SelectiveScalingCalibrator
+    from sksegcal.cli._demo import fallback_note
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 3000)
+    X = 3 * np.eye(3)[y] + rng.normal(size=(3000, 3))  # no signal for a detector to find
+    sel = SelectiveScalingCalibrator(random_state=0).fit(X, y, groups=np.arange(3000) // 100)
+    if sel.guard_choice_ == "ts":
+        assert fallback_note(sel).startswith(f"The guard kept temperature scaling (T = "
+                                             f"{sel.t1_:.3g}")
+    sel.guard_choice_ = "ts"  # whichever the data gave, both answers are checked
+    assert "show that TS" in fallback_note(sel)
+    sel.guard_choice_ = "selective"
+    assert fallback_note(sel) is None

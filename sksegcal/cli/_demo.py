@@ -171,15 +171,19 @@ def _examples(model, selective, data, cal_part, shifted_part, test_rows) -> dict
     row_labels += [f"shifted, slice {z}" for z in shifted_part.slice_index[shifted_row]]
     logits = predict_logits(model, images)
     probs = {UNCALIBRATED: softmax(logits), SELECTIVE: predict_proba_maps(selective, logits)}
-    note = None
-    if getattr(selective, "guard_choice_", None) == "ts":
-        # the guard kept plain TS: the selective-scaling panels are that TS, and say so
-        note = (f"The guard kept temperature scaling (T = {selective.t1_:.3g} on every "
-                "pixel) over selective scaling: the 'selective scaling' maps show that TS.")
     out = {"images": images, "labels": labels, "class_names": data.class_names,
-           "probs": probs, "rows": len(images), "row_labels": row_labels, "note": note}
+           "probs": probs, "rows": len(images), "row_labels": row_labels,
+           "note": fallback_note(selective)}
     out.update(_selective_maps(selective, logits, probs[SELECTIVE]))
     return out
+
+
+def fallback_note(selective) -> str | None:
+    """What the example figure says when the guard kept TS: its panels then show that TS."""
+    if getattr(selective, "guard_choice_", None) != "ts":
+        return None
+    return (f"The guard kept temperature scaling (T = {selective.t1_:.3g} on every pixel) "
+            "over selective scaling: the 'selective scaling' maps show that TS.")
 
 
 def _image_name(part, i: int) -> str:
