@@ -106,8 +106,9 @@ def check_pixel_table(X, *, owner: str) -> None:
         return
     layout = {3: "(C, H, W) or (N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
     raise ValueError(
-        f"{owner} takes a pixel table X of shape (n_pixels, n_classes), got an array of shape "
-        f"{tuple(shape)}, which looks like {layout.get(len(shape), 'maps')} logit maps. Turn "
+        f"{owner} takes a pixel table X of shape (n_pixels, n_classes), got an array with dim "
+        f"{len(shape)}, of shape {tuple(shape)}, which looks like "
+        f"{layout.get(len(shape), 'maps')} logit maps. Turn "
         "maps and labels into a table with X, y, groups = "
         "sksegcal.pixels.flatten_segmentation(logits, labels) and pass groups to fit; for "
         "maps of probabilities use sksegcal.pixels.predict_proba_maps(calibrator, logits)."
