@@ -133,8 +133,9 @@ def warn_float_labels(y, *, owner: str) -> None:
     )
 
 
-def warn_probabilities_as_logits(X: np.ndarray, n_classes: int, input_type: str, *,
-                                 owner: str) -> None:
+def warn_probabilities_as_logits(
+    X: np.ndarray, n_classes: int, input_type: str, *, owner: str
+) -> None:
     """Warn when X, declared logits, holds rows on the probability simplex.
 
     Softmax outputs read as logits give a temperature far below 1 and a worse
@@ -149,7 +150,7 @@ def warn_probabilities_as_logits(X: np.ndarray, n_classes: int, input_type: str,
         return
     warnings.warn(
         f"{owner}: every row of X is non-negative and sums to 1: these look like "
-        "probabilities (softmax outputs), not logits. Pass input_type=\"probabilities\" "
+        'probabilities (softmax outputs), not logits. Pass input_type="probabilities" '
         "(or give the network's logits); read as logits they calibrate badly.",
         UserWarning,
         stacklevel=4,
@@ -158,9 +159,11 @@ def warn_probabilities_as_logits(X: np.ndarray, n_classes: int, input_type: str,
 
 def check_channels_first(logit_shape: tuple, label_shape: tuple, *, where: str) -> None:
     """Refuse channels-last logits (H, W, C) beside (H, W) labels, naming np.moveaxis."""
-    if len(logit_shape) == len(label_shape) + 1 and tuple(logit_shape[:-1]) == tuple(
-        label_shape
-    ) and tuple(logit_shape[1:]) != tuple(label_shape):
+    if (
+        len(logit_shape) == len(label_shape) + 1
+        and tuple(logit_shape[:-1]) == tuple(label_shape)
+        and tuple(logit_shape[1:]) != tuple(label_shape)
+    ):
         raise ValueError(
             f"{where}: logits of shape {tuple(logit_shape)} beside labels of shape "
             f"{tuple(label_shape)} look channels-last (classes on the last axis). sksegcal "

@@ -22,8 +22,21 @@ def store(tmp_path):
     np.save(tmp_path / "logits.npy", logits.astype(np.float32))
     np.save(tmp_path / "labels.npy", labels.astype(np.uint8))
     path = tmp_path / "store"
-    assert main(["extract", "--logits", str(tmp_path / "logits.npy"), "--labels",
-                 str(tmp_path / "labels.npy"), "--store", str(path), "-q"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--logits",
+                str(tmp_path / "logits.npy"),
+                "--labels",
+                str(tmp_path / "labels.npy"),
+                "--store",
+                str(path),
+                "-q",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -36,32 +49,40 @@ def test_fit_then_evaluate_and_report_without_trusted(store, tmp_path, monkeypat
     assert "(skops)" in capsys.readouterr().out
     assert detect_format(tmp_path / "calibrator.skops") == "skops"
     results = tmp_path / "results"
-    assert main(["evaluate", str(store), "-c", "calibrator.skops", "-o", str(results),
-                 "-q"]) == 0
+    assert main(["evaluate", str(store), "-c", "calibrator.skops", "-o", str(results), "-q"]) == 0
     assert main(["report", str(results), "-q"]) == 0
     metrics = json.loads((results / "metrics.json").read_text())
     assert "calibrator" in json.dumps(metrics)
     # joblib on request, and then --trusted is needed (a pickle runs code)
     assert main(["fit", str(store), "--method", "temperature", "-o", "ts.joblib", "-q"]) == 0
     assert detect_format(tmp_path / "ts.joblib") == "joblib"
-    assert main(["evaluate", str(store), "-c", "ts.joblib", "-o", str(tmp_path / "r2"),
-                 "-q"]) == 1
+    assert main(["evaluate", str(store), "-c", "ts.joblib", "-o", str(tmp_path / "r2"), "-q"]) == 1
     assert "--trusted" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", [
-    # strict: remove the mark when conformal builds the context columns LTS reads
-    pytest.param("lts", marks=pytest.mark.xfail(
-        strict=True, reason="sksegcal conformal counts LTS's context columns as classes")),
-    "temperature",
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        # strict: remove the mark when conformal builds the context columns LTS reads
+        pytest.param(
+            "lts",
+            marks=pytest.mark.xfail(
+                strict=True, reason="sksegcal conformal counts LTS's context columns as classes"
+            ),
+        ),
+        "temperature",
+    ],
+)
 def test_fit_then_conformal(store, tmp_path, method, capsys):
     cal = tmp_path / f"{method}.skops"
-    assert main(["fit", str(store), "--method", method, "-o", str(cal), "--max-pixels",
-                 "3000", "-q"]) == 0
+    assert (
+        main(["fit", str(store), "--method", method, "-o", str(cal), "--max-pixels", "3000", "-q"])
+        == 0
+    )
     out = tmp_path / f"conformal-{method}"
-    assert main(["conformal", str(store), "-c", str(cal), "-o", str(out), "-q"]) == 0, \
+    assert main(["conformal", str(store), "-c", str(cal), "-o", str(out), "-q"]) == 0, (
         capsys.readouterr().err
+    )
     report = json.loads((out / "conformal.json").read_text())
     assert method in json.dumps(report)
 
@@ -71,11 +92,18 @@ def test_help_answers_without_importing_torch():
     import sys
     from pathlib import Path
 
-    code = ("import sys\nfrom sksegcal.cli import main\nfor argv in ([], ['fit'], ['demo']):\n"
-            "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
-            "print('torch imported' if 'torch' in sys.modules else 'no torch')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=120)
+    code = (
+        "import sys\nfrom sksegcal.cli import main\nfor argv in ([], ['fit'], ['demo']):\n"
+        "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("no torch")
     assert "--groups" in out.stdout  # fit's help names the grouped split

@@ -47,10 +47,15 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
 
 
 def test_the_block_reader_honours_the_marker():
-    text = ("x\n```python\na = 1\n```\n<!-- no-run: needs a GPU -->\n```python\nb = 2\n```\n"
-            "```bash\nls\n```\n1. a list\n   <!-- no-run -->\n   ```python\n   c = 3\n   ```\n")
-    assert python_blocks(text) == [(3, "a = 1\n", True), (7, "b = 2\n", False),
-                                   (15, "c = 3\n", False)]
+    text = (
+        "x\n```python\na = 1\n```\n<!-- no-run: needs a GPU -->\n```python\nb = 2\n```\n"
+        "```bash\nls\n```\n1. a list\n   <!-- no-run -->\n   ```python\n   c = 3\n   ```\n"
+    )
+    assert python_blocks(text) == [
+        (3, "a = 1\n", True),
+        (7, "b = 2\n", False),
+        (15, "c = 3\n", False),
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -71,10 +76,15 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
 
 # how the work was organised is no reader's business: issue numbers, sessions, stops
 _HISTORY = re.compile(r"\b(issues? \d+|stops? \d+|this session|WIP)\b", re.IGNORECASE)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_pages_say_what_the_package_does_not_how_it_was_built(page):
     if page.name == "quality.md":  # expected to fail until its text is rewritten
         pytest.xfail("docs/quality.md narrates its measurement history")
-    hits = [f"{page.name}:{n}: {line.strip()}"
-            for n, line in enumerate(page.read_text().splitlines(), 1) if _HISTORY.search(line)]
+    hits = [
+        f"{page.name}:{n}: {line.strip()}"
+        for n, line in enumerate(page.read_text().splitlines(), 1)
+        if _HISTORY.search(line)
+    ]
     assert not hits, "\n".join(hits)

@@ -51,8 +51,13 @@ def test_sparse_bin_with_correct_pixels_is_drawn_faded():
     acc = _accumulator()
     acc.update(np.zeros(3, int), np.tile([0.36, 0.33, 0.31], (3, 1)))
     ax = plot_reliability_diagram(acc).axes[0]
-    alphas = sorted({round(p.get_facecolor()[3], 2) for p in ax.patches
-                     if p.get_height() > 0 and p.get_facecolor()[2] > 0.5})
+    alphas = sorted(
+        {
+            round(p.get_facecolor()[3], 2)
+            for p in ax.patches
+            if p.get_height() > 0 and p.get_facecolor()[2] > 0.5
+        }
+    )
     assert alphas[0] <= 0.25 and alphas[-1] == 1.0
 
 
@@ -64,8 +69,11 @@ def test_reliability_panels_align_with_their_histograms():
 
     FigureCanvasAgg(fig).draw()
     top, bottom = fig.axes[0], fig.axes[1]
-    np.testing.assert_allclose([top.get_position().x0, top.get_position().x1],
-                               [bottom.get_position().x0, bottom.get_position().x1], atol=1e-3)
+    np.testing.assert_allclose(
+        [top.get_position().x0, top.get_position().x1],
+        [bottom.get_position().x0, bottom.get_position().x1],
+        atol=1e-3,
+    )
 
 
 def _example_maps(n=2, c=3, seed=0):
@@ -79,16 +87,23 @@ def test_examples_have_class_legend_row_labels_difference_and_note():
     images, labels, logits = _example_maps()
     probs = {"uncalibrated": softmax(logits), "selective scaling": softmax(logits / 1.5)}
     fig = plot_segmentation_examples(
-        images=images, labels=labels, probs=probs, class_names=["bg", "grey", "white"],
-        temperature=np.full((2, 10, 12), 1.5), row_labels=["in-domain, slice 1", "shifted"],
-        note="The guard kept temperature scaling")
+        images=images,
+        labels=labels,
+        probs=probs,
+        class_names=["bg", "grey", "white"],
+        temperature=np.full((2, 10, 12), 1.5),
+        row_labels=["in-domain, slice 1", "shifted"],
+        note="The guard kept temperature scaling",
+    )
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["bg", "grey", "white"]
     titles = [ax.get_title() for ax in fig.axes]
     assert any(t.startswith("confidence difference") for t in titles)
     n_columns = 8  # image, labels, prediction, 2 confidences, difference, errors, temperature
     assert [fig.axes[0].get_ylabel(), fig.axes[n_columns].get_ylabel()] == [
-        "in-domain, slice 1", "shifted"]
+        "in-domain, slice 1",
+        "shifted",
+    ]
     assert fig._suptitle.get_text() == "The guard kept temperature scaling"
     # a constant temperature map says so instead of a colour bar of rounding noise
     assert any("T = 1.5 everywhere" in t.get_text() for ax in fig.axes for t in ax.texts)
@@ -122,8 +137,9 @@ def test_result_numbers_are_numbers(tmp_path):
     page = tmp_path / "report.md"
     page.write_text("# r\n\n## Timings (seconds)\n\n- data: 1.0\n\nafter\n")
     _rewrite_timings(page, {"data": 1.0, "report": 2.0, "total": 3.0})
-    assert page.read_text() == ("# r\n\n## Timings (seconds)\n\n- data: 1.0\n- report: 2.0\n"
-                                "- total: 3.0\n\nafter\n")
+    assert page.read_text() == (
+        "# r\n\n## Timings (seconds)\n\n- data: 1.0\n- report: 2.0\n- total: 3.0\n\nafter\n"
+    )
 
 
 def test_the_guards_fallback_is_said_on_the_example_figure():
@@ -135,8 +151,9 @@ def test_the_guards_fallback_is_said_on_the_example_figure():
     X = 3 * np.eye(3)[y] + rng.normal(size=(3000, 3))  # no signal for a detector to find
     sel = SelectiveScalingCalibrator(random_state=0).fit(X, y, groups=np.arange(3000) // 100)
     if sel.guard_choice_ == "ts":
-        assert fallback_note(sel).startswith(f"The guard kept temperature scaling (T = "
-                                             f"{sel.t1_:.3g}")
+        assert fallback_note(sel).startswith(
+            f"The guard kept temperature scaling (T = {sel.t1_:.3g}"
+        )
     sel.guard_choice_ = "ts"  # whichever the data gave, both answers are checked
     assert "show that TS" in fallback_note(sel)
     sel.guard_choice_ = "selective"

@@ -24,7 +24,7 @@ def store_groups(store, spec: str | None) -> np.ndarray | None:
         return None
     names = [str(n) for n in store.image_names]
     if spec.startswith("regex:"):
-        return _groups_from_regex(names, spec[len("regex:"):])
+        return _groups_from_regex(names, spec[len("regex:") :])
     path, sep, column = spec.rpartition(":")
     if not sep or not path:
         raise CommandError(f"--groups takes 'regex:PATTERN' or 'FILE.csv:COLUMN', got {spec!r}.")
@@ -35,14 +35,17 @@ def _groups_from_regex(names: list[str], pattern: str) -> np.ndarray:
     try:
         regex = re.compile(pattern)
     except re.error as exc:
-        raise CommandError(f"--groups regex:{pattern} is not a regular expression: {exc}.") \
-            from None
+        raise CommandError(
+            f"--groups regex:{pattern} is not a regular expression: {exc}."
+        ) from None
     labels = []
     for name in names:
         match = regex.search(name)
         if match is None:
-            raise CommandError(f"--groups regex:{pattern} does not match the image {name!r}; "
-                               "every image needs a group.")
+            raise CommandError(
+                f"--groups regex:{pattern} does not match the image {name!r}; "
+                "every image needs a group."
+            )
         labels.append(match.group(1) if regex.groups else match.group(0))
     return np.asarray(labels)
 
@@ -53,11 +56,14 @@ def _groups_from_csv(names: list[str], path: Path, column: str) -> np.ndarray:
     fields = list(rows[0]) if rows else []
     for needed in ("image", column):
         if needed not in fields:
-            raise CommandError(f"{path} has no column {needed!r} (columns: {fields}); --groups "
-                               "FILE.csv:COLUMN needs an 'image' column and the group column.")
+            raise CommandError(
+                f"{path} has no column {needed!r} (columns: {fields}); --groups "
+                "FILE.csv:COLUMN needs an 'image' column and the group column."
+            )
     group_of = {row["image"]: row[column] for row in rows}
     missing = [n for n in names if n not in group_of]
     if missing:
-        raise CommandError(f"{path} gives no group for {len(missing)} images of the store, "
-                           f"e.g. {missing[0]!r}.")
+        raise CommandError(
+            f"{path} gives no group for {len(missing)} images of the store, e.g. {missing[0]!r}."
+        )
     return np.asarray([group_of[n] for n in names])
