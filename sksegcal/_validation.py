@@ -6,6 +6,7 @@ Every error names what was wrong, where it was found and what to do about it.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 
@@ -90,3 +91,140 @@ def check_random_state_int(random_state) -> np.random.Generator:
     if isinstance(random_state, np.random.RandomState):
         return np.random.default_rng(random_state.randint(np.iinfo(np.int32).max))
     return np.random.default_rng(random_state)
+
+
+# ------------------------------------------------------------------ mistakes caught with a hint
+def check_pixel_table(X, *, owner: str) -> None:
+    """Refuse maps given where a pixel table is expected, naming the function that converts.
+
+    Calibrators take X of shape (n_pixels, n_classes [+ context]); a stack of
+    logit maps (N, C, H, W) or volumes (N, C, D, H, W) would otherwise meet
+    scikit-learn's bare "Found array with dim 4".
+    """
+    shape = getattr(X, "shape", None)
+    if shape is None or len(shape) < 3:
+        return
+    layout = {3: "(C, H, W) or (N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+    raise ValueError(
+        f"{owner} takes a pixel table X of shape (n_pixels, n_classes), got an array with dim "
+        f"{len(shape)}, of shape {tuple(shape)}, which looks like "
+        f"{layout.get(len(shape), 'maps')} logit maps. Turn "
+        "maps and labels into a table with X, y, groups = "
+        "sksegcal.pixels.flatten_segmentation(logits, labels) and pass groups to fit; for "
+        "maps of probabilities use sksegcal.pixels.predict_proba_maps(calibrator, logits)."
+    )
+
+
+def warn_float_labels(y, *, owner: str) -> None:
+    """Warn when whole-number labels arrive as floats (read from an image file, say).
+
+    They are used as class indices; the warning says so, because a float array
+    is as often a probability map or a regression target given by mistake.
+    """
+    dtype = getattr(y, "dtype", None)
+    if dtype is None or np.dtype(dtype).kind != "f":
+        return
+    warnings.warn(
+        f"{owner}: y holds floats ({np.dtype(dtype)}); they are read as class indices. Pass "
+        "integer labels (y.astype(np.int64)) to silence this; y must be class indices in "
+        "[0, n_classes), not probabilities or one-hot rows.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def warn_probabilities_as_logits(
+    X: np.ndarray, n_classes: int, input_type: str, *, owner: str
+) -> None:
+    """Warn when X, declared logits, holds rows on the probability simplex.
+
+    Softmax outputs read as logits give a temperature far below 1 and a worse
+    calibration than none; the fix is ``input_type="probabilities"``.
+    """
+    if input_type != "logits" or X.shape[0] == 0:
+        return
+    rows = X[: min(X.shape[0], 4096), :n_classes]  # a prefix is evidence enough
+    if rows.min() < 0 or rows.max() > 1:
+        return
+    if not np.allclose(rows.sum(axis=1, dtype=np.float64), 1.0, atol=1e-3):
+        return
+    warnings.warn(
+        f"{owner}: every row of X is non-negative and sums to 1: these look like "
+        'probabilities (softmax outputs), not logits. Pass input_type="probabilities" '
+        "(or give the network's logits); read as logits they calibrate badly.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def check_channels_first(logit_shape: tuple, label_shape: tuple, *, where: str) -> None:
+    """Refuse channels-last logits (H, W, C) beside (H, W) labels, naming np.moveaxis."""
+    if (
+        len(logit_shape) == len(label_shape) + 1
+        and tuple(logit_shape[:-1]) == tuple(label_shape)
+        and tuple(logit_shape[1:]) != tuple(label_shape)
+    ):
+        raise ValueError(
+            f"{where}: logits of shape {tuple(logit_shape)} beside labels of shape "
+            f"{tuple(label_shape)} look channels-last (classes on the last axis). sksegcal "
+            "takes the class axis first, (N, C, H, W): pass np.moveaxis(logits, -1, 1) for "
+            "a stack (np.moveaxis(z, -1, 0) for one image)."
+        )
+
+
+def warn_no_groups(groups, splits_by_image: bool, *, owner: str) -> None:
+    """Warn when a fit that holds out whole images was given no image ids.
+
+    Without ``groups`` the hold-out and the guard's folds are made of pixels
+    (random rows, row blocks), whose neighbours sit on the other side of the
+    split: the held-out scores are optimistic and the choice can change.
+    """
+    if groups is not None or not splits_by_image:
+        return
+    warnings.warn(
+        f"{owner}.fit got no groups: its hold-out and the guard's folds are made of random "
+        "pixels and blocks of rows instead of whole images, so neighbouring pixels sit on "
+        "both sides. Pass groups (one image id per pixel: the third output of "
+        "sksegcal.pixels.flatten_segmentation) to split by image.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def check_fitted_before_save(estimator, *, calibrator) -> None:
+    """Refuse to save an estimator that was never fitted."""
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    for obj in (estimator, calibrator):
+        try:
+            check_is_fitted(obj)
+        except NotFittedError:
+            raise NotFittedError(
+                f"This {type(obj).__name__} is not fitted; saving it would write a file that "
+                "cannot predict. Call fit(X, y) (or sksegcal.store.fit_store) first, then "
+                "save the fitted estimator."
+            ) from None
+
+
+def resolve_save_format(path, format: str | None) -> str:
+    """The format to save in: from the suffix when not given, and never against it.
+
+    ``.skops`` means skops and ``.joblib``/``.pkl``/``.pickle`` mean a pickle; a file
+    written in one format under the other's name would be refused or misread later.
+    """
+    from pathlib import Path
+
+    suffix = Path(path).suffix.lower()
+    implied = {".skops": "skops", ".joblib": "joblib", ".pkl": "joblib", ".pickle": "joblib"}
+    named = implied.get(suffix)
+    if format is None:
+        return named or "joblib"
+    if named is not None and named != format:
+        other = ".skops" if format == "skops" else ".joblib"
+        raise ValueError(
+            f"format={format!r} but the file name {Path(path).name!r} says {named}: name the "
+            f"file {Path(path).with_suffix(other).name!r} or pass format={named!r} (or leave "
+            "format out: it follows the suffix)."
+        )
+    return format

@@ -42,6 +42,7 @@ slices of these data with the demo's settings, ship with the package (float16
 weights in ``sksegcal/_weights``, pickle-free, sha256-checked):
 ``sksegcal._segnet.load_demo_network(name, quick=...)`` loads them without
 the data, so the AAL network is there even without ``mricron-data``.
+:func:`load_demo_logits` returns the logits and labels the demo calibrates.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import functools
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,11 +62,13 @@ __all__ = [
     "IN_DOMAIN",
     "PERTURBATIONS",
     "SHIFTED",
+    "DemoLogits",
     "SegmentationDataset",
     "aal_available",
     "find_mricron_templates",
     "load_colin27_aal",
     "load_dataset",
+    "load_demo_logits",
     "load_mni152_tissue",
     "perturb_images",
     "simulate_acquisition",
@@ -663,3 +667,67 @@ def load_dataset(
         class_names=np.asarray(data.class_names), slice_index=data.slice_index,
         subset=data.subset, description=np.asarray(data.description)))
     return data
+
+
+class DemoLogits(NamedTuple):
+    """What :func:`load_demo_logits` returns: ``logits, labels, groups, class_names``."""
+
+    #: (N, C, H, W) float32 logits of the demo's shipped U-Net
+    logits: np.ndarray
+    #: (N, H, W) integer labels
+    labels: np.ndarray
+    #: (N,) slice index of each image: the acquisitions of one slice form a group, which
+    #: a split must keep in one part (``split_images(..., groups=groups)``)
+    groups: np.ndarray
+    class_names: tuple
+
+
+def load_demo_logits(
+    dataset: str = "mni152-tissue",
+    *,
+    subset: str = "calibration",
+    quick: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> DemoLogits:
+    """The logits and labels that ``sksegcal demo`` calibrates, as arrays.
+
+    The images of ``subset`` of the embedded dataset (built as the demo builds
+    it) are run through the U-Net shipped with the package for that dataset:
+    no training, no download, the same logits on every machine.
+
+    Parameters
+    ----------
+    dataset : {"mni152-tissue", "aal"}, default="mni152-tissue"
+        ``"aal"`` needs Debian's ``mricron-data`` (see :func:`load_colin27_aal`).
+    subset : {"calibration", "shifted", "model"}, default="calibration"
+        The held-out slices as in-domain acquisitions, the same slices under
+        the acquisition shift, or the slices the network was trained on.
+    quick : bool, default=False
+        The demo's ``--quick`` data and network.
+    cache_dir : path, optional
+        Passed to :func:`load_dataset`.
+
+    Returns
+    -------
+    DemoLogits
+        ``(logits, labels, groups, class_names)``.
+
+    Examples
+    --------
+    >>> from sksegcal.datasets import load_demo_logits
+    >>> logits, labels, groups, class_names = load_demo_logits(quick=True)  # doctest: +SKIP
+    >>> logits.shape[1] == len(class_names)  # doctest: +SKIP
+    True
+    """
+    from ._segnet import DEMO_SETTINGS, SegNetConfig, load_demo_network, predict_logits
+
+    if (dataset, quick) not in DEMO_SETTINGS:
+        raise ValueError(f"Unknown dataset {dataset!r}; choose one of {list(DATASETS)}.")
+    if subset not in ("calibration", "shifted", "model"):
+        raise ValueError(f"subset must be 'calibration', 'shifted' or 'model', got {subset!r}.")
+    settings = DEMO_SETTINGS[(dataset, quick)]
+    data = load_dataset(dataset, random_state=0, cache_dir=cache_dir, **settings["data"])
+    part = data.select(subset)
+    model, _ = load_demo_network(dataset, quick=quick, config=SegNetConfig(**settings["net"]))
+    return DemoLogits(predict_logits(model, part.images), part.labels, part.slice_index,
+                      tuple(data.class_names))

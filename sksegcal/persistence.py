@@ -2,7 +2,7 @@
 
 Two formats:
 
-- ``"joblib"`` (the default of :func:`save`): a pickle written by
+- ``"joblib"`` (what :func:`save` writes unless the name ends in ``.skops``): a pickle written by
   :func:`joblib.dump`. It holds any estimator and reads back with a plain
   ``joblib.load`` too, but **loading a pickle runs whatever code it
   contains**, so :func:`load` opens one only with ``trusted=True``.
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ._files import atomic_write_via_path
+from ._validation import check_fitted_before_save, resolve_save_format
 
 __all__ = ["TRUSTED_TYPES", "detect_format", "load", "save"]  # noqa: F822 - TRUSTED_TYPES: __getattr__
 
@@ -154,7 +155,7 @@ def _import_skops():
     return sio
 
 
-def save(estimator: Any, path: str | os.PathLike, *, format: str = "joblib") -> Path:
+def save(estimator: Any, path: str | os.PathLike, *, format: str | None = None) -> Path:
     """Write a (fitted) calibrator to a file.
 
     Parameters
@@ -165,7 +166,9 @@ def save(estimator: Any, path: str | os.PathLike, *, format: str = "joblib") -> 
     path : str or path-like
         File to write (overwritten). Conventional suffixes: ``.joblib``,
         ``.skops``.
-    format : {"joblib", "skops"}, default="joblib"
+    format : {"joblib", "skops"} or None, default=None
+        None: from the file name (``.skops``: skops, anything else: joblib); a
+        format the name contradicts (skops to ``x.joblib``) raises.
         ``"joblib"``: a pickle, for your own files (loading runs code).
         ``"skops"``: a pickle-free :mod:`skops.io` archive, safe to load from
         untrusted sources with :func:`load`.
@@ -180,7 +183,9 @@ def save(estimator: Any, path: str | os.PathLike, *, format: str = "joblib") -> 
     TypeError
         If ``estimator`` is not a sksegcal calibrator or conformal estimator.
     ValueError
-        If ``format`` is unknown.
+        If ``format`` is unknown or contradicts the file name.
+    sklearn.exceptions.NotFittedError
+        If ``estimator`` is not fitted.
 
     Notes
     -----
@@ -208,9 +213,11 @@ def save(estimator: Any, path: str | os.PathLike, *, format: str = "joblib") -> 
     >>> bool(np.array_equal(same.predict_proba(X), cal.predict_proba(X)))
     True
     """
-    if format not in _FORMATS:
+    if format is not None and format not in _FORMATS:
         raise ValueError(f"format={format!r} is not one of {_FORMATS}.")
     _check_calibrator(estimator, "estimator")
+    check_fitted_before_save(estimator, calibrator=_calibrator_inside(estimator))
+    format = resolve_save_format(path, format)
     path = Path(path)
     if format == "joblib":
         import joblib

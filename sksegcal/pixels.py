@@ -16,6 +16,7 @@ import numpy as np
 
 from ._validation import (
     check_calibrator_classes,
+    check_channels_first,
     check_finite,
     check_ignore_index,
     check_labels,
@@ -65,6 +66,7 @@ def _as_image_list(logits, labels):
             )
         if z.shape[0] != n_classes:
             raise ValueError(f"image {i} has {z.shape[0]} classes but image 0 has {n_classes}.")
+        check_channels_first(z.shape, t.shape, where=f"image {i}")
         if t.shape != z.shape[1:]:
             raise ValueError(
                 f"labels of image {i} have shape {t.shape} but its logits are "
@@ -304,6 +306,7 @@ def split_images(
     validation_size: float = 0.25,
     test_size: float = 0.25,
     random_state=None,
+    groups=None,
 ) -> ImageSplit:
     """Split images (never pixels) into calibrator-train, validation and test sets.
 
@@ -320,6 +323,11 @@ def split_images(
         non-empty fraction gets at least one image.
     random_state : int, Generator or None
         Seed of the shuffle.
+    groups : array-like, optional
+        A group label per entry of ``images`` (per image id ``0..n-1`` when
+        ``images`` is a count): the acquisitions of one slice, the slices of one
+        patient, the frames of one video. Whole groups are then split, the
+        fractions counting groups, and no group has images in two parts.
 
     Returns
     -------
@@ -333,6 +341,8 @@ def split_images(
     >>> [len(part) for part in split]
     [4, 2, 2]
     """
+    if groups is not None:
+        return _split_groups(images, groups, validation_size, test_size, random_state)
     if np.isscalar(images):
         if isinstance(images, (bool, np.bool_)) or not isinstance(images, numbers.Integral):
             raise TypeError(
@@ -439,3 +449,28 @@ def sample_pixels(
         for start, count, k in zip(starts, counts, take)
     ]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _split_groups(images, groups, validation_size, test_size, random_state) -> ImageSplit:
+    """:func:`split_images` of whole groups: split the group labels, then map them to images."""
+    ids = np.arange(int(images)) if np.isscalar(images) else np.asarray(images).reshape(-1)
+    groups = np.asarray(groups).reshape(-1)
+    if groups.shape != ids.shape:
+        raise ValueError(
+            f"groups has {groups.shape[0]} entries but images has {ids.shape[0]}; give one "
+            "group label per image (per entry of images)."
+        )
+    image_ids, first = np.unique(ids, return_index=True)
+    owner = groups[first]
+    # an image listed twice (a pixel-level ids array) must name one group
+    mismatch = groups != owner[np.searchsorted(image_ids, ids)]
+    if mismatch.any():
+        bad = ids[mismatch][0]
+        raise ValueError(f"image {bad!r} is given two groups; each image belongs to one group.")
+    parts = split_images(
+        np.unique(owner),
+        validation_size=validation_size,
+        test_size=test_size,
+        random_state=random_state,
+    )
+    return ImageSplit(*(np.sort(image_ids[np.isin(owner, part)]) for part in parts))

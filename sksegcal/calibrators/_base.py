@@ -20,7 +20,12 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from .._validation import check_labels
+from .._validation import (
+    check_labels,
+    check_pixel_table,
+    warn_float_labels,
+    warn_probabilities_as_logits,
+)
 from ..features import log_softmax, softmax
 from ._solver import iter_chunks
 
@@ -144,6 +149,8 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         """Validated X, y, sample_weight and groups with ignored pixels removed."""
         # scikit-learn's finiteness test sums X: logits near the float maximum overflow in that
         # sum (a warning, then an exact element-wise test), which is no fault of the data
+        check_pixel_table(X, owner=type(self).__name__)
+        warn_float_labels(y, owner=type(self).__name__)
         with np.errstate(over="ignore", invalid="ignore"):
             X, y = validate_data(
                 self,
@@ -164,6 +171,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
                 "to match X."
             )
         y = check_labels(y, n_classes, self.ignore_index)
+        warn_probabilities_as_logits(X, n_classes, self.input_type, owner=type(self).__name__)
         if sample_weight is not None:
             # negative weights would reward a worse fit (scikit-learn rejects them the same way)
             sample_weight = _check_sample_weight(
@@ -194,6 +202,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
 
     def _validate_predict_data(self, X) -> np.ndarray:
         check_is_fitted(self)
+        check_pixel_table(X, owner=type(self).__name__)
         with np.errstate(over="ignore", invalid="ignore"):  # as in _validate_fit_data
             X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
         return X

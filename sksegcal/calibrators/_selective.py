@@ -12,6 +12,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, check_memory
 
+from .._validation import warn_no_groups
 from ..features import FEATURE_SETS, features_from_logits
 from ..pixels import sample_pixels
 from ._base import LOG_PROBA_FLOOR, BaseLogitCalibrator, check_temperature_bounds
@@ -542,6 +543,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                 FutureWarning,
                 stacklevel=4,
             )
+        warn_no_groups(groups, self._needs_temperatures(), owner=type(self).__name__)
         bounds = check_temperature_bounds(self.temperature_bounds)
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))

@@ -16,8 +16,8 @@ The other subcommands are the same steps for your own data::
         --output results
     sksegcal report results
 
-``fit`` writes a skops file when the output name ends in ``.skops`` and a
-joblib pickle otherwise. Calibrators load through
+``fit`` writes a skops file (``calibrator.skops`` by default), or a joblib
+pickle when the output name ends in ``.joblib`` or ``.pkl``. Calibrators load through
 :func:`sksegcal.persistence.load`: skops files always, pickles (which run any
 code they contain) only with ``--trusted``.
 

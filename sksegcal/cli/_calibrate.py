@@ -139,7 +139,7 @@ def selective_info(selective, search) -> dict:
     if selective.mode == "hard" and hasattr(selective, "threshold_"):
         info["threshold"] = round(float(selective.threshold_), 4)
     info["t1"] = round(float(selective.t1_), 4)
-    info["t2"] = fmt_t(float(selective.t2_))
+    info["t2"] = float(f"{float(selective.t2_):.4g}")  # a number in metrics.json, as t1
     auroc = getattr(selective, "detection_auroc_", None)
     if auroc is not None:
         info["misprediction AUROC"] = round(float(auroc), 4)
@@ -157,17 +157,19 @@ def selective_info(selective, search) -> dict:
 
 
 def output_format(path) -> str:
-    """The format a calibrator is saved in, from the file name: ``.skops`` or joblib.
+    """The format a calibrator is saved in, from the file name: joblib or else skops.
 
+    ``.joblib``, ``.pkl`` and ``.pickle`` ask for a pickle; every other name gets
+    skops, the format ``evaluate`` and ``conformal`` load without ``--trusted``.
     Checked before fitting, so that a missing skops package fails at once.
     """
-    if Path(path).suffix.lower() != ".skops":
+    if Path(path).suffix.lower() in (".joblib", ".pkl", ".pickle"):
         return "joblib"
     try:
         import skops.io  # noqa: F401
     except ImportError:
         raise CommandError(
-            f"writing {path} (a .skops file) needs the skops package: "
+            f"writing {path} (a skops file) needs the skops package: "
             "pip install skops, or save to a .joblib file."
         ) from None
     return "skops"

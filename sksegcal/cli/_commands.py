@@ -31,6 +31,7 @@ from ._common import (
     open_store,
     say,
 )
+from ._groups import store_groups
 from ._report import format_table, load_results, save_results, summaries, write_metrics
 
 # what must match when `extract` resumes a store (not the sksegcal version)
@@ -201,7 +202,10 @@ def fit(args) -> int:
     split = store.split
     if split is None or args.resplit:
         split = store.make_split(
-            validation_size=args.validation_size, test_size=args.test_size, random_state=args.seed
+            validation_size=args.validation_size,
+            test_size=args.test_size,
+            random_state=args.seed,
+            groups=store_groups(store, getattr(args, "groups", None)),
         )
         say(
             args,

@@ -206,6 +206,8 @@ def threads(n: int | None):
 
 
 def fmt_value(value) -> str:
+    if isinstance(value, float):  # 1e10 as 1e+10, not 10000000000.0
+        return f"{value:.6g}"
     if isinstance(value, dict):
         return "(" + ", ".join(f"{k}: {v}" for k, v in value.items()) + ")"
     return str(value)

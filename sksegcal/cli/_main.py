@@ -47,6 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from ._commands import evaluate, extract, fit, report
     from ._conformal import conformal
     from ._demo import demo
+    from ._groups import GROUPS_HELP
 
     parser = _Parser(
         prog="sksegcal",
@@ -216,8 +217,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Fit temperature, selective or local temperature scaling on the store's "
         "calibrator-"
         "train and -validation images (a split by image is made and recorded in "
-        "the store if it has none) and save it: a skops file when --output ends "
-        "in .skops (safe to share and to load without --trusted), else joblib.",
+        "the store if it has none) and save it: a skops file (safe to share and "
+        "to load without --trusted) unless --output ends in .joblib or .pkl.",
     )
     p.add_argument("store", help="LogitStore folder")
     p.add_argument(
@@ -231,9 +232,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output",
         "-o",
-        default="calibrator.joblib",
-        help="where to save it: NAME.skops writes a skops file (needs skops), any "
-        "other name a joblib pickle (default: calibrator.joblib)",
+        default="calibrator.skops",
+        help="where to save it: a skops file (default: calibrator.skops), or a "
+        "joblib pickle when the name ends in .joblib or .pkl",
     )
     # selective scaling's parameters: an option left out keeps SelectiveScalingCalibrator's
     # own default, so `sksegcal fit STORE` fits SelectiveScalingCalibrator(random_state=SEED)
@@ -294,6 +295,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-size", type=float, default=0.25)
     p.add_argument("--test-size", type=float, default=0.25)
     p.add_argument("--resplit", action="store_true", help="replace the recorded split")
+    p.add_argument("--groups", default=None, metavar="SPEC", help=GROUPS_HELP)
     p.add_argument(
         "--n-classes",
         type=_count(2),

@@ -25,8 +25,14 @@ from .._files import atomic_write_bytes, atomic_write_via_path
 from ._common import UNCALIBRATED, CommandError, fmt_value, need_file
 
 METRICS = ("ece", "mce", "nll", "brier", "accuracy", "miou")
-HEADERS = {"ece": "ECE", "mce": "MCE", "nll": "NLL", "brier": "Brier", "accuracy": "accuracy",
-           "miou": "mIoU"}
+HEADERS = {
+    "ece": "ECE",
+    "mce": "MCE",
+    "nll": "NLL",
+    "brier": "Brier",
+    "accuracy": "accuracy",
+    "miou": "mIoU",
+}
 SPLIT_NAMES = {"test": "test (in-domain)", "shifted-test": "shifted test (acquisition shift)"}
 
 RESULTS_INDEX = "accumulators.json"
@@ -43,10 +49,17 @@ REGION_KEYS = ("n_pixels", "ece", "nll", "brier", "accuracy", "mean_per_image_ec
 
 # --------------------------------------------------------------------------- tables
 def _summary(acc) -> dict:
-    out = {k: float(v) for k, v in acc.summary().items()}
+    out = {k: int(v) if k.endswith("n_pixels") else float(v) for k, v in acc.summary().items()}
     if getattr(acc, "regions", None) is not None:
         for region, s in acc.region_summary().items():
-            out.update({f"{region}_{k}": float(s.get(k, float("nan"))) for k in REGION_KEYS})
+            out.update(
+                {
+                    f"{region}_{k}": int(s[k])
+                    if k == "n_pixels"
+                    else float(s.get(k, float("nan")))
+                    for k in REGION_KEYS
+                }
+            )
     return out
 
 
@@ -58,8 +71,10 @@ def summaries(accumulators: dict) -> dict:
     of :data:`REGION_KEYS`) beside the pooled ones; the printed table
     (:func:`format_table`) shows the pooled ones only.
     """
-    return {split: {name: _summary(acc) for name, acc in accs.items()}
-            for split, accs in accumulators.items()}
+    return {
+        split: {name: _summary(acc) for name, acc in accs.items()}
+        for split, accs in accumulators.items()
+    }
 
 
 def format_table(results: dict, *, extra: dict | None = None) -> str:
@@ -80,8 +95,10 @@ def format_table(results: dict, *, extra: dict | None = None) -> str:
 
 
 def _markdown_table(methods: dict) -> str:
-    rows = ["| method | " + " | ".join(HEADERS[k] for k in METRICS) + " |",
-            "|---|" + "---:|" * len(METRICS)]
+    rows = [
+        "| method | " + " | ".join(HEADERS[k] for k in METRICS) + " |",
+        "|---|" + "---:|" * len(METRICS),
+    ]
     for name, s in methods.items():
         rows.append(f"| {name} | " + " | ".join(f"{s[k]:.4f}" for k in METRICS) + " |")
     return "\n".join(rows)
@@ -104,8 +121,10 @@ def _json_bytes(obj) -> bytes:
 def write_metrics(output: Path, results: dict, meta: dict) -> list[str]:
     """metrics.json (metadata + every summary) and metrics.csv (one row per split and method)."""
     atomic_write_bytes(output / "metrics.json", _json_bytes({**meta, "results": results}))
-    keys = sorted({k for methods in results.values() for s in methods.values() for k in s},
-                  key=lambda k: (k not in METRICS, METRICS.index(k) if k in METRICS else 0, k))
+    keys = sorted(
+        {k for methods in results.values() for s in methods.values() for k in s},
+        key=lambda k: (k not in METRICS, METRICS.index(k) if k in METRICS else 0, k),
+    )
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(["split", "method", *keys])
@@ -122,7 +141,8 @@ _PREDICTION_NOTE = (
     "predicted class: for the uncalibrated model and every temperature-based calibrator "
     "(temperature scaling, selective scaling) that is the network's own argmax, so their "
     "accuracy and mIoU are the network's; vector and Dirichlet scaling can change the "
-    "predicted class and are scored with their own.")
+    "predicted class and are scored with their own."
+)
 
 
 def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None) -> list[str]:
@@ -141,12 +161,15 @@ def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None)
         for split, accs in accumulators.items():
             name = f"reliability_{split}.png"
             fig = plot_reliability_diagram(
-                accs, title=f"{meta.get('dataset', '')} - {SPLIT_NAMES.get(split, split)}")
+                accs, title=f"{meta.get('dataset', '')} - {SPLIT_NAMES.get(split, split)}"
+            )
             _save_figure(fig, output / name, dpi=150)
             figures[split] = name
             written.append(name)
         if examples is not None:
-            _save_figure(_plot_examples(**examples), output / "examples.png", dpi=110)
+            from ..plotting import plot_segmentation_examples
+
+            _save_figure(plot_segmentation_examples(**examples), output / "examples.png", dpi=110)
             written.append("examples.png")
     md = [f"# sksegcal calibration report: {meta.get('dataset', 'your data')}", ""]
     if meta.get("description"):
@@ -155,9 +178,14 @@ def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None)
         md += ["Made by:", "", f"    {meta['command']}", ""]
     for split, methods in results.items():
         first = next(iter(methods.values()))
-        md += [f"## {SPLIT_NAMES.get(split, split)}", "",
-               f"{int(first['n_pixels']):,} pixels. {_PREDICTION_NOTE}",
-               "", _markdown_table(methods), ""]
+        md += [
+            f"## {SPLIT_NAMES.get(split, split)}",
+            "",
+            f"{int(first['n_pixels']):,} pixels. {_PREDICTION_NOTE}",
+            "",
+            _markdown_table(methods),
+            "",
+        ]
         if split in figures:
             md += [f"![reliability diagrams]({figures[split]})", ""]
         md += _worse_notes(accumulators.get(split, {}), methods, method_roles(meta))
@@ -184,36 +212,55 @@ def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None)
 
 def _boundary_section(results: dict, meta: dict) -> list[str]:
     """Boundary against interior, per split (when the accumulators tallied the two regions)."""
-    splits = {split: methods for split, methods in results.items()
-              if all("boundary_ece" in s for s in methods.values())}
+    splits = {
+        split: methods
+        for split, methods in results.items()
+        if all("boundary_ece" in s for s in methods.values())
+    }
     if not splits:
         return []
     width = meta.get("boundary_width")
     band = f"within {width} px" if width is not None else "near"
-    md = ["## Boundary and interior", "",
-          f"Boundary pixels: labelled pixels {band} (Chebyshev distance) of a pixel with "
-          "another label (`sksegcal.metrics.boundary_mask`; ignored pixels and the image "
-          "border are no label change); interior: the other labelled pixels. ECE: 15 "
-          "equal-width bins pooled over the region's pixels; per-image ECE: the mean over "
-          "images of each image's ECE on its pixels of the region (the paper's measure). "
-          "'vs uncal.': the boundary ECE relative to the uncalibrated model's.", ""]
-    cols = [("boundary_ece", "boundary ECE"), ("interior_ece", "interior ECE"),
-            ("boundary_nll", "boundary NLL"), ("interior_nll", "interior NLL"),
-            ("boundary_mean_per_image_ece", "boundary per-image ECE"),
-            ("interior_mean_per_image_ece", "interior per-image ECE")]
+    md = [
+        "## Boundary and interior",
+        "",
+        f"Boundary pixels: labelled pixels {band} (Chebyshev distance) of a pixel with "
+        "another label (`sksegcal.metrics.boundary_mask`; ignored pixels and the image "
+        "border are no label change); interior: the other labelled pixels. ECE: 15 "
+        "equal-width bins pooled over the region's pixels; per-image ECE: the mean over "
+        "images of each image's ECE on its pixels of the region (the paper's measure). "
+        "'vs uncal.': the boundary ECE relative to the uncalibrated model's.",
+        "",
+    ]
+    cols = [
+        ("boundary_ece", "boundary ECE"),
+        ("interior_ece", "interior ECE"),
+        ("boundary_nll", "boundary NLL"),
+        ("interior_nll", "interior NLL"),
+        ("boundary_mean_per_image_ece", "boundary per-image ECE"),
+        ("interior_mean_per_image_ece", "interior per-image ECE"),
+    ]
     for split, methods in splits.items():
         first = next(iter(methods.values()))
         nb, ni = int(first["boundary_n_pixels"]), int(first["interior_n_pixels"])
         base = _find_method(methods, "uncalibrated", method_roles(meta))
-        md += [f"### {SPLIT_NAMES.get(split, split)}", "",
-               f"{nb:,} boundary pixels ({_pct(nb, nb + ni)}), {ni:,} interior pixels.", "",
-               "| method | " + " | ".join(h for _, h in cols) + " | vs uncal. |",
-               "|---|" + "---:|" * (len(cols) + 1)]
+        md += [
+            f"### {SPLIT_NAMES.get(split, split)}",
+            "",
+            f"{nb:,} boundary pixels ({_pct(nb, nb + ni)}), {ni:,} interior pixels.",
+            "",
+            "| method | " + " | ".join(h for _, h in cols) + " | vs uncal. |",
+            "|---|" + "---:|" * (len(cols) + 1),
+        ]
         for name, s in methods.items():
-            ratio = ("n/a" if base is None or not methods[base]["boundary_ece"] > 0
-                     else f"{s['boundary_ece'] / methods[base]['boundary_ece']:.2f}x")
-            md.append(f"| {name} | " + " | ".join(f"{s[k]:.4f}" for k, _ in cols)
-                      + f" | {ratio} |")
+            ratio = (
+                "n/a"
+                if base is None or not methods[base]["boundary_ece"] > 0
+                else f"{s['boundary_ece'] / methods[base]['boundary_ece']:.2f}x"
+            )
+            md.append(
+                f"| {name} | " + " | ".join(f"{s[k]:.4f}" for k, _ in cols) + f" | {ratio} |"
+            )
         md.append("")
     return md
 
@@ -232,86 +279,23 @@ IGNORE_INDEX = 255
 FLAG_BELOW = 0.5  # a pixel is "flagged" by the detector when its P(correct) is below this
 # a method is "worse" on a metric when it differs by more than this (relative, at least 1e-6)
 WORSE_TOL = 1e-6
-_LOWER_IS_BETTER = {"ece": True, "mce": True, "nll": True, "brier": True, "accuracy": False,
-                    "miou": False}
-
-
-def _error_map(labels, pred):
-    """0: correct, 1: error (argmax differs from the label), 2: ignored pixel."""
-    out = (pred != labels).astype(np.int8)
-    out[labels == IGNORE_INDEX] = 2
-    return out
-
-
-def _plot_examples(*, images, labels, probs, class_names, p_correct=None, temperature=None,
-                   rows=3):
-    """A few test slices, one row each.
-
-    Columns: image, labels, the network's prediction, the top-label confidence
-    of each method, the error map (argmax != label; ignored pixels grey), the
-    detector's P(correct) and selective scaling's per-pixel temperature (log scale).
-    """
-    from matplotlib.colors import ListedColormap, LogNorm
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
-
-    n = min(rows, len(images))
-    n_classes = len(class_names)
-    cmap = "tab20" if n_classes > 10 else "viridis"
-    first = next(iter(probs.values()))
-    preds = first[:n].argmax(axis=1)
-    cols = ["image", "labels", "prediction"] + [f"confidence: {m}" for m in probs]
-    cols.append("errors (argmax != label)")
-    if p_correct is not None:
-        cols.append(f"detector P(correct) (flag < {FLAG_BELOW:g})")
-    t_norm = None
-    if temperature is not None:
-        cols.append("temperature T = 1/beta (log)")
-        t = np.asarray(temperature[:n], dtype=np.float64)
-        t = t[np.isfinite(t) & (t > 0)]
-        lo, hi = (float(t.min()), float(t.max())) if t.size else (1.0, 10.0)
-        t_norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.01))
-    error_cmap = ListedColormap(["#1b1b1b", "#e8432e", "#a0a0a0"])
-    fig = Figure(figsize=(2.1 * len(cols), 2.3 * n + 0.8), layout="constrained")
-    axes = fig.subplots(n, len(cols), squeeze=False)
-    n_conf = len(probs)
-    for r in range(n):
-        pred = preds[r]
-        panels = [(images[r, 0], "gray", {}), (labels[r], cmap, dict(vmin=0, vmax=n_classes - 1)),
-                  (pred, cmap, dict(vmin=0, vmax=n_classes - 1))]
-        panels += [(p[r].max(axis=0), "magma", dict(vmin=1.0 / n_classes, vmax=1.0))
-                   for p in probs.values()]
-        panels.append((_error_map(labels[r], pred), error_cmap, dict(vmin=-0.5, vmax=2.5)))
-        if p_correct is not None:
-            panels.append((p_correct[r], "RdYlGn", dict(vmin=0.0, vmax=1.0)))
-        if temperature is not None:
-            panels.append((np.clip(temperature[r], t_norm.vmin, t_norm.vmax), "cividis",
-                           dict(norm=t_norm)))
-        for c, (img, cm, kw) in enumerate(panels):
-            ax = axes[r, c]
-            im = ax.imshow(img, cmap=cm, interpolation="nearest", **kw)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(cols[c], fontsize=8)
-            if r == n - 1 and c >= 3:
-                bar = fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
-                bar.ax.tick_params(labelsize=7)
-                if c == 3 + n_conf:
-                    bar.set_ticks([0, 1, 2], labels=["correct", "error", "ignored"])
-                if kw.get("norm") is t_norm and t_norm is not None:
-                    bar.ax.xaxis.set_minor_formatter(NullFormatter())
-                    bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-                    bar.set_ticks(np.geomspace(t_norm.vmin, t_norm.vmax, 4))
-    return fig
+_LOWER_IS_BETTER = {
+    "ece": True,
+    "mce": True,
+    "nll": True,
+    "brier": True,
+    "accuracy": False,
+    "miou": False,
+}
 
 
 def _pct(part, whole) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "n/a"
 
 
-def _example_notes(*, images, labels, probs, class_names, p_correct=None, temperature=None,
-                   rows=3) -> list[str]:
+def _example_notes(
+    *, images, labels, probs, class_names, p_correct=None, temperature=None, rows=3, **figure_only
+) -> list[str]:
     """One sentence per map of the example figure, with its numbers on the example slices."""
     n = min(rows, len(images))
     first = next(iter(probs.values()))
@@ -346,8 +330,10 @@ def _example_notes(*, images, labels, probs, class_names, p_correct=None, temper
             f"median T {np.median(t[valid]):.3g} over the labelled pixels of {where}"
         )
         if flagged is not None and flagged.any() and (valid & ~flagged).any():
-            sentence += (f", {np.median(t[flagged]):.3g} on the flagged pixels and "
-                         f"{np.median(t[valid & ~flagged]):.3g} on the others")
+            sentence += (
+                f", {np.median(t[flagged]):.3g} on the flagged pixels and "
+                f"{np.median(t[valid & ~flagged]):.3g} on the others"
+            )
         lines.append(sentence + ".")
     return lines + [""]
 
@@ -393,8 +379,10 @@ def _worse_notes(accs: dict, methods: dict, roles: dict, n_bins: int = 15) -> li
     lines = []
     for k in worse:
         a, b = methods[sel][k], methods[ts][k]
-        head = (f"**Why {sel}'s {HEADERS[k]} is worse than {ts}'s here.** {HEADERS[k]} "
-                f"{a:.4f} against {b:.4f} ({a - b:+.4f}).")
+        head = (
+            f"**Why {sel}'s {HEADERS[k]} is worse than {ts}'s here.** {HEADERS[k]} "
+            f"{a:.4f} against {b:.4f} ({a - b:+.4f})."
+        )
         have_bins = sel in accs and ts in accs and k in ("ece", "mce")
         if have_bins:
             cs, ct = (accs[m].reliability_curve(n_bins) for m in (sel, ts))
@@ -411,17 +399,23 @@ def _worse_notes(accs: dict, methods: dict, roles: dict, n_bins: int = 15) -> li
                 f"{cs.confidence[i]:.3f}, a gap of {gs[i]:.4f}. "
             )
             if i == j:
-                text += (f"It is also {ts}'s largest gap, {gt[j]:.4f}, on {ct.count[j]:,.0f} "
-                         "pixels there.")
+                text += (
+                    f"It is also {ts}'s largest gap, {gt[j]:.4f}, on {ct.count[j]:,.0f} "
+                    "pixels there."
+                )
             else:
-                text += (f"The same bin holds {ct.count[i]:,.0f} pixels under {ts} (gap "
-                         f"{gt[i]:.4f}); {ts}'s largest gap is in bin {_bin_text(ct, j)}: "
-                         f"{ct.count[j]:,.0f} pixels ({_pct(ct.count[j], total)}), gap "
-                         f"{gt[j]:.4f}.")
-            text += (" So the worse MCE rests on a bin of "
-                     f"{_pct(cs.count[i], total)} of the pixels; ECE weights every bin by "
-                     f"its pixels (here {methods[sel]['ece']:.4f} for {sel} against "
-                     f"{methods[ts]['ece']:.4f}).")
+                text += (
+                    f"The same bin holds {ct.count[i]:,.0f} pixels under {ts} (gap "
+                    f"{gt[i]:.4f}); {ts}'s largest gap is in bin {_bin_text(ct, j)}: "
+                    f"{ct.count[j]:,.0f} pixels ({_pct(ct.count[j], total)}), gap "
+                    f"{gt[j]:.4f}."
+                )
+            text += (
+                " So the worse MCE rests on a bin of "
+                f"{_pct(cs.count[i], total)} of the pixels; ECE weights every bin by "
+                f"its pixels (here {methods[sel]['ece']:.4f} for {sel} against "
+                f"{methods[ts]['ece']:.4f})."
+            )
         elif k == "ece" and have_bins:
             contrib = (cs.count * gs - ct.count * gt) / total
             i = int(np.argmax(contrib))
@@ -458,13 +452,19 @@ def save_results(output: Path, accumulators: dict, meta: dict) -> list[str]:
                 elif value is None or isinstance(value, (str, int, float, bool)):
                     values[key] = value
                 else:
-                    raise TypeError(f"accumulator state {key!r} is a {type(value).__name__}; "
-                                    "expected arrays, str, int, float, bool or None.")
-            entries.append({"split": split, "method": method, "values": values,
-                            "arrays": refs})
+                    raise TypeError(
+                        f"accumulator state {key!r} is a {type(value).__name__}; "
+                        "expected arrays, str, int, float, bool or None."
+                    )
+            entries.append({"split": split, "method": method, "values": values, "arrays": refs})
     atomic_write_via_path(output / RESULTS_ARRAYS, lambda tmp: np.savez(tmp, **arrays))
-    index = {"format": _RESULTS_FORMAT, "version": _RESULTS_VERSION, "arrays": RESULTS_ARRAYS,
-             "meta": meta, "accumulators": entries}
+    index = {
+        "format": _RESULTS_FORMAT,
+        "version": _RESULTS_VERSION,
+        "arrays": RESULTS_ARRAYS,
+        "meta": meta,
+        "accumulators": entries,
+    }
     # the index last: a folder with an index always has the arrays it names
     atomic_write_bytes(output / RESULTS_INDEX, _json_bytes(index))
     return [RESULTS_INDEX, RESULTS_ARRAYS]
@@ -478,8 +478,10 @@ def results_path(results) -> Path:
     for name in (RESULTS_INDEX, LEGACY_RESULTS):
         if (results / name).is_file():
             return results / name
-    raise CommandError(f"the evaluation results {results / RESULTS_INDEX} do not exist; "
-                       f"write them with 'sksegcal evaluate STORE -o {results}'.")
+    raise CommandError(
+        f"the evaluation results {results / RESULTS_INDEX} do not exist; "
+        f"write them with 'sksegcal evaluate STORE -o {results}'."
+    )
 
 
 def load_results(results, *, trusted: bool = False) -> tuple[dict, dict, Path]:
@@ -494,22 +496,25 @@ def load_results(results, *, trusted: bool = False) -> tuple[dict, dict, Path]:
     except ValueError:
         is_pickle = False
     if not is_pickle:
-        raise CommandError(f"{path} is not an 'sksegcal evaluate' result (expected its "
-                           f"{RESULTS_INDEX}).")
+        raise CommandError(
+            f"{path} is not an 'sksegcal evaluate' result (expected its {RESULTS_INDEX})."
+        )
     if not trusted:
         raise CommandError(
             f"{path} is an 'sksegcal evaluate' result of an older version, a joblib/pickle "
             "file, and loading a pickle runs any code it contains: pass --trusted if you made "
             "it or trust its source, or rerun 'sksegcal evaluate' (it now writes "
-            f"{RESULTS_INDEX} + {RESULTS_ARRAYS}).")
+            f"{RESULTS_INDEX} + {RESULTS_ARRAYS})."
+        )
     import joblib
 
     try:
         saved = joblib.load(path)
         accumulators, meta = saved["accumulators"], saved["meta"]
     except Exception as exc:  # unpickling garbage can raise nearly anything
-        raise CommandError(f"{path} is not an 'sksegcal evaluate' result "
-                           f"({type(exc).__name__}: {exc}).") from None
+        raise CommandError(
+            f"{path} is not an 'sksegcal evaluate' result ({type(exc).__name__}: {exc})."
+        ) from None
     return accumulators, meta, path
 
 
@@ -522,10 +527,9 @@ def _load_index(path: Path) -> tuple[dict, dict]:
     except (OSError, ValueError) as exc:
         raise bad(f"{type(exc).__name__}: {exc}") from None
     if not isinstance(index, dict) or index.get("format") != _RESULTS_FORMAT:
-        raise bad(f"no \"format\": \"{_RESULTS_FORMAT}\" entry")
+        raise bad(f'no "format": "{_RESULTS_FORMAT}" entry')
     if index.get("version") != _RESULTS_VERSION:
-        raise bad(f"version {index.get('version')!r}, this sksegcal reads "
-                  f"{_RESULTS_VERSION}")
+        raise bad(f"version {index.get('version')!r}, this sksegcal reads {_RESULTS_VERSION}")
     arrays_name = str(index.get("arrays", RESULTS_ARRAYS))
     arrays_path = path.parent / Path(arrays_name).name  # only a file beside the index
     if not arrays_path.is_file():
@@ -538,8 +542,9 @@ def _load_index(path: Path) -> tuple[dict, dict]:
             for entry in index["accumulators"]:
                 state = dict(entry["values"])
                 state.update({key: arrays[ref] for key, ref in entry["arrays"].items()})
-                accumulators.setdefault(str(entry["split"]), {})[str(entry["method"])] = \
+                accumulators.setdefault(str(entry["split"]), {})[str(entry["method"])] = (
                     CalibrationAccumulator.from_state_dict(state)
+                )
     except CommandError:
         raise
     except Exception as exc:  # a corrupt archive or a state that does not validate

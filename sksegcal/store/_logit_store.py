@@ -1106,12 +1106,15 @@ class LogitStore:
         self._manifest = manifest
 
     def make_split(
-        self, *, validation_size: float = 0.25, test_size: float = 0.25, random_state=0
+        self, *, validation_size: float = 0.25, test_size: float = 0.25, random_state=0,
+        groups=None,
     ) -> ImageSplit:
         """Split the images with :func:`~sksegcal.pixels.split_images` and record it.
 
         Every later ``images="train"`` (or "validation", "test") and every
-        process that opens the store then uses the same split.
+        process that opens the store then uses the same split. ``groups`` (one
+        label per image, in :attr:`image_names` order) keeps each group's images
+        in one part.
 
         Returns
         -------
@@ -1123,6 +1126,7 @@ class LogitStore:
             validation_size=validation_size,
             test_size=test_size,
             random_state=random_state,
+            groups=groups,
         )
         params = {"validation_size": validation_size, "test_size": test_size}
         if isinstance(random_state, numbers.Integral):
