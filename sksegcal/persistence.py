@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ._files import atomic_write_via_path
+from ._safety import check_fitted_values
 
 __all__ = ["TRUSTED_TYPES", "detect_format", "load", "save"]
 
@@ -320,6 +321,7 @@ def load(
     else:
         obj = _load_skops(path, trusted)
     _check_calibrator(obj, str(path))
+    check_fitted_values(obj, str(path))  # an edited NaN temperature would predict NaN
     return obj
 
 

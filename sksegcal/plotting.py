@@ -339,6 +339,21 @@ def plot_classwise_reliability(
     return fig
 
 
+def _image_maps(value, name: str) -> list[np.ndarray]:
+    """One method's set sizes as a list of (H, W) maps: an (N, H, W) array or N (H, W) maps."""
+    if isinstance(value, (list, tuple)):
+        images = [np.asarray(a) for a in value]
+    else:
+        value = np.asarray(value)
+        if value.ndim != 3:
+            raise ValueError(f"the size maps of {name!r} must be (N, H, W); got {value.shape}.")
+        images = list(value)
+    bad = [a.shape for a in images if a.ndim != 2 or a.size == 0]
+    if bad:
+        raise ValueError(f"every size map of {name!r} must be a non-empty (H, W) map; got {bad}.")
+    return images
+
+
 def plot_set_size_maps(
     size_maps: Mapping[str, Any],
     *,
@@ -350,10 +365,11 @@ def plot_set_size_maps(
 
     Parameters
     ----------
-    size_maps : mapping of str to array-like of shape (N, H, W)
+    size_maps : mapping of str to array-like of shape (N, H, W) or list of N (H, W) maps
         Set sizes per pixel (e.g.
         :meth:`sksegcal.conformal.ConformalPixelSets.predict_set_size_maps`)
-        of the same N images under each method.
+        of the same N images under each method; a list lets the images differ
+        in size.
     n_classes : int, optional
         Top of the shared colour scale (default: the largest size shown).
     titles : sequence of str, optional
@@ -377,14 +393,23 @@ def plot_set_size_maps(
     Figure = _figure_cls()
     if not isinstance(size_maps, Mapping) or not size_maps:
         raise TypeError("size_maps must be a non-empty mapping {method name: (N, H, W) sizes}.")
-    maps = {str(k): np.asarray(v) for k, v in size_maps.items()}
-    shapes = {m.shape for m in maps.values()}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise ValueError(f"every size map must have the same (N, H, W) shape; got {shapes}.")
-    n = next(iter(shapes))[0]
+    # each image is drawn on its own: images of one method may differ in size
+    maps = {str(k): _image_maps(v, str(k)) for k, v in size_maps.items()}
+    counts = {len(m) for m in maps.values()}
+    if len(counts) != 1 or not next(iter(counts)):
+        raise ValueError(
+            f"every method must have size maps of the same images; got {sorted(counts)} images."
+        )
+    n = next(iter(counts))
+    for j in range(n):
+        shapes = {m[j].shape for m in maps.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"the size maps of image {j} differ in shape between methods: "
+                             f"{sorted(shapes)}.")
     if titles is not None and len(titles) != n:
         raise ValueError(f"titles has {len(titles)} entries for {n} images.")
-    top = int(n_classes) if n_classes is not None else int(max(m.max() for m in maps.values()))
+    top = (int(n_classes) if n_classes is not None
+           else int(max(a.max() for m in maps.values() for a in m)))
     top = max(top, 1)
     rows = len(maps)
     fig = Figure(figsize=(panel_size * n + 0.8, panel_size * rows), layout="constrained")

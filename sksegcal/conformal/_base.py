@@ -18,8 +18,10 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .._safety import empty_state_reason
 from .._validation import check_calibrator_classes, check_labels
 from ..features import softmax
+from ..store._engine import calibrator_fingerprint as fingerprint
 from ._scores import class_scores, to_levels
 
 _PROBA_TOL = 1e-3
@@ -191,7 +193,8 @@ class BaseConformal(BaseEstimator):
             import warnings
 
             warnings.warn(
-                f"{type(self).__name__}: too few calibration units for alpha={self.alpha} "
+                f"{type(self).__name__}: {empty_state_reason(self)}"
+                f"too few calibration units for alpha={self.alpha} "
                 f"(need at least {int(np.ceil(1 / self.alpha - 1))}); the threshold is "
                 "infinite and every set holds every class.",
                 UserWarning,
@@ -224,6 +227,9 @@ class BaseConformal(BaseEstimator):
             "ignore_index",
         ) + self._merge_keys
         diff = [k for k in keys if getattr(self, k) != getattr(other, k)]
+        # states filled through two calibrators are scores of two models: never one state
+        diff += [] if fingerprint(self.calibrator) == fingerprint(other.calibrator) else [
+            "calibrator (class, parameters or fitted state)"]
         if diff or other.n_features_in_ != self.n_features_in_:
             raise ValueError(
                 "Cannot merge estimators with different settings "

@@ -106,7 +106,7 @@ def boundary_mask(
     from scipy import ndimage
 
     width = _check_width(width)
-    footprint = _footprint(width, distance)
+    _footprint(1, distance)  # checks distance
     lab = labels.detach().cpu().numpy() if is_tensor(labels) else np.asarray(labels)
     if lab.dtype.kind not in "biu":
         raise TypeError(
@@ -127,10 +127,16 @@ def boundary_mask(
     lo, hi = int(lab[valid].min()) - 1, int(lab[valid].max()) + 1
     small = np.iinfo(np.int32)
     x = lab.astype(np.int32 if small.min <= lo and hi <= small.max else np.int64)
-    if lab.ndim == 3:  # one image at a time: no window reaches into the next image
-        footprint = footprint[None]
+    # no two pixels of an image are farther apart than (H - 1) + (W - 1) (Chebyshev or
+    # Euclidean): a wider band is the same band, and its window would only cost memory
+    width = min(width, max(1, lab.shape[-2] + lab.shape[-1] - 2))
     square = distance == "chebyshev"
-    kw = {"size": footprint.shape} if square else {"footprint": footprint}
+    # the square window is passed by its size: its footprint array is never built
+    footprint = np.ones((1, 1), bool) if square else _footprint(width, distance)
+    side = (2 * width + 1, 2 * width + 1)
+    if lab.ndim == 3:  # one image at a time: no window reaches into the next image
+        footprint, side = footprint[None], (1, *side)
+    kw = {"size": side} if square else {"footprint": footprint}
     # "nearest" repeats the edge pixels, which the clipped window already holds
     high = ndimage.maximum_filter(np.where(valid, x, lo), mode="nearest", **kw)
     low = ndimage.minimum_filter(np.where(valid, x, hi), mode="nearest", **kw)

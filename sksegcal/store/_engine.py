@@ -25,6 +25,7 @@ import numpy as np
 
 from .._files import atomic_write_json
 from .._kernels import argmax_rows
+from .._safety import bounded_jobs, check_input_type
 from ..features import softmax
 from ..pixels import _check_context_calibrator, _estimator_context
 from ._context import iter_blocks, iter_tables, sample_table
@@ -79,6 +80,7 @@ def _check_calibrator(name, estimator, store: LogitStore, path: str) -> str | No
         ) from None
     except TypeError:  # not a scikit-learn estimator: its own predict_proba will tell
         pass
+    check_input_type(estimator, store.values, what=f"calibrator {name!r}", where=store.path)
     return _check_context_calibrator(estimator, store.n_classes, what=f"calibrator {name!r}",
                                      where=f"the store {store.path}", path=path)
 
@@ -410,7 +412,7 @@ def evaluate_store(
         boundary_mask(np.zeros((1, 1), dtype=np.int64), width=boundary_width)  # checks it
         accumulator_params = {**(accumulator_params or {}), "regions": BOUNDARY_REGIONS}
     blocks = image_blocks(store, store._as_ids(images), task_pixels)
-    results = Parallel(n_jobs=n_jobs, backend=backend)(
+    results = Parallel(n_jobs=bounded_jobs(n_jobs, len(blocks), backend), backend=backend)(
         delayed(_evaluate_block)(
             store, calibrators, ids, chunk_pixels, accumulator_params, boundary_width
         )
@@ -547,7 +549,7 @@ def predict_store(
     ids = [i for i in store._as_ids(images) if store._names[i] not in out]
     chunk_pixels = store._chunk_pixels(chunk_pixels)
     blocks = image_blocks(store, np.asarray(ids, dtype=np.int64), task_pixels)
-    Parallel(n_jobs=n_jobs, backend=backend)(
+    Parallel(n_jobs=bounded_jobs(n_jobs, len(blocks), backend), backend=backend)(
         delayed(_predict_block)(calibrator, store, out, block, chunk_pixels) for block in blocks
     )
     out.refresh()
@@ -614,6 +616,7 @@ def fit_store(
     True
     """
     context = _estimator_context(estimator, where="fit_store")
+    check_input_type(estimator, store.values, what="the estimator", where=store.path)
     X, y, groups = sample_table(
         store,
         max_pixels,

@@ -6,7 +6,7 @@ refreshing (manifest and records checked through ``._format``), adding images
 the recorded split. The pixel sampler is ``._sampling``.
 
 May import: numpy, the standard library, :mod:`sksegcal._files`,
-:mod:`sksegcal._validation`, :mod:`sksegcal.pixels` and the store's own
+:mod:`sksegcal._validation`, :mod:`sksegcal._safety`, :mod:`sksegcal.pixels` and the store's own
 ``._format``, ``._commit`` and ``._sampling``. Never the engine (``._engine``)
 or the calibrators.
 """
@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._files import atomic_write_json, fsync_dir
+from .._safety import check_finite_block, npy_reason, read_failure_advice, refuse_symlinks
 from .._validation import check_finite, check_ignore_index, check_labels
 from ..pixels import ImageSplit, split_images
 from ._commit import ImageConflictError, commit_image, remove_files_of, stray_candidates
@@ -633,10 +634,11 @@ class LogitStore:
                 file = self.path / IMAGES / info["file"]
                 total += info["bytes"]
                 try:
+                    refuse_symlinks(file)
                     with open(file, "rb") as f:
                         shape, dtype, fortran, _ = npy_header(f)
                 except (OSError, ValueError) as exc:
-                    problems.append(f"{file.name}: unreadable header ({exc})")
+                    problems.append(f"{file.name}: unreadable header ({npy_reason(exc)})")
                     continue
                 want = self._expected_array(record, kind)
                 if (shape, dtype, fortran) != want:
@@ -766,11 +768,10 @@ class LogitStore:
     def _paths(self, image_id: int) -> tuple[dict, Path, Path]:
         record = self._records[self._names[image_id]]
         images = self.path / IMAGES
-        return (
-            record,
-            images / record["files"]["logits"]["file"],
-            images / record["files"]["labels"]["file"],
-        )
+        paths = (images / record["files"]["logits"]["file"],
+                 images / record["files"]["labels"]["file"])
+        refuse_symlinks(*paths)
+        return (record, *paths)
 
     def load_image(self, image_id: int) -> StoredImage:
         """The memory-mapped arrays of one image."""
@@ -781,8 +782,8 @@ class LogitStore:
             t = np.load(labels_path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise ValueError(
-                f"Image {record['name']!r} of {self.path} cannot be read ({exc}); "
-                "run store.verify() and re-add it."
+                f"Image {record['name']!r} of {self.path} cannot be read ({npy_reason(exc)}); "
+                f"{read_failure_advice(self._record_path(record['name']), record)}."
             ) from None
         for kind, a, file in (("logits", z, logits_path), ("labels", t, labels_path)):
             if (a.shape, a.dtype, False) != self._expected_array(record, kind):
@@ -819,7 +820,8 @@ class LogitStore:
         except (OSError, ValueError) as exc:
             raise ValueError(
                 f"labels file {labels_path} of image {record['name']!r} cannot be read "
-                f"({exc}); run store.verify() and re-add the image."
+                f"({npy_reason(exc)}); "
+                f"{read_failure_advice(self._record_path(record['name']), record)}."
             ) from None
         if labels.shape != (h, w) or labels.dtype != self.labels_dtype:
             raise ValueError(
@@ -834,7 +836,7 @@ class LogitStore:
         except OSError as exc:
             raise ValueError(
                 f"logits file {logits_path} of image {record['name']!r} cannot be read "
-                f"({exc}); run store.verify() and re-add the image."
+                f"({exc}); {read_failure_advice(self._record_path(record['name']), record)}."
             ) from None
         with f:
             try:
@@ -842,7 +844,7 @@ class LogitStore:
             except ValueError as exc:
                 raise ValueError(
                     f"logits file {logits_path} of image {record['name']!r} has no valid "
-                    f".npy header ({exc}); run store.verify() and re-add the image."
+                    f".npy header ({npy_reason(exc)}); run store.verify() and re-add the image."
                 ) from None
             if shape != (c, h, w) or dtype != VALUE_DTYPE:
                 raise ValueError(
@@ -862,6 +864,7 @@ class LogitStore:
                             f"logits file {logits_path} of image {record['name']!r} is "
                             "truncated; run store.verify() and re-add the image."
                         )
+                check_finite_block(block, record["name"], logits_path)
                 yield block, labels[r0:r1]
 
     def _chunk_pixels(self, chunk_pixels: int | None) -> int:
