@@ -83,7 +83,10 @@ def bounded_jobs(n_jobs: int | None, n_tasks: int, backend: Any = None) -> int |
         return 1
     active = backend if backend is not None else type(get_active_backend()[0]).__name__
     local = str(active).lower().replace("backend", "") in (
-        "loky", "threading", "multiprocessing", "sequential"
+        "loky",
+        "threading",
+        "multiprocessing",
+        "sequential",
     )
     n = effective_n_jobs(n_jobs) if n_jobs < 0 else int(n_jobs)
     n = min(n, n_tasks)
