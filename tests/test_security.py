@@ -9,6 +9,7 @@ checks the guard against an independent reference where there is a number.
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import joblib
@@ -481,3 +482,40 @@ def test_no_counted_calibration_pixel_says_why():
         ConformalRiskControl(loss="fnr", target_class=2).fit(
             X, np.where(y == 2, 0, y), np.repeat(np.arange(6), 10)
         )
+
+
+# --------------------------------------------------------------------------- huge finite inputs
+def test_mlp_probabilities_of_huge_finite_features_are_not_nan():
+    from sksegcal import TorchMLPClassifier
+
+    rng = np.random.default_rng(11)
+    mlp = TorchMLPClassifier(hidden_layer_sizes=(4,))  # a fitted network, set by hand
+    mlp.coefs_ = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(4, 2))]
+    mlp.coefs_[1] = mlp.coefs_[1].astype(np.float32)
+    mlp.intercepts_ = [np.zeros(4, np.float32), np.zeros(2, np.float32)]
+    mlp.classes_, mlp.n_features_in_ = np.arange(2), 3
+    huge = np.array([[3e38, -3e38, 1.0], [0.5, 0.1, -0.2]], dtype=np.float32)
+    p = mlp.predict_proba(huge)
+    assert np.isfinite(p).all()
+    np.testing.assert_allclose(p.sum(axis=1), 1.0)
+    # the reference: the same folded network in float64 (the normal row is unchanged)
+    np.testing.assert_allclose(p[1], mlp.predict_proba(huge[1:])[0])
+    w = [np.asarray(c, np.float64) for c in mlp.coefs_]
+    b = [np.asarray(c, np.float64) for c in mlp.intercepts_]
+    h = huge[:1].astype(np.float64)
+    for i in range(len(w)):
+        h = h @ w[i] + b[i]
+        h = np.maximum(h, 0) if i < len(w) - 1 else h
+    ref = np.exp(h - h.max()) / np.exp(h - h.max()).sum()
+    np.testing.assert_allclose(p[0], ref[0], atol=1e-12)
+
+
+def test_context_of_huge_finite_logits_is_an_error_not_nan():
+    from sksegcal.pixels import flatten_segmentation
+
+    z = np.random.default_rng(12).normal(size=(1, C, 5, 5)).astype(np.float32)
+    z[0, 0, 0, 0], z[0, 1, 0, 0] = 3e38, -3e38
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match="overflows float32"):
+            flatten_segmentation(z, np.zeros((1, 5, 5), int), context="spatial")
