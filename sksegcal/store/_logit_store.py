@@ -378,6 +378,7 @@ class LogitStore:
 
     def _load_record(self, rec_path: Path) -> dict:
         """A checked record, or a ValueError naming the file and what is wrong."""
+        refuse_symlinks(rec_path)
         try:
             record = read_json(rec_path, "image record")
         except OSError as exc:
@@ -780,13 +781,13 @@ class LogitStore:
         try:
             z = np.load(logits_path, mmap_mode="r", allow_pickle=False)
             t = np.load(labels_path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise ValueError(
                 f"Image {record['name']!r} of {self.path} cannot be read ({npy_reason(exc)}); "
                 f"{read_failure_advice(self._record_path(record['name']), record)}."
             ) from None
         for kind, a, file in (("logits", z, logits_path), ("labels", t, labels_path)):
-            if (a.shape, a.dtype, False) != self._expected_array(record, kind):
+            if (a.shape, a.dtype, np.isfortran(a)) != self._expected_array(record, kind):
                 raise ValueError(
                     f"{kind} file {file} of image {record['name']!r} has shape {a.shape} and "
                     f"dtype {a.dtype}, not what fields height, width of its record "
@@ -817,7 +818,7 @@ class LogitStore:
         rows = max(1, min(h, block_pixels // max(w, 1)))
         try:
             labels = np.load(labels_path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise ValueError(
                 f"labels file {labels_path} of image {record['name']!r} cannot be read "
                 f"({npy_reason(exc)}); "
@@ -840,13 +841,13 @@ class LogitStore:
             ) from None
         with f:
             try:
-                shape, dtype, _, offset = npy_header(f)
+                shape, dtype, fortran, offset = npy_header(f)
             except ValueError as exc:
                 raise ValueError(
                     f"logits file {logits_path} of image {record['name']!r} has no valid "
                     f".npy header ({npy_reason(exc)}); run store.verify() and re-add the image."
                 ) from None
-            if shape != (c, h, w) or dtype != VALUE_DTYPE:
+            if shape != (c, h, w) or dtype != VALUE_DTYPE or fortran:
                 raise ValueError(
                     f"logits file {logits_path} of image {record['name']!r} has shape {shape}, "
                     f"dtype {dtype}; its record says ({c}, {h}, {w}) float16. Run "
