@@ -286,6 +286,47 @@ def test_a_non_finite_stored_logit_is_named_by_its_image(value, tmp_path):
     evaluate_store(store, {"uncalibrated": None}, images=[0, 1, 3])  # the others read
 
 
+def test_an_edited_stored_label_is_named_by_its_image(tmp_path):
+    rng = np.random.default_rng(13)
+    store = LogitStore.create(tmp_path / "s", n_classes=C)
+    for name in ("a", "b", "c"):
+        store.add_image(name, *_image(rng, 4, 4))
+    file = store.path / "images" / store.record(1)["files"]["labels"]["file"]
+    t = np.load(file, mmap_mode="r+")
+    t[0, 0] = 7  # neither a class nor the ignore index
+    t.flush()
+    del t
+    for run in (
+        lambda: fit_conformal_store(ConformalRiskControl(), store, images=None),
+        lambda: evaluate_store(store, {"u": None}, images=None),
+    ):
+        with pytest.raises(ValueError, match="image 'b'.*labels outside"):
+            run()
+
+
+def test_an_empty_or_fortran_ordered_array_file_is_refused(logit_store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(logit_store.path, copy)
+    store = LogitStore.open(copy)
+    file = copy / "images" / store.record(0)["files"]["logits"]["file"]
+    z = np.load(file)
+    np.save(file, np.asfortranarray(z))
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_store(store, {"u": None}, images=[0])
+    with pytest.raises(ValueError, match="shape"):
+        store.load_image(0)
+    file.write_bytes(b"")
+    for run in (
+        lambda: evaluate_store(store, {"u": None}, images=[0]),
+        lambda: store.load_image(0),
+        store.verify,
+    ):
+        with pytest.raises(ValueError):
+            run()
+
+
 def test_symlinked_array_files_are_refused(logit_store, tmp_path):
     import shutil
 
@@ -302,6 +343,12 @@ def test_symlinked_array_files_are_refused(logit_store, tmp_path):
         store.load_image(0)
     with pytest.raises(ValueError, match="symbolic link"):
         evaluate_store(store, {"uncalibrated": None}, images=None)
+    # a record that is a link: the image is damaged, not read
+    record = next((copy / "images").glob(f"{store.image_names[1]}.json"))
+    record.rename(tmp_path / "record.json")
+    record.symlink_to(tmp_path / "record.json")
+    with pytest.raises(ValueError, match="symbolic link"):
+        LogitStore.open(copy)
 
 
 def test_an_oversized_npy_header_does_not_advise_allow_pickle(logit_store, tmp_path):

@@ -831,6 +831,9 @@ class LogitStore:
                 f"{self.labels_dtype}; run "
                 "store.verify()."
             )
+        # a label file edited after the commit (add_image checked the original)
+        where = f"image {record['name']!r} ({labels_path.name})"
+        check_labels(labels, c, self.ignore_index, where=where)
         itemsize = VALUE_DTYPE.itemsize
         try:
             f = open(logits_path, "rb", buffering=0)  # noqa: SIM115 - closed below
