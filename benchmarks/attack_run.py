@@ -414,6 +414,68 @@ def _nonfinite(w: World, rng, n):
         yield f"{value} in {tag}: CLI conformal", via_cli
 
 
+@kind("labels outside the classes written into a stored image", "medium")
+def _labels(w: World, rng, n):
+    from sksegcal import TemperatureScaling
+    from sksegcal.conformal import ConformalPixelSets, ConformalRiskControl, fit_conformal_store
+    from sksegcal.store import evaluate_store, fit_store, predict_store
+
+    for i in range(max(n // 2, 2)):
+        value = [3, 7, 254, 100][i % 4]
+        store = w.copy_store(w.logits)
+        image = int(rng.integers(store.n_images))
+        rec = store.record(image)
+        file = store.path / "images" / rec["files"]["labels"]["file"]
+        t = np.load(file, mmap_mode="r+")
+        t[rng.integers(rec["height"]), rng.integers(rec["width"])] = value
+        t.flush()
+        del t
+        tag = f"image {store.image_names[image]!r}"
+        paths = {
+            "evaluate_store": lambda s=store: evaluate_store(s, {"u": None}, images=None),
+            "fit_store": lambda s=store: fit_store(
+                TemperatureScaling(), s, images=None, max_pixels=10**6
+            ),
+            "predict_store": lambda s=store: predict_store(None, s, w.tmp() / "p"),
+            "ConformalPixelSets": lambda s=store: fit_conformal_store(
+                ConformalPixelSets(), s, images=None
+            ),
+            "ConformalRiskControl": lambda s=store: fit_conformal_store(
+                ConformalRiskControl(), s, images=None
+            ),
+        }
+        for label, run in paths.items():
+            yield (
+                f"label {value} in {tag}: {label}",
+                lambda run=run, tag=tag: refused(run, match=tag),
+            )
+
+
+@kind("links planted in a report folder", "high")
+def _report_links(w: World, rng, n):
+    from sksegcal.cli._report import save_results
+    from sksegcal.store import evaluate_store
+
+    acc = evaluate_store(w.logits, {"u": None}, images="test")["u"]
+    for name in ("reliability_test.png", "report.md", "metrics.json", "metrics.csv"):
+
+        def case(name=name):
+            top = w.tmp()
+            results = top / "results"
+            results.mkdir()
+            victim = top / "victim.txt"
+            victim.write_bytes(b"precious")
+            save_results(results, {"test": {"u": acc}}, {})
+            (results / name).symlink_to(victim)
+            with quick_figures():
+                code, err = cli(["report", results, "-q"])
+            if victim.read_bytes() != b"precious":
+                return f"wrote through the link {name}"
+            return None if code in (0, 1) and "Traceback" not in err else f"exit {code}"
+
+        yield f"{name} is a link out", case
+
+
 @kind("boundary widths far beyond the image", "medium")
 def _widths(w: World, rng, n):
     from sksegcal.metrics import boundary_mask
