@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .._files import atomic_write_bytes, atomic_write_json
-from .._safety import check_calibrator_columns, estimator_context
+from .._safety import check_calibrator_columns, check_input_type, estimator_context
 from ._common import (
     UNCALIBRATED,
     CommandError,
@@ -159,6 +159,7 @@ def conformal(args) -> int:
         try:
             check_calibrator_columns(est, store.n_classes, what=f"the calibrator {path}",
                                      where=f"the store {store.path}", path="sksegcal conformal")
+            check_input_type(est, store.values, what=f"the calibrator {path}", where=store.path)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         calibrators[name] = est
