@@ -971,6 +971,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON line at the end")
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="WORD",
+        help="leave out the kinds whose name contains any of these words",
+    )
     args = parser.parse_args(argv)
     n = 3 if args.quick else 40
     root = Path(tempfile.mkdtemp(prefix="sksegcal-attack-", dir=args.dir))
@@ -978,6 +985,8 @@ def main(argv=None) -> int:
     world = World(root)
     rows, defects = [], []
     for name, severity, generate in KINDS:
+        if any(word in name for word in args.skip):
+            continue
         rng = np.random.default_rng(args.seed)
         n_cases = found = 0
         try:
