@@ -100,9 +100,11 @@ def cli(argv) -> tuple[int, str]:
 def quick_figures():
     """Figures drawn but written as a few bytes: the names are what is attacked."""
     import sksegcal.cli._report as report
+    from sksegcal._files import atomic_write_bytes
 
     real = report._save_figure
-    report._save_figure = lambda fig, path, dpi: Path(path).write_bytes(b"png")
+    # the real one's atomic write (a link at the name is replaced, not written through)
+    report._save_figure = lambda fig, path, dpi: atomic_write_bytes(path, b"png")
     try:
         yield
     finally:

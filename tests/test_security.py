@@ -69,8 +69,11 @@ def _error_line(capsys) -> str:
 def quick_png(monkeypatch):
     """Figures are drawn but written as a few bytes: PNG encoding is most of their cost."""
     import sksegcal.cli._report as report
+    from sksegcal._files import atomic_write_bytes
 
-    monkeypatch.setattr(report, "_save_figure", lambda fig, path, dpi: path.write_bytes(b"png"))
+    monkeypatch.setattr(
+        report, "_save_figure", lambda fig, path, dpi: atomic_write_bytes(path, b"png")
+    )
 
 
 # --------------------------------------------------------------------------- report names
