@@ -81,7 +81,9 @@ def bounded_jobs(n_jobs: int | None, n_tasks: int, backend: Any = None) -> int |
         raise ValueError(f"n_jobs must be a nonzero integer or None, got {n_jobs!r}.")
     if n_tasks <= 1:
         return 1
-    active = backend if backend is not None else type(get_active_backend()[0]).__name__
+    if backend is None:
+        backend = get_active_backend()[0]
+    active = backend if isinstance(backend, str) else type(backend).__name__
     local = str(active).lower().replace("backend", "") in (
         "loky",
         "threading",
