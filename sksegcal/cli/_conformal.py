@@ -107,7 +107,7 @@ def _size_map(store, image_id: int, est) -> np.ndarray:
     context = estimator_context(est.calibrator) if est.calibrator is not None else None
     record = store.record(image_id)
     h, w = record["height"], record["width"]
-    (z, _, ctx), = iter_blocks(store, image_id, h * w, context)
+    ((z, _, ctx),) = iter_blocks(store, image_id, h * w, context)
     X = np.asarray(z, dtype=np.float32).reshape(store.n_classes, -1).T
     if ctx is not None:
         X = np.concatenate([X, ctx], axis=1)
@@ -125,8 +125,9 @@ def _heat_map(output, store, pixel_sets: dict, ids) -> str | None:
     shown = ids[:_N_MAP_IMAGES]
     # one image at a time (the stored images may differ in size), with the context columns
     # of a calibrator that reads them: the rows every other path gives it
-    sizes = {name: [_size_map(store, int(i), est) for i in shown]
-             for name, est in pixel_sets.items()}
+    sizes = {
+        name: [_size_map(store, int(i), est) for i in shown] for name, est in pixel_sets.items()
+    }
     try:
         fig = plot_set_size_maps(
             sizes,
@@ -157,8 +158,13 @@ def conformal(args) -> int:
     for name, path in zip(calibrator_names(paths), paths):
         est = load_calibrator(path, trusted=args.trusted)
         try:
-            check_calibrator_columns(est, store.n_classes, what=f"the calibrator {path}",
-                                     where=f"the store {store.path}", path="sksegcal conformal")
+            check_calibrator_columns(
+                est,
+                store.n_classes,
+                what=f"the calibrator {path}",
+                where=f"the store {store.path}",
+                path="sksegcal conformal",
+            )
             check_input_type(est, store.values, what=f"the calibrator {path}", where=store.path)
         except ValueError as exc:
             raise CommandError(str(exc)) from None

@@ -228,8 +228,8 @@ class BaseConformal(BaseEstimator):
         ) + self._merge_keys
         diff = [k for k in keys if getattr(self, k) != getattr(other, k)]
         # states filled through two calibrators are scores of two models: never one state
-        diff += [] if fingerprint(self.calibrator) == fingerprint(other.calibrator) else [
-            "calibrator (class, parameters or fitted state)"]
+        if fingerprint(self.calibrator) != fingerprint(other.calibrator):
+            diff.append("calibrator (class, parameters or fitted state)")
         if diff or other.n_features_in_ != self.n_features_in_:
             raise ValueError(
                 "Cannot merge estimators with different settings "
