@@ -305,6 +305,13 @@ def _check_max_distance(max_distance) -> float:
     return float(max_distance)
 
 
+_OVERFLOW = (
+    "The logits are finite but so large (near float32's limit, about 3e38) that their "
+    "softmax entropy or top-2 margin overflows float32, and the spatial context features "
+    "would be NaN; a network's logits are far smaller: check or rescale them."
+)
+
+
 def image_context(
     logits, *, max_distance: float = _DEFAULT_MAX_DISTANCE, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -343,6 +350,7 @@ def image_context(
     if not (np.isfinite(entropy).all() and np.isfinite(margin).all()):
         # any NaN or infinite logit makes its pixel's entropy or margin non-finite
         check_finite(z, where="logits")
+        raise ValueError(_OVERFLOW)  # finite logits whose statistics overflow float32
     pred, entropy, margin = (a.reshape(h, w) for a in (pred, entropy, margin))
     out[0], out[1], boundary = _disagreement(pred, kernels)
     out[2] = _boundary_distance(boundary, max_distance, kernels)

@@ -864,6 +864,11 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
                 stop = min(start + chunk, n)
                 xb = _as_tensor(X[start:stop].astype(np.float32, copy=False), device)
                 res = reduce(_forward_folded(xb, params)).cpu().numpy()
+                bad = ~np.isfinite(res).reshape(len(res), -1).all(axis=1)
+                if bad.any():  # finite inputs that overflow float32 (|x| near 3e38): float64
+                    x64 = _as_tensor(X[start:stop][bad].astype(np.float64), device)
+                    p64 = [(w.double(), b.double()) for w, b in params]
+                    res[bad] = reduce(_forward_folded(x64, p64)).cpu().numpy()
                 if out is None:
                     out = np.empty((n,) + res.shape[1:], dtype=res.dtype)
                 out[start:stop] = res

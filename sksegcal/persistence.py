@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ._files import atomic_write_via_path
+from ._safety import check_fitted_values
 from ._validation import check_fitted_before_save, resolve_save_format
 
 __all__ = ["TRUSTED_TYPES", "detect_format", "load", "save"]  # noqa: F822 - TRUSTED_TYPES: __getattr__
@@ -369,6 +370,7 @@ def load(
     else:
         obj = _load_skops(path, trusted)
     _check_calibrator(obj, str(path))
+    check_fitted_values(obj, str(path))  # an edited NaN temperature would predict NaN
     return obj
 
 

@@ -48,8 +48,7 @@ def _as_accumulator(obj: Any, n_classes_hint: int | None = None) -> CalibrationA
         acc = CalibrationAccumulator(y_prob.shape[1] if y_prob.ndim > 1 else 2)
         return acc.update(y_true, y_prob)
     raise TypeError(
-        "Expected a CalibrationAccumulator or a (y_true, y_prob) tuple; got "
-        f"{type(obj).__name__}."
+        f"Expected a CalibrationAccumulator or a (y_true, y_prob) tuple; got {type(obj).__name__}."
     )
 
 
@@ -73,8 +72,9 @@ def _bar_colors(rgb: str, sparse: np.ndarray, alpha: float = 1.0) -> list:
     return [to_rgba(rgb, alpha * (0.2 if s else 1.0)) for s in sparse]
 
 
-def _draw_reliability(ax, curve, *, show_gap: bool, label_y: bool,
-                      min_fraction: float = 0.0) -> None:
+def _draw_reliability(
+    ax, curve, *, show_gap: bool, label_y: bool, min_fraction: float = 0.0
+) -> None:
     edges = curve.bin_edges
     widths = np.diff(edges)
     left = edges[:-1]
@@ -83,13 +83,27 @@ def _draw_reliability(ax, curve, *, show_gap: bool, label_y: bool,
     conf = np.where(filled, curve.confidence, 0.0)
     # a bin with a handful of pixels has an accuracy of pure chance: faded, its count written
     sparse = (curve.fraction < min_fraction)[filled]
-    ax.bar(left[filled], acc[filled], width=widths[filled], align="edge",
-           color=_bar_colors(_ACC_COLOR, sparse), edgecolor="white", linewidth=0.6,
-           label="accuracy")
-    for x, w, n in zip(left[filled][sparse], widths[filled][sparse],
-                       curve.count[filled][sparse]):
-        ax.text(x + w / 2, 0.02, f"n={n:,.0f}", rotation=90, ha="center", va="bottom",
-                fontsize=6, color="0.25")
+    ax.bar(
+        left[filled],
+        acc[filled],
+        width=widths[filled],
+        align="edge",
+        color=_bar_colors(_ACC_COLOR, sparse),
+        edgecolor="white",
+        linewidth=0.6,
+        label="accuracy",
+    )
+    for x, w, n in zip(left[filled][sparse], widths[filled][sparse], curve.count[filled][sparse]):
+        ax.text(
+            x + w / 2,
+            0.02,
+            f"n={n:,.0f}",
+            rotation=90,
+            ha="center",
+            va="bottom",
+            fontsize=6,
+            color="0.25",
+        )
     if show_gap:
         # The gap between the bin's mean confidence and its accuracy: above the
         # bar when over-confident, inside it when under-confident.
@@ -97,12 +111,22 @@ def _draw_reliability(ax, curve, *, show_gap: bool, label_y: bool,
         # over-confident gaps sit on the empty area above the bar: light fill;
         # under-confident gaps sit inside the bar: hatch only, so it stays blue
         over = (conf > acc)[filled]
-        face = [(0.84, 0.15, 0.16, 0.25 * (0.3 if s else 1.0)) if o else (0, 0, 0, 0)
-                for o, s in zip(over, sparse)]
-        ax.bar(left[filled], np.abs(conf - acc)[filled], bottom=lo[filled],
-               width=widths[filled], align="edge", color=face,
-               edgecolor=_bar_colors(_GAP_COLOR, sparse), linewidth=0.6, hatch="//",
-               label="gap to confidence")
+        face = [
+            (0.84, 0.15, 0.16, 0.25 * (0.3 if s else 1.0)) if o else (0, 0, 0, 0)
+            for o, s in zip(over, sparse)
+        ]
+        ax.bar(
+            left[filled],
+            np.abs(conf - acc)[filled],
+            bottom=lo[filled],
+            width=widths[filled],
+            align="edge",
+            color=face,
+            edgecolor=_bar_colors(_GAP_COLOR, sparse),
+            linewidth=0.6,
+            hatch="//",
+            label="gap to confidence",
+        )
     ax.plot([0, 1], [0, 1], ls="--", color="black", lw=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -119,14 +143,24 @@ def _legend_items(show_gap: bool, sparse: bool, min_fraction: float):
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    items = [(Line2D([], [], ls="--", color="black", lw=1), "perfect calibration"),
-             (Patch(color=_ACC_COLOR), "accuracy")]
+    items = [
+        (Line2D([], [], ls="--", color="black", lw=1), "perfect calibration"),
+        (Patch(color=_ACC_COLOR), "accuracy"),
+    ]
     if show_gap:
-        items.append((Patch(facecolor=(0.84, 0.15, 0.16, 0.25), edgecolor=_GAP_COLOR,
-                            hatch="//"), "gap to confidence"))
+        items.append(
+            (
+                Patch(facecolor=(0.84, 0.15, 0.16, 0.25), edgecolor=_GAP_COLOR, hatch="//"),
+                "gap to confidence",
+            )
+        )
     if sparse:
-        items.append((Patch(color=_bar_colors(_ACC_COLOR, [True])[0]),
-                      f"bin under {min_fraction:.1%} of pixels (faded, n = its pixels)"))
+        items.append(
+            (
+                Patch(color=_bar_colors(_ACC_COLOR, [True])[0]),
+                f"bin under {min_fraction:.1%} of pixels (faded, n = its pixels)",
+            )
+        )
     return [h for h, _ in items], [t for _, t in items]
 
 
@@ -140,8 +174,15 @@ def _dense_mce(curve, min_fraction: float) -> float:
 
 def _draw_histogram(ax, curve, *, log: bool, label_y: bool, mean_conf: float, acc: float):
     edges = curve.bin_edges
-    ax.bar(edges[:-1], curve.fraction, width=np.diff(edges), align="edge",
-           color=_HIST_COLOR, edgecolor="white", linewidth=0.6)
+    ax.bar(
+        edges[:-1],
+        curve.fraction,
+        width=np.diff(edges),
+        align="edge",
+        color=_HIST_COLOR,
+        edgecolor="white",
+        linewidth=0.6,
+    )
     ax.axvline(mean_conf, color=_GAP_COLOR, lw=1.2, ls="-", label=f"mean conf {mean_conf:.3f}")
     ax.axvline(acc, color=_ACC_COLOR, lw=1.2, ls="--", label=f"accuracy {acc:.3f}")
     ax.set_xlim(0, 1)
@@ -235,8 +276,9 @@ def plot_reliability_diagram(
     for j, (name, acc) in enumerate(items):
         curve = acc.reliability_curve(n_bins, strategy=strategy)
         ax = fig.add_subplot(gs[0, j])
-        _draw_reliability(ax, curve, show_gap=show_gap, label_y=j == 0,
-                          min_fraction=min_bin_fraction)
+        _draw_reliability(
+            ax, curve, show_gap=show_gap, label_y=j == 0, min_fraction=min_bin_fraction
+        )
         ece = acc.calibration_error(n_bins, strategy=strategy)
         mce = acc.calibration_error(n_bins, norm="max", strategy=strategy)
         dense = _dense_mce(curve, min_bin_fraction)
@@ -246,10 +288,14 @@ def plot_reliability_diagram(
         ax.text(
             # upper left: the corner bars reach least often (over-confident
             # bars sit under the diagonal, under-confident ones rarely reach 1)
-            0.03, 0.97,
+            0.03,
+            0.97,
             f"ECE {ece:.4f}\n{mce_text}\nNLL {acc.negative_log_likelihood():.4f}\n"
             f"Brier {acc.brier_score():.4f}\npixels {acc.n_pixels_:,}",
-            transform=ax.transAxes, ha="left", va="top", fontsize=7.5,
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=7.5,
             bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.9},
         )
         if name:
@@ -260,8 +306,9 @@ def plot_reliability_diagram(
         hist_axes.append(hx)
         w = curve.count
         mean_conf = float((curve.confidence[w > 0] * w[w > 0]).sum() / w.sum())
-        _draw_histogram(hx, curve, log=hist_log, label_y=j == 0, mean_conf=mean_conf,
-                        acc=acc.accuracy())
+        _draw_histogram(
+            hx, curve, log=hist_log, label_y=j == 0, mean_conf=mean_conf, acc=acc.accuracy()
+        )
         fractions.append(curve.fraction)
     allf = np.concatenate(fractions)
     if hist_log and (allf > 0).any():
@@ -269,8 +316,14 @@ def plot_reliability_diagram(
     else:
         hist_axes[0].set_ylim(0, max(allf.max() * 1.1, 1e-3))
     handles, labels = _legend_items(show_gap, any_sparse, min_bin_fraction)
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 2 * k),
-               fontsize=8, frameon=False)
+    fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=min(len(labels), 2 * k),
+        fontsize=8,
+        frameon=False,
+    )
     if title:
         fig.suptitle(title)
     if path is not None:
@@ -373,13 +426,37 @@ def plot_classwise_reliability(
         w = curves.count[k]
         filled = w > 0
         left, widths = edges[:-1], np.diff(edges)
-        ax.bar(left[filled], curves.accuracy[k][filled], width=widths[filled], align="edge",
-               color=_ACC_COLOR, alpha=0.85, edgecolor="white", linewidth=0.5)
+        ax.bar(
+            left[filled],
+            curves.accuracy[k][filled],
+            width=widths[filled],
+            align="edge",
+            color=_ACC_COLOR,
+            alpha=0.85,
+            edgecolor="white",
+            linewidth=0.5,
+        )
         # pixel share of each bin, drawn in front at a quarter of the height
-        ax.bar(left, 0.25 * curves.fraction[k], width=widths, align="edge",
-               color=_HIST_COLOR, alpha=0.75, edgecolor="white", linewidth=0.5, zorder=3)
-        ax.plot(curves.confidence[k][filled], curves.accuracy[k][filled], "o-",
-                color=_GAP_COLOR, ms=2.5, lw=0.9, zorder=4)
+        ax.bar(
+            left,
+            0.25 * curves.fraction[k],
+            width=widths,
+            align="edge",
+            color=_HIST_COLOR,
+            alpha=0.75,
+            edgecolor="white",
+            linewidth=0.5,
+            zorder=3,
+        )
+        ax.plot(
+            curves.confidence[k][filled],
+            curves.accuracy[k][filled],
+            "o-",
+            color=_GAP_COLOR,
+            ms=2.5,
+            lw=0.9,
+            zorder=4,
+        )
         ax.plot([0, 1], [0, 1], ls="--", color="black", lw=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -393,13 +470,41 @@ def plot_classwise_reliability(
     for ax in axes[:, 0]:
         ax.set_ylabel("frequency", fontsize=8)
     fig.suptitle(
-        title or "Per-class reliability\nblue: class frequency per bin of p(class); red: at "
+        title
+        or "Per-class reliability\nblue: class frequency per bin of p(class); red: at "
         "the bin's mean p;\ngrey: share of pixels in the bin (x 0.25)",
         fontsize=9,
     )
     if path is not None:
         fig.savefig(path, dpi=dpi)
     return fig
+
+
+def _image_maps(value, name: str, slice_index: int | None = None) -> list[np.ndarray]:
+    """One method's set sizes as a list of (H, W) maps: an (N, H, W) or (N, D, H, W) array,
+    or N (H, W) or (D, H, W) maps; a volume is shown by one slice along D (the middle one)."""
+    if isinstance(value, (list, tuple)):
+        images = [np.asarray(a) for a in value]
+    else:
+        value = np.asarray(value)
+        if value.ndim not in (3, 4):
+            raise ValueError(
+                f"the size maps of {name!r} must be (N, H, W) or (N, D, H, W); got {value.shape}."
+            )
+        images = list(value)
+    images = [_volume_slice(a, slice_index) if a.ndim == 3 else a for a in images]
+    bad = [a.shape for a in images if a.ndim != 2 or a.size == 0]
+    if bad:
+        raise ValueError(f"every size map of {name!r} must be a non-empty (H, W) map; got {bad}.")
+    return images
+
+
+def _volume_slice(volume: np.ndarray, slice_index: int | None) -> np.ndarray:
+    depth = volume.shape[0]
+    k = depth // 2 if slice_index is None else int(slice_index)
+    if not -depth <= k < depth:
+        raise ValueError(f"slice_index {slice_index} is outside the {depth} slices.")
+    return volume[k]
 
 
 def plot_set_size_maps(
@@ -414,11 +519,11 @@ def plot_set_size_maps(
 
     Parameters
     ----------
-    size_maps : mapping of str to array-like of shape (N, H, W) or (N, D, H, W)
+    size_maps : mapping of str to array-like of shape (N, H, W), (N, D, H, W) or list of N maps
         Set sizes per pixel (e.g.
         :meth:`sksegcal.conformal.ConformalPixelSets.predict_set_size_maps`)
-        of the same N images under each method. Volumes (N, D, H, W) are
-        shown by one axial slice each.
+        of the same N images under each method; a list lets the images differ
+        in size. Volumes (D, H, W) are shown by one axial slice each.
     n_classes : int, optional
         Top of the shared colour scale (default: the largest size shown).
     titles : sequence of str, optional
@@ -446,22 +551,27 @@ def plot_set_size_maps(
     Figure = _figure_cls()
     if not isinstance(size_maps, Mapping) or not size_maps:
         raise TypeError("size_maps must be a non-empty mapping {method name: (N, H, W) sizes}.")
-    maps = {str(k): np.asarray(v) for k, v in size_maps.items()}
-    shapes = {m.shape for m in maps.values()}
-    if len(shapes) != 1 or len(next(iter(shapes))) not in (3, 4):
+    # each image is drawn on its own: images of one method may differ in size
+    maps = {str(k): _image_maps(v, str(k), slice_index) for k, v in size_maps.items()}
+    counts = {len(m) for m in maps.values()}
+    if len(counts) != 1 or not next(iter(counts)):
         raise ValueError(
-            f"every size map must have the same (N, H, W) or (N, D, H, W) shape; got {shapes}."
+            f"every method must have size maps of the same images; got {sorted(counts)} images."
         )
-    if len(next(iter(shapes))) == 4:  # volumes: one slice along D
-        depth = next(iter(shapes))[1]
-        k = depth // 2 if slice_index is None else int(slice_index)
-        if not -depth <= k < depth:
-            raise ValueError(f"slice_index {slice_index} is outside the {depth} slices.")
-        maps = {name: m[:, k] for name, m in maps.items()}
-    n = next(iter(shapes))[0]
+    n = next(iter(counts))
+    for j in range(n):
+        shapes = {m[j].shape for m in maps.values()}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"the size maps of image {j} differ in shape between methods: {sorted(shapes)}."
+            )
     if titles is not None and len(titles) != n:
         raise ValueError(f"titles has {len(titles)} entries for {n} images.")
-    top = int(n_classes) if n_classes is not None else int(max(m.max() for m in maps.values()))
+    top = (
+        int(n_classes)
+        if n_classes is not None
+        else int(max(a.max() for m in maps.values() for a in m))
+    )
     top = max(top, 1)
     rows = len(maps)
     fig = Figure(figsize=(panel_size * n + 0.8, panel_size * rows), layout="constrained")
@@ -474,9 +584,7 @@ def plot_set_size_maps(
     for r, (name, m) in enumerate(maps.items()):
         for j in range(n):
             ax = axes[r, j]
-            image = ax.imshow(
-                m[j], cmap=cmap, vmin=-0.5, vmax=top + 0.5, interpolation="nearest"
-            )
+            image = ax.imshow(m[j], cmap=cmap, vmin=-0.5, vmax=top + 0.5, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"mean {m[j].mean():.2f}", fontsize=8)
@@ -497,16 +605,28 @@ def _class_legend(fig, cmap, n_classes: int, class_names) -> None:
     from matplotlib.patches import Patch
 
     if n_classes > 12:
-        fig.text(0.01, 0.005, f"labels and prediction: {n_classes} classes, one colour each "
-                 f"from '{cmap}' (colours repeat)", fontsize=7, ha="left", va="bottom")
+        fig.text(
+            0.01,
+            0.005,
+            f"labels and prediction: {n_classes} classes, one colour each "
+            f"from '{cmap}' (colours repeat)",
+            fontsize=7,
+            ha="left",
+            va="bottom",
+        )
         return
     colours = colormaps[cmap]
     norm = Normalize(vmin=0, vmax=max(n_classes - 1, 1))
-    handles = [Patch(color=colours(norm(k)), label=str(class_names[k]))
-               for k in range(n_classes)]
-    fig.legend(handles=handles, loc="outside lower left", ncols=min(n_classes, 6),
-               fontsize=7, frameon=False, title="classes (labels, prediction)",
-               title_fontsize=7)
+    handles = [Patch(color=colours(norm(k)), label=str(class_names[k])) for k in range(n_classes)]
+    fig.legend(
+        handles=handles,
+        loc="outside lower left",
+        ncols=min(n_classes, 6),
+        fontsize=7,
+        frameon=False,
+        title="classes (labels, prediction)",
+        title_fontsize=7,
+    )
 
 
 def plot_segmentation_examples(
@@ -616,9 +736,11 @@ def plot_segmentation_examples(
     for r in range(n):
         lab = np.asarray(labels[r])
         shown = np.ma.masked_equal(lab, ignore_index)
-        panels = [(images[r], "gray", {}),
-                  (shown, cmap, dict(vmin=0, vmax=n_classes - 1)),
-                  (preds[r], cmap, dict(vmin=0, vmax=n_classes - 1))]
+        panels = [
+            (images[r], "gray", {}),
+            (shown, cmap, dict(vmin=0, vmax=n_classes - 1)),
+            (preds[r], cmap, dict(vmin=0, vmax=n_classes - 1)),
+        ]
         panels += [(conf[m][r], "magma", dict(vmin=1.0 / n_classes, vmax=1.0)) for m in names]
         if diff is not None:
             panels.append((diff[r], "RdBu_r", dict(norm=TwoSlopeNorm(0.0, -d_max, d_max))))
@@ -628,8 +750,9 @@ def plot_segmentation_examples(
         if p_correct is not None:
             panels.append((p_correct[r], "RdYlGn", dict(vmin=0.0, vmax=1.0)))
         if temperature is not None:
-            panels.append((np.clip(temperature[r], t_norm.vmin, t_norm.vmax), "cividis",
-                           dict(norm=t_norm)))
+            panels.append(
+                (np.clip(temperature[r], t_norm.vmin, t_norm.vmax), "cividis", dict(norm=t_norm))
+            )
         for c, (img, cm, kw) in enumerate(panels):
             ax = axes[r, c]
             im = ax.imshow(img, cmap=cm, interpolation="nearest", **kw)
@@ -640,21 +763,33 @@ def plot_segmentation_examples(
             if c == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[r], fontsize=8)
             if cols[c].startswith("temperature") and t_constant is not None:
-                ax.text(0.5, 0.04, f"T = {t_constant:.3g} everywhere", transform=ax.transAxes,
-                        ha="center", va="bottom", fontsize=7, color="white")
+                ax.text(
+                    0.5,
+                    0.04,
+                    f"T = {t_constant:.3g} everywhere",
+                    transform=ax.transAxes,
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    color="white",
+                )
             if r == n - 1 and c >= 3:
                 bar = fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
                 bar.ax.tick_params(labelsize=6.5)
                 if cols[c].startswith("errors"):
                     bar.set_ticks([0, 1, 2], labels=["correct", "error", "ignored"])
                 if cols[c].startswith("confidence difference"):
-                    bar.set_ticks([-d_max, 0.0, d_max],
-                                  labels=[f"{-d_max:+.2g}", "0", f"{d_max:+.2g}"])
+                    bar.set_ticks(
+                        [-d_max, 0.0, d_max], labels=[f"{-d_max:+.2g}", "0", f"{d_max:+.2g}"]
+                    )
                 if kw.get("norm") is t_norm and t_norm is not None:
                     bar.ax.xaxis.set_minor_formatter(NullFormatter())
                     bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-                    ticks = [t_constant] if t_constant is not None else np.geomspace(
-                        t_norm.vmin, t_norm.vmax, 4)
+                    ticks = (
+                        [t_constant]
+                        if t_constant is not None
+                        else np.geomspace(t_norm.vmin, t_norm.vmax, 4)
+                    )
                     bar.set_ticks(ticks)
     _class_legend(fig, cmap, n_classes, class_names)
     if note:

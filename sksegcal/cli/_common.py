@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._safety import bounded_threads, folder_write_problem
+
 UNCALIBRATED = "uncalibrated"
 
 
@@ -134,7 +136,9 @@ def calibrator_names(paths: Sequence, reserved: Sequence[str] = (UNCALIBRATED,))
 def _folder_problem(path: Path) -> str | None:
     """Why no folder can be at ``path`` (None: it is one, or can be created)."""
     if path.exists():
-        return None if path.is_dir() else f"{path} exists and is not a folder"
+        if not path.is_dir():
+            return f"{path} exists and is not a folder"
+        return folder_write_problem(path)
     parent = path
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -142,7 +146,7 @@ def _folder_problem(path: Path) -> str | None:
         return f"{parent} is a file"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{parent} is not writable"
-    return None
+    return folder_write_problem(parent)
 
 
 def check_output_dir(path, option: str = "--output") -> Path:
@@ -196,6 +200,7 @@ def threads(n: int | None):
     import torch
     from threadpoolctl import threadpool_limits
 
+    n = bounded_threads(n)  # more threads than CPUs only oversubscribe (and may crash OpenMP)
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from .._files import atomic_write_bytes, atomic_write_json
-from .._validation import check_calibrator_classes
+from .._safety import check_calibrator_columns, check_input_type, estimator_context
 from ._common import (
     UNCALIBRATED,
     CommandError,
@@ -129,6 +129,20 @@ def _table(rows: list[dict], *, markdown: bool, columns=_COLUMNS) -> str:
     return "\n".join([fmt.format(*heads)] + [fmt.format(*c) for c in cells])
 
 
+def _size_map(store, image_id: int, est) -> np.ndarray:
+    """The (H, W) set sizes of one stored image under a fitted pixel-sets estimator."""
+    from ..store._context import iter_blocks
+
+    context = estimator_context(est.calibrator) if est.calibrator is not None else None
+    record = store.record(image_id)
+    h, w = record["height"], record["width"]
+    ((z, _, ctx),) = iter_blocks(store, image_id, h * w, context)
+    X = np.asarray(z, dtype=np.float32).reshape(store.n_classes, -1).T
+    if ctx is not None:
+        X = np.concatenate([X, ctx], axis=1)
+    return est.predict_set_size(X).reshape(h, w)
+
+
 def _heat_map(output, store, pixel_sets: dict, ids) -> str | None:
     """set_sizes.png: set sizes of a few evaluation images, one row per method."""
     try:
@@ -138,8 +152,11 @@ def _heat_map(output, store, pixel_sets: dict, ids) -> str | None:
     from ._report import _save_figure
 
     shown = ids[:_N_MAP_IMAGES]
-    maps = np.stack([np.asarray(store.load_image(int(i)).logits, dtype=np.float32) for i in shown])
-    sizes = {name: est.predict_set_size_maps(maps) for name, est in pixel_sets.items()}
+    # one image at a time (the stored images may differ in size), with the context columns
+    # of a calibrator that reads them: the rows every other path gives it
+    sizes = {
+        name: [_size_map(store, int(i), est) for i in shown] for name, est in pixel_sets.items()
+    }
     try:
         fig = plot_set_size_maps(
             sizes,
@@ -170,12 +187,14 @@ def conformal(args) -> int:
     for name, path in zip(calibrator_names(paths), paths):
         est = load_calibrator(path, trusted=args.trusted)
         try:
-            check_calibrator_classes(
+            check_calibrator_columns(
                 est,
                 store.n_classes,
                 what=f"the calibrator {path}",
                 where=f"the store {store.path}",
+                path="sksegcal conformal",
             )
+            check_input_type(est, store.values, what=f"the calibrator {path}", where=store.path)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         calibrators[name] = est

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .._files import atomic_write_bytes, atomic_write_via_path
+from .._safety import file_slug, inside
 from ._common import UNCALIBRATED, CommandError, fmt_value, need_file
 
 METRICS = ("ece", "mce", "nll", "brier", "accuracy", "miou")
@@ -158,12 +159,15 @@ def write_report(output: Path, accumulators: dict, meta: dict, *, examples=None)
         from ..plotting import plot_reliability_diagram
 
         plots_note = ""
-        for split, accs in accumulators.items():
-            name = f"reliability_{split}.png"
+        for i, (split, accs) in enumerate(accumulators.items()):
+            # the split comes from a results file: the name is a slug, unique, kept inside
+            name = f"reliability_{file_slug(split, str(i))}.png"
+            if name in written:
+                name = f"reliability_{i}.png"
             fig = plot_reliability_diagram(
                 accs, title=f"{meta.get('dataset', '')} - {SPLIT_NAMES.get(split, split)}"
             )
-            _save_figure(fig, output / name, dpi=150)
+            _save_figure(fig, inside(output, name), dpi=150)
             figures[split] = name
             written.append(name)
         if examples is not None:
@@ -551,5 +555,44 @@ def _load_index(path: Path) -> tuple[dict, dict]:
         raise bad(f"{type(exc).__name__}: {exc}") from None
     if not accumulators:
         raise bad("it holds no accumulators")
-    meta = index.get("meta")
-    return accumulators, meta if isinstance(meta, dict) else {}
+    return accumulators, _clean_meta(index.get("meta"))
+
+
+_META_TEXT = ("dataset", "description", "command")
+
+
+def _clean_meta(meta) -> dict:
+    """The metadata of a results file, with every field the report reads of its expected type.
+
+    A results folder may come from anyone: fields of another type (a list
+    where a dict of timings belongs, a number as the description) are
+    dropped, so the report is written from what remains.
+    """
+    if not isinstance(meta, dict):
+        return {}
+    out = {k: v for k, v in meta.items() if isinstance(k, str)}
+    for key in _META_TEXT:
+        if key in out and not isinstance(out[key], str):
+            del out[key]
+    timings = out.get("timings")
+    if timings is not None:
+        out["timings"] = (
+            {
+                str(k): float(v)
+                for k, v in timings.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            if isinstance(timings, dict)
+            else {}
+        )
+    calibrators = out.get("calibrators")
+    if calibrators is not None:
+        out["calibrators"] = (
+            {str(k): v for k, v in calibrators.items() if isinstance(v, (str, dict))}
+            if isinstance(calibrators, dict)
+            else {}
+        )
+    width = out.get("boundary_width")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int)):
+        del out["boundary_width"]
+    return out

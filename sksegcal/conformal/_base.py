@@ -21,8 +21,10 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .._safety import empty_state_reason
 from .._validation import check_calibrator_classes, check_labels
 from ..features import softmax
+from ..store._engine import calibrator_fingerprint as fingerprint
 from ._histogram import check_alpha
 from ._scores import class_scores, to_levels
 
@@ -242,7 +244,9 @@ class BaseConformal(BaseEstimator):
         self.threshold_level_ = self.n_bins if level is None else level
         self.threshold_ = np.inf if level is None else level / self.n_bins
         if level is None:
-            warnings.warn(too_few_message(self), UserWarning, stacklevel=3)
+            reason = empty_state_reason(self)
+            extra = f" Why: {reason.rstrip('; ')}." if reason else ""
+            warnings.warn(too_few_message(self) + extra, UserWarning, stacklevel=3)
         return self
 
     def merge(self, other):
@@ -270,6 +274,9 @@ class BaseConformal(BaseEstimator):
             "ignore_index",
         ) + self._merge_keys
         diff = [k for k in keys if getattr(self, k) != getattr(other, k)]
+        # states filled through two calibrators are scores of two models: never one state
+        if fingerprint(self.calibrator) != fingerprint(other.calibrator):
+            diff.append("calibrator (class, parameters or fitted state)")
         if diff or other.n_features_in_ != self.n_features_in_:
             raise ValueError(
                 "Cannot merge estimators with different settings "

@@ -17,13 +17,19 @@ from typing import Any
 
 import numpy as np
 
+from .._safety import check_counts, exact_int
+
 DEFAULT_N_BINS = 2**16
+
+
+#: finer grids than float32 scores resolve only cost memory (2**24 bins: 128 MiB a state)
+MAX_N_BINS = 2**24
 
 
 def check_n_bins(n_bins) -> int:
     if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}.")
-    return int(n_bins)
+    return exact_int(n_bins, "n_bins", low=1, high=MAX_N_BINS)
 
 
 def check_alpha(alpha) -> Fraction:
@@ -133,7 +139,9 @@ class ScoreHistogram:
     def from_state_dict(cls, state) -> ScoreHistogram:
         """Rebuild a histogram from :meth:`state_dict`, checking every value."""
         try:
-            n_bins, n, counts = int(state["n_bins"]), int(state["n"]), state["counts"]
+            n_bins, counts = exact_int(state["n_bins"], "n_bins", low=1), state["counts"]
+            n = exact_int(state["n"], "n")
+            counts = check_counts(counts, "counts")
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a ScoreHistogram state ({exc!r}).") from None
         out = cls(n_bins)

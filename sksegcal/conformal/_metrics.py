@@ -9,6 +9,7 @@ from collections.abc import Hashable
 
 import numpy as np
 
+from .._safety import check_class_index
 from .._validation import check_labels
 
 
@@ -204,6 +205,7 @@ class ConformalSetAccumulator:
 
     def per_image_fnr(self, target_class: int) -> dict:
         """Each image's false-negative rate of ``target_class`` (images that contain it)."""
+        target_class = check_class_index(target_class, self.n_classes)
         return {
             k: float(1 - t[1, target_class] / t[0, target_class])
             for k, t in self._images.items()

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._safety import check_counts, exact_int
 from ._histogram import check_alpha, check_n_bins
 
 
@@ -53,7 +54,7 @@ class ImageRiskTally:
 
     def add_image_histogram(self, counts: np.ndarray) -> ImageRiskTally:
         """Add one whole image from the counts of its pixels' true-class levels. Returns self."""
-        counts = np.asarray(counts, dtype=np.float64)
+        counts = check_counts(counts, "counts")
         if counts.shape != self.loss_sums_.shape:
             raise ValueError(f"counts must have shape ({self.n_bins + 1},).")
         n = counts.sum()
@@ -123,7 +124,8 @@ class ImageRiskTally:
     def from_state_dict(cls, state) -> ImageRiskTally:
         """Rebuild a tally from :meth:`state_dict`, checking every value."""
         try:
-            n_bins, n = int(state["n_bins"]), int(state["n_images"])
+            n_bins = exact_int(state["n_bins"], "n_bins", low=1)
+            n = exact_int(state["n_images"], "n_images")
             sums = np.asarray(state["loss_sums"], dtype=np.float64)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not an ImageRiskTally state ({exc!r}).") from None

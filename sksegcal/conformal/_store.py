@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .._safety import bounded_jobs, check_input_type
 from ..context import context_width, estimator_context
 from ..store._engine import DEFAULT_TASK_PIXELS, image_blocks
 from ._base import BaseConformal
@@ -42,6 +43,7 @@ def _check_inputs(estimator, store) -> None:
             f"the store {store.path} holds {store.values} but the estimator has input_type="
             f"{estimator.input_type!r}; set input_type={store.values!r}."
         )
+    check_input_type(estimator.calibrator, store.values, what="the calibrator", where=store.path)
 
 
 def _context_of(estimator, store) -> str | None:
@@ -147,14 +149,15 @@ def fit_conformal_store(
     estimator.n_features_in_ = n_features
     estimator._start(n_features)
     chunk_pixels = store.chunk_size(chunk_pixels)
-    states = Parallel(n_jobs=n_jobs, backend=backend)(
-        delayed(_fit_block)(estimator, store, block, chunk_pixels)
-        for block in _blocks(store, ids, task_pixels)
+    blocks = _blocks(store, ids, task_pixels)
+    states = Parallel(n_jobs=bounded_jobs(n_jobs, len(blocks), backend), backend=backend)(
+        delayed(_fit_block)(estimator, store, block, chunk_pixels) for block in blocks
     )
     for state in states:
         estimator.state_.merge(state)  # in block order
     if hasattr(estimator, "_images_seen"):
-        estimator._images_seen = {int(i) for i in ids}
+        # ids are positions in this store: states of two stores share no image
+        estimator._images_seen = {(str(store.path.resolve()), int(i)) for i in ids}
     return estimator._finish()
 
 
@@ -213,9 +216,9 @@ def evaluate_conformal_store(
         if not isinstance(est, ConformalMargins):
             _check_inputs(est, store)
     chunk_pixels = store.chunk_size(chunk_pixels)
-    results = Parallel(n_jobs=n_jobs, backend=backend)(
-        delayed(_evaluate_block)(estimators, store, block, chunk_pixels)
-        for block in _blocks(store, store.image_ids(images), task_pixels)
+    blocks = _blocks(store, store.image_ids(images), task_pixels)
+    results = Parallel(n_jobs=bounded_jobs(n_jobs, len(blocks), backend), backend=backend)(
+        delayed(_evaluate_block)(estimators, store, block, chunk_pixels) for block in blocks
     )
     accs = {
         name: MarginAccumulator(est.target_class, ignore_index=est.ignore_index)

@@ -121,7 +121,7 @@ def boundary_mask(
 
     width = _check_width(width)
     spatial_dims = _check_spatial_dims(spatial_dims)
-    footprint = _footprint(width, distance, spatial_dims)
+    _footprint(1, distance)  # checks distance
     lab = labels.detach().cpu().numpy() if is_tensor(labels) else np.asarray(labels)
     if lab.dtype.kind not in "biu":
         raise TypeError(
@@ -144,10 +144,19 @@ def boundary_mask(
     lo, hi = int(lab[valid].min()) - 1, int(lab[valid].max()) + 1
     small = np.iinfo(np.int32)
     x = lab.astype(np.int32 if small.min <= lo and hi <= small.max else np.int64)
-    if lab.ndim == spatial_dims + 1:  # one image at a time: no window reaches the next
-        footprint = footprint[None]
+    # no two pixels of an image are farther apart than the sum of its sides less one each
+    # (Chebyshev or Euclidean): a wider band is the same band, and its window only costs memory
+    span = sum(lab.shape[-spatial_dims:]) - spatial_dims
+    width = min(width, max(1, span))
     square = distance == "chebyshev"
-    kw = {"size": footprint.shape} if square else {"footprint": footprint}
+    # the square window is passed by its size: its footprint array is never built
+    footprint = np.ones((1,) * spatial_dims, bool) if square else _footprint(
+        width, distance, spatial_dims
+    )
+    side = (2 * width + 1,) * spatial_dims
+    if lab.ndim == spatial_dims + 1:  # one image at a time: no window reaches the next
+        footprint, side = footprint[None], (1, *side)
+    kw = {"size": side} if square else {"footprint": footprint}
     # "nearest" repeats the edge pixels, which the clipped window already holds
     high = ndimage.maximum_filter(np.where(valid, x, lo), mode="nearest", **kw)
     low = ndimage.minimum_filter(np.where(valid, x, hi), mode="nearest", **kw)

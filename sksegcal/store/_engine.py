@@ -24,6 +24,7 @@ import numpy as np
 
 from .._files import atomic_write_json
 from .._kernels import argmax_rows
+from .._safety import bounded_jobs, check_input_type
 from ..context import estimator_context
 from ..features import softmax
 from ..pixels import _check_context_calibrator
@@ -78,6 +79,7 @@ def _check_calibrator(name, estimator, store: LogitStore, path: str) -> str | No
         ) from None
     except TypeError:  # not a scikit-learn estimator: its own predict_proba will tell
         pass
+    check_input_type(estimator, store.values, what=f"calibrator {name!r}", where=store.path)
     return _check_context_calibrator(
         estimator,
         store.n_classes,
@@ -431,7 +433,7 @@ def evaluate_store(
         boundary_mask(np.zeros((1, 1), dtype=np.int64), width=boundary_width)  # checks it
         accumulator_params = {**(accumulator_params or {}), "regions": BOUNDARY_REGIONS}
     blocks = image_blocks(store, store.image_ids(images), task_pixels)
-    results = Parallel(n_jobs=n_jobs, backend=backend)(
+    results = Parallel(n_jobs=bounded_jobs(n_jobs, len(blocks), backend), backend=backend)(
         delayed(_evaluate_block)(
             store, calibrators, ids, chunk_pixels, accumulator_params, boundary_width
         )
@@ -564,7 +566,7 @@ def predict_store(
     ids = [i for i in store.image_ids(images) if store.image_info(i).name not in out]
     chunk_pixels = store.chunk_size(chunk_pixels)
     blocks = image_blocks(store, np.asarray(ids, dtype=np.int64), task_pixels)
-    Parallel(n_jobs=n_jobs, backend=backend)(
+    Parallel(n_jobs=bounded_jobs(n_jobs, len(blocks), backend), backend=backend)(
         delayed(_predict_block)(calibrator, store, out, block, chunk_pixels) for block in blocks
     )
     out.refresh()
@@ -635,6 +637,7 @@ def fit_store(
     True
     """
     context = estimator_context(estimator, where="fit_store")
+    check_input_type(estimator, store.values, what="the estimator", where=store.path)
     X, y, groups = store.sample(
         max_pixels,
         context=context,

@@ -90,7 +90,10 @@ def label_dtype(n_classes: int, ignore_index: int | None) -> np.dtype:
 
 def npy_header(f) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """(shape, dtype, fortran_order, data offset) of an open .npy file."""
-    version = np.lib.format.read_magic(f)
+    try:
+        version = np.lib.format.read_magic(f)
+    except EOFError as exc:  # an empty or cut file: what every other bad header raises
+        raise ValueError(f"not a .npy file ({exc})") from None
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
     else:

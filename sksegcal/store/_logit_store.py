@@ -6,7 +6,7 @@ refreshing (manifest and records checked through ``._format``), adding images
 the recorded split. The pixel sampler is ``._sampling``.
 
 May import: numpy, the standard library, :mod:`sksegcal._files`,
-:mod:`sksegcal._validation`, :mod:`sksegcal.pixels` and the store's own
+:mod:`sksegcal._validation`, :mod:`sksegcal._safety`, :mod:`sksegcal.pixels` and the store's own
 ``._format``, ``._commit`` and ``._sampling``. Never the engine (``._engine``)
 or the calibrators.
 """
@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._files import atomic_write_json, fsync_dir
+from .._safety import check_finite_block, npy_reason, read_failure_advice, refuse_symlinks
 from .._validation import check_finite, check_ignore_index, check_labels
 from ..pixels import ImageSplit, split_images
 from ._commit import ImageConflictError, commit_image, remove_files_of, stray_candidates
@@ -403,6 +404,7 @@ class LogitStore:
 
     def _load_record(self, rec_path: Path) -> dict:
         """A checked record, or a ValueError naming the file and what is wrong."""
+        refuse_symlinks(rec_path)
         try:
             record = read_json(rec_path, "image record")
         except OSError as exc:
@@ -662,10 +664,11 @@ class LogitStore:
                 file = self.path / IMAGES / info["file"]
                 total += info["bytes"]
                 try:
+                    refuse_symlinks(file)
                     with open(file, "rb") as f:
                         shape, dtype, fortran, _ = npy_header(f)
                 except (OSError, ValueError) as exc:
-                    problems.append(f"{file.name}: unreadable header ({exc})")
+                    problems.append(f"{file.name}: unreadable header ({npy_reason(exc)})")
                     continue
                 want = self._expected_array(record, kind)
                 if (shape, dtype, fortran) != want:
@@ -816,11 +819,10 @@ class LogitStore:
     def _paths(self, image_id: int) -> tuple[dict, Path, Path]:
         record = self._records[self._names[image_id]]
         images = self.path / IMAGES
-        return (
-            record,
-            images / record["files"]["logits"]["file"],
-            images / record["files"]["labels"]["file"],
-        )
+        paths = (images / record["files"]["logits"]["file"],
+                 images / record["files"]["labels"]["file"])
+        refuse_symlinks(*paths)
+        return (record, *paths)
 
     def load_image(self, image_id: int) -> StoredImage:
         """The memory-mapped arrays of one image."""
@@ -829,13 +831,13 @@ class LogitStore:
         try:
             z = np.load(logits_path, mmap_mode="r", allow_pickle=False)
             t = np.load(labels_path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise ValueError(
-                f"Image {record['name']!r} of {self.path} cannot be read ({exc}); "
-                "run store.verify() and re-add it."
+                f"Image {record['name']!r} of {self.path} cannot be read ({npy_reason(exc)}); "
+                f"{read_failure_advice(self._record_path(record['name']), record)}."
             ) from None
         for kind, a, file in (("logits", z, logits_path), ("labels", t, labels_path)):
-            if (a.shape, a.dtype, False) != self._expected_array(record, kind):
+            if (a.shape, a.dtype, np.isfortran(a)) != self._expected_array(record, kind):
                 raise ValueError(
                     f"{kind} file {file} of image {record['name']!r} has shape {a.shape} and "
                     f"dtype {a.dtype}, not what fields height, width of its record "
@@ -871,10 +873,11 @@ class LogitStore:
         rows = max(1, min(h, block_pixels // max(w, 1)))
         try:
             labels = np.load(labels_path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise ValueError(
                 f"labels file {labels_path} of image {record['name']!r} cannot be read "
-                f"({exc}); run store.verify() and re-add the image."
+                f"({npy_reason(exc)}); "
+                f"{read_failure_advice(self._record_path(record['name']), record)}."
             ) from None
         if labels.shape != labels_shape or labels.dtype != self.labels_dtype:
             raise ValueError(
@@ -883,23 +886,26 @@ class LogitStore:
                 f"{self.labels_dtype}; run "
                 "store.verify()."
             )
+        # a label file edited after the commit (add_image checked the original)
+        where = f"image {record['name']!r} ({labels_path.name})"
+        check_labels(labels, c, self.ignore_index, where=where)
         itemsize = VALUE_DTYPE.itemsize
         try:
             f = open(logits_path, "rb", buffering=0)  # noqa: SIM115 - closed below
         except OSError as exc:
             raise ValueError(
                 f"logits file {logits_path} of image {record['name']!r} cannot be read "
-                f"({exc}); run store.verify() and re-add the image."
+                f"({exc}); {read_failure_advice(self._record_path(record['name']), record)}."
             ) from None
         with f:
             try:
-                shape, dtype, _, offset = npy_header(f)
+                shape, dtype, fortran, offset = npy_header(f)
             except ValueError as exc:
                 raise ValueError(
                     f"logits file {logits_path} of image {record['name']!r} has no valid "
-                    f".npy header ({exc}); run store.verify() and re-add the image."
+                    f".npy header ({npy_reason(exc)}); run store.verify() and re-add the image."
                 ) from None
-            if shape != (c, *labels_shape) or dtype != VALUE_DTYPE:
+            if shape != (c, *labels_shape) or dtype != VALUE_DTYPE or fortran:
                 raise ValueError(
                     f"logits file {logits_path} of image {record['name']!r} has shape {shape}, "
                     f"dtype {dtype}; its record says {(c, *labels_shape)} float16. Run "
@@ -918,6 +924,7 @@ class LogitStore:
                             f"logits file {logits_path} of image {record['name']!r} is "
                             "truncated; run store.verify() and re-add the image."
                         )
+                check_finite_block(block, record["name"], logits_path)
                 yield block, labels[r0:r1]
 
     def chunk_size(self, chunk_pixels: int | None = None) -> int:
