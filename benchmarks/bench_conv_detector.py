@@ -123,7 +123,6 @@ def main() -> None:
     import torch
 
     from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
-    from sksegcal._base import fit_inverse_temperatures
     from sksegcal._segnet import (
         DEMO_SETTINGS,
         SegNetConfig,
@@ -131,6 +130,7 @@ def main() -> None:
         load_demo_network,
         predict_logits,
     )
+    from sksegcal.calibrators._solver import fit_inverse_temperatures
     from sksegcal.datasets import load_dataset
     from sksegcal.features import softmax
     from sksegcal.metrics import expected_calibration_error, misprediction_detection_scores

@@ -23,7 +23,7 @@ from sklearn.model_selection import GridSearchCV, GroupKFold
 from sklearn.pipeline import Pipeline
 
 from sksegcal import LocalTemperatureScaling, SelectiveScalingCalibrator, TemperatureScaling
-from sksegcal._base import BaseLogitCalibrator
+from sksegcal.calibrators import BaseLogitCalibrator
 from sksegcal.context import estimator_context, n_context_features
 from sksegcal.metrics import CalibrationAccumulator
 from sksegcal.pixels import flatten_segmentation, predict_proba_maps

@@ -16,7 +16,7 @@ from sksegcal import (
     SelectiveScalingCalibrator,
     TemperatureScaling,
 )
-from sksegcal._base import fit_inverse_temperatures, fit_temperature, nll_derivatives
+from sksegcal.calibrators._solver import fit_inverse_temperatures, fit_temperature, nll_derivatives
 
 
 def _overconfident(n=20_000, n_classes=10, seed=0):
@@ -256,7 +256,7 @@ def test_non_convergence_warns():
     Z, y, _ = _overconfident(n=2000, seed=9)
     fit = fit_inverse_temperatures(Z, y, max_iter=1)
     assert not fit.converged
-    from sksegcal._base import warn_fit
+    from sksegcal.calibrators._solver import warn_fit
 
     with pytest.warns(ConvergenceWarning, match="did not converge in 1 Newton"):
         warn_fit(fit, ["T"], (0.01, 100), owner="X")

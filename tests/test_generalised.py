@@ -18,13 +18,13 @@ from sklearn.linear_model import LogisticRegression
 
 from conftest import make_logits
 from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
-from sksegcal._softplus_temperature import (
+from sksegcal.calibrators._selective import _GENERALISED_L2
+from sksegcal.calibrators._solver import (
     fit_softplus_temperature,
     softplus_inverse,
     softplus_nll,
     standardisation,
 )
-from sksegcal.calibrators._selective import _GENERALISED_L2
 
 
 def _problem(n=3000, c=4, k=3, seed=0):

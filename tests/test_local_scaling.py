@@ -14,7 +14,7 @@ from test_estimator_checks import _COMMON, _LOGITS
 
 from conftest import make_logits
 from sksegcal import TemperatureScaling
-from sksegcal._softplus_temperature import softplus_nll
+from sksegcal.calibrators._solver import softplus_nll
 from sksegcal.context import n_context_features
 from sksegcal.local_scaling import LocalTemperatureScaling
 from sksegcal.pixels import flatten_segmentation

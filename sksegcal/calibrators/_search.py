@@ -49,9 +49,9 @@ def _candidate_context(estimator) -> str | None:
 
 def _default_candidates(context: str | None, seed: int) -> list[tuple[str, object]]:
     """The family searched by default (temperature scaling first: it wins ties)."""
-    from ..local_scaling import LocalTemperatureScaling
-    from ..scaling import TemperatureScaling
-    from ..selective import SelectiveScalingCalibrator
+    from ._local import LocalTemperatureScaling
+    from ._scaling import TemperatureScaling
+    from ._selective import SelectiveScalingCalibrator
 
     # the search is the guard: the candidates' own guards would only repeat it on fewer images
     out = [
@@ -328,7 +328,7 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
         return n_context_features()
 
     def _resolved_candidates(self, seed: int) -> list[tuple[str, object]]:
-        from ..scaling import TemperatureScaling
+        from ._scaling import TemperatureScaling
 
         if self.candidates is None:
             pairs = _default_candidates(self.context, seed)

@@ -3,7 +3,7 @@
 Every function takes logits of shape ``(N, C, *spatial)`` and works in their
 dtype, with no loop over pixels, so that it scripts, traces and exports to
 ONNX. They compute the same numbers as the NumPy code of the fitted
-estimators (``sksegcal.features``, ``sksegcal._base``) to float rounding.
+estimators (``sksegcal.features``, ``sksegcal.calibrators``) to float rounding.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Log-probabilities are floored at -1e4 wherever they feed a model (as LOG_PROBA_FLOOR in
-# sksegcal._base): exp(-1e4) is 0 in every float format, and 0 * log 0 stays 0, not NaN.
+# sksegcal.calibrators): exp(-1e4) is 0 in every float format, and 0 * log 0 stays 0, not NaN.
 # The number is written out where it is used: TorchScript cannot read a module-level float.
 
 

@@ -5,7 +5,7 @@ on the store only), run as joblib tasks on any backend, and merged in block
 order, so every backend gives the same floating-point sums.
 
 May import: numpy, joblib, scikit-learn, :mod:`sksegcal.metrics`,
-:mod:`sksegcal._kernels`, :mod:`sksegcal._base`, :mod:`sksegcal.features`,
+:mod:`sksegcal._kernels`, :mod:`sksegcal.calibrators`, :mod:`sksegcal.features`,
 :mod:`sksegcal.pixels` (lazily where heavy) and the store's ``._logit_store``,
 ``._format`` and ``._context``.
 """
@@ -194,7 +194,7 @@ def _keeps_prediction(estimator) -> bool:
     temperature-based one); an affine map, a pipeline or a foreign estimator
     may move the argmax, so its own probabilities decide.
     """
-    from .._base import BaseLogitCalibrator
+    from ..calibrators import BaseLogitCalibrator
 
     return estimator is None or (
         isinstance(estimator, BaseLogitCalibrator)
@@ -209,7 +209,7 @@ def _softmax_temperatures(store: LogitStore, estimator, x: np.ndarray):
     probability table (its row argmax and sums cost more than they save).
     """
     from .. import _kernels
-    from .._base import BaseLogitCalibrator
+    from ..calibrators import BaseLogitCalibrator
 
     if store.values != "logits" or not _kernels.HAVE_NUMBA:
         return None
