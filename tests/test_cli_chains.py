@@ -63,13 +63,7 @@ def test_fit_then_evaluate_and_report_without_trusted(store, tmp_path, monkeypat
 @pytest.mark.parametrize(
     "method",
     [
-        # strict: remove the mark when conformal builds the context columns LTS reads
-        pytest.param(
-            "lts",
-            marks=pytest.mark.xfail(
-                strict=True, reason="sksegcal conformal counts LTS's context columns as classes"
-            ),
-        ),
+        "lts",
         "temperature",
     ],
 )

@@ -341,7 +341,8 @@ def test_conformal_estimators_save_and_load_under_the_trust_policy(tmp_path):
     groups = np.arange(1200) // 60
     ts = TemperatureScaling().fit(X, y)
     for est in (
-        ConformalPixelSets(0.1, calibrator=ts).fit(X, y),
+        ConformalPixelSets(0.1, calibrator=ts).fit(X, y, groups),
+        ConformalPixelSets(0.1, calibrator=ts, guarantee="pixel").fit(X, y),
         ConformalRiskControl(0.1).fit(X, y, groups),
     ):
         path = save(est, tmp_path / f"{type(est).__name__}.skops", format="skops")

@@ -139,7 +139,7 @@ def test_a_logit_calibrator_is_refused_on_a_store_of_probabilities(
         fit_store(TemperatureScaling() if wrap == "alone" else est, proba_store, max_pixels=100)
     with pytest.raises(ValueError, match="input_type='logits'.*holds probabilities"):
         fit_conformal_store(
-            ConformalPixelSets(calibrator=est, input_type="probabilities"),
+            ConformalPixelSets(guarantee="pixel", calibrator=est, input_type="probabilities"),
             proba_store,
             images=None,
         )
@@ -179,17 +179,19 @@ def test_conformal_merge_refuses_states_of_different_calibrators():
     X, y = _cal_data(0)
     hot, cold = TemperatureScaling().fit(X, y), TemperatureScaling().fit(X, y)
     hot.temperature_, cold.temperature_ = 20.0, 0.05
-    a = ConformalPixelSets(calibrator=hot).fit(*_cal_data(1))
-    b = ConformalPixelSets(calibrator=cold).fit(*_cal_data(2))
+    a = ConformalPixelSets(guarantee="pixel", calibrator=hot).fit(*_cal_data(1))
+    b = ConformalPixelSets(guarantee="pixel", calibrator=cold).fit(*_cal_data(2))
     with pytest.raises(ValueError, match="calibrator"):
         a.merge(b)
     # the same fitted calibrator (another object after a round trip) merges, and gives
     # the threshold of one pass over both halves
     same = pickle.loads(pickle.dumps(hot))
-    b2 = ConformalPixelSets(calibrator=same).fit(*_cal_data(2))
+    b2 = ConformalPixelSets(guarantee="pixel", calibrator=same).fit(*_cal_data(2))
     X1, y1 = _cal_data(1)
     X2, y2 = _cal_data(2)
-    both = ConformalPixelSets(calibrator=hot).fit(np.vstack([X1, X2]), np.r_[y1, y2])
+    both = ConformalPixelSets(guarantee="pixel", calibrator=hot).fit(
+        np.vstack([X1, X2]), np.r_[y1, y2]
+    )
     assert a.merge(b2).threshold_ == both.threshold_
 
 
@@ -508,7 +510,7 @@ def test_state_dicts_refuse_fractional_bins_and_counts():
 def test_a_huge_grid_is_a_value_error_not_a_memory_error():
     for make in (
         lambda: ScoreHistogram(n_bins=2**40),
-        lambda: ConformalPixelSets(n_bins=2**40).fit(*_cal_data(0)),
+        lambda: ConformalPixelSets(guarantee="pixel", n_bins=2**40).fit(*_cal_data(0)),
     ):
         with pytest.raises(ValueError, match="n_bins"):
             make()
@@ -526,7 +528,7 @@ def test_summary_refuses_a_class_that_is_not_one(target):
 def test_no_counted_calibration_pixel_says_why():
     X, y = _cal_data(9, n=60)
     with pytest.warns(UserWarning, match="every label is ignore_index=255"):
-        ConformalPixelSets().fit(X, np.full(60, 255))
+        ConformalPixelSets(guarantee="pixel").fit(X, np.full(60, 255))
     with pytest.warns(UserWarning, match="target_class=2"):
         ConformalRiskControl(loss="fnr", target_class=2).fit(
             X, np.where(y == 2, 0, y), np.repeat(np.arange(6), 10)

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from .._progress import progress
+from .._safety import check_input_type
 from ..pixels import _check_context_calibrator
 from ._calibrate import (
     fit_selective,
@@ -274,6 +275,7 @@ def evaluate(args) -> int:
     for name, path in zip(names, paths):
         est = load_calibrator(path, trusted=args.trusted)
         try:
+            check_input_type(est, store.values, what=f"the calibrator {path}", where=store.path)
             # the class count, and the context it reads (evaluate_store computes that per image)
             _check_context_calibrator(
                 est,

@@ -130,17 +130,13 @@ def _table(rows: list[dict], *, markdown: bool, columns=_COLUMNS) -> str:
 
 
 def _size_map(store, image_id: int, est) -> np.ndarray:
-    """The (H, W) set sizes of one stored image under a fitted pixel-sets estimator."""
-    from ..store._context import iter_blocks
-
+    """The set sizes of one stored image ((H, W), or (D, H, W) for a volume)."""
     context = estimator_context(est.calibrator) if est.calibrator is not None else None
-    record = store.record(image_id)
-    h, w = record["height"], record["width"]
-    ((z, _, ctx),) = iter_blocks(store, image_id, h * w, context)
-    X = np.asarray(z, dtype=np.float32).reshape(store.n_classes, -1).T
-    if ctx is not None:
-        X = np.concatenate([X, ctx], axis=1)
-    return est.predict_set_size(X).reshape(h, w)
+    info = store.image_info(image_id)
+    n = int(np.prod(info.shape))
+    # every pixel in one table: the rows every other path gives the calibrator
+    ((X, _),) = store.iter_tables(image_id, n, context=context, ignored="keep")
+    return est.predict_set_size(X).reshape(info.shape)
 
 
 def _heat_map(output, store, pixel_sets: dict, ids) -> str | None:
