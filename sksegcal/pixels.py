@@ -199,7 +199,7 @@ def unflatten_segmentation(
 
     Returns
     -------
-    maps : ndarray of shape (N, K, *spatial) or (N, *spatial)
+    maps : ndarray of shape (N, K, H, W) or (N, H, W); (N, K, D, H, W) or (N, D, H, W) for volumes
 
     Examples
     --------

@@ -59,7 +59,7 @@ def export_onnx(
     ----------
     module : nn.Module
         A calibrator module or a :class:`CalibratedSegmenter`.
-    example : Tensor of shape (N, C, *spatial)
+    example : Tensor of shape (N, C, H, W) or (N, C, D, H, W)
         An input of the right rank and dtype.
     path : str or PathLike
         Where to write the ``.onnx`` file (one file, weights inside).
@@ -121,7 +121,7 @@ def onnx_predict(model, inputs: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     model : str, PathLike or onnxruntime.InferenceSession
-    inputs : ndarray of shape (N, C, *spatial)
+    inputs : ndarray of shape (N, C, H, W) or (N, C, D, H, W)
 
     Returns
     -------

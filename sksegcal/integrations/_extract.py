@@ -44,9 +44,9 @@ class ExtractedLogits(NamedTuple):
 
     Attributes
     ----------
-    logits : ndarray of shape (N, C, *spatial), float32, or list of (C, *spatial)
+    logits : ndarray of shape (N, C, H, W) or (N, C, D, H, W), float32, or a list of arrays
         A list when the images differ in size.
-    labels : ndarray of shape (N, *spatial), int64, or list of (*spatial,)
+    labels : ndarray of shape (N, H, W) or (N, D, H, W), int64, or a list of arrays
     names : list of int or str
     groups : list or None
         One group label per image, or None when no groups were given.

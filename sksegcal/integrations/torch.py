@@ -322,7 +322,7 @@ def predict_proba(
     calibrator : fitted calibrator
         Fitted on logits of this model (e.g. through :func:`extract_logits`).
     model : nn.Module or callable
-    images : tensor of shape (N, C_in, *spatial)
+    images : tensor of shape (N, C_in, H, W) or (N, C_in, D, H, W)
     size : sequence of int, optional
         Output spatial size; default the images' spatial size.
     device, resize, output_key
