@@ -146,10 +146,14 @@ def selective_info(selective, search) -> dict:
     choice = getattr(selective, "guard_choice_", None)
     if choice is not None:  # what the cross-fitted guard against losing to TS decided
         scores = selective.guard_scores_
+        # the guard compares image by image; calibrators saved before it compared folds
+        units = scores.get("n_units", scores["n_folds"])
+        what = {"image": "images", "rows": "row blocks"}.get(scores["by"], scores["by"])
+        if "n_units" not in scores:
+            what = f"folds by {scores['by']}"
         info["guard"] = (
             f"kept {'selective scaling' if choice == 'selective' else 'TS'}: "
-            f"held-out NLL better than TS in {scores['wins']} of "
-            f"{scores['n_folds']} folds by {scores['by']}, mean "
+            f"out-of-fold NLL better than TS on {scores['wins']} of {units} {what}, mean "
             f"{scores['mean_improvement']:+.5f}"
             + (f", t = {scores['t_statistic']:.2f}" if "t_statistic" in scores else "")
         )
