@@ -208,9 +208,15 @@ def test_quick_network_retrains_to_the_same_file():
 
     entry = _manifest()["networks"]["unet-mni152-tissue-quick"]
     made = entry["made_with"]
+    from sksegcal._weights.make_weights import cpu_model
+
     if (made["torch"] != torch.__version__
             or made["cpu_capability"] != torch.backends.cpu.get_cpu_capability()):
         pytest.skip("the weights were made with another torch or CPU capability")
+    # the same torch and instruction set on another processor model trains other weights (on an
+    # AMD EPYC with AVX512, 80% of the quick network's weights differ, up to 0.29 relative)
+    if made.get("cpu_model") != cpu_model():
+        pytest.skip("the weights were made on another processor model (or one not recorded)")
     name, raw, new = make_one("mni152-tissue", True, verbose=False)
     assert new["data"]["sha256"] == entry["data"]["sha256"]
     assert hashlib.sha256(raw).hexdigest() == entry["sha256"]

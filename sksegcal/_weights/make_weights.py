@@ -79,6 +79,20 @@ def to_float16(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return state
 
 
+def cpu_model() -> str:
+    """The processor's model name: training is bit-for-bit repeatable only on the same one."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def make_one(dataset: str, quick: bool, *, verbose: bool = True) -> tuple[str, bytes, dict]:
     """Train one network; return its name, its .npz bytes and its manifest entry."""
     from .. import __version__
@@ -135,6 +149,7 @@ def make_one(dataset: str, quick: bool, *, verbose: bool = True) -> tuple[str, b
             "python": platform.python_version(),
             "machine": platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_model": cpu_model(),
             "deterministic_algorithms": True,
             "seed": config.seed,
             "num_threads": config.num_threads,
