@@ -719,9 +719,14 @@ def goals_report(results, cases) -> list:
         e = np.concatenate([_ratio(results, c, label, "ece") for c in inside])
         n = np.concatenate([_ratio(results, c, label, "nll") for c in inside])
         orig = [c for c in inside if "[" not in c]
-        eo = np.concatenate([_ratio(results, c, label, "ece") for c in orig])
-        es = np.concatenate([_ratio(results, c, label, "ece") for c in shifted])
-        ns = np.concatenate([_ratio(results, c, label, "nll") for c in shifted])
+
+        def ratios(which, metric, label=label):
+            # a run without the original regime (or without a shifted case) has none
+            parts = [_ratio(results, c, label, metric) for c in which]
+            return np.concatenate(parts) if parts else np.full(1, np.nan)
+
+        eo = ratios(orig, "ece")
+        es, ns = ratios(shifted, "ece"), ratios(shifted, "nll")
         lines.append(
             f"| {label} | {int((e > 1 + 1e-4).sum())} of {len(e)} | "
             f"{int((n > 1 + 1e-4).sum())} of {len(n)} | {e.mean():.3f} | {eo.mean():.3f} | "
