@@ -161,6 +161,14 @@ def _heat_map(output, store, pixel_sets: dict, ids) -> str | None:
         )
     except ImportError:
         return None
+    # which procedure the maps show: the sets of every row share score, alpha and guarantee
+    est = next(iter(pixel_sets.values()))
+    fig.suptitle(
+        f"Conformal prediction-set sizes: {est.conformity_score.upper()} score, "
+        f"alpha = {est.alpha:g}, coverage over {est.guarantee}s"
+        + (" (image-level guarantee)" if est.guarantee == "image" else " (exchangeable pixels)"),
+        fontsize=9,
+    )
     _save_figure(fig, output / "set_sizes.png", dpi=110)
     return "set_sizes.png"
 
