@@ -228,3 +228,17 @@ def resolve_save_format(path, format: str | None) -> str:
             "format out: it follows the suffix)."
         )
     return format
+
+
+def requests_groups(estimator) -> bool:
+    """Whether ``fit`` of the estimator, or of an estimator it routes to, requests ``groups``.
+
+    scikit-learn's metadata routing is how an estimator says it takes image ids, wrapped
+    (Pipeline, searches) or not; an object outside that routing requests none.
+    """
+    from sklearn.utils.metadata_routing import get_routing_for_object
+
+    try:
+        return bool(get_routing_for_object(estimator).consumes("fit", ["groups"]))
+    except Exception:  # noqa: BLE001 - an object outside scikit-learn's routing
+        return False

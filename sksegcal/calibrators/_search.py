@@ -10,7 +10,6 @@ search never picks something that was worse than TS on the folds.
 
 from __future__ import annotations
 
-import inspect
 import numbers
 import time
 import warnings
@@ -22,7 +21,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from .._validation import check_finite, check_labels, check_random_state_int
+from .._validation import check_finite, check_labels, check_random_state_int, requests_groups
 
 __all__ = ["CalibratorSearchCV"]
 
@@ -87,13 +86,6 @@ def _keeps_prediction(estimator) -> bool:
         )
     )
     return isinstance(estimator, keepers)
-
-
-def _accepts_groups(estimator) -> bool:
-    try:
-        return "groups" in inspect.signature(estimator.fit).parameters
-    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
-        return False
 
 
 def image_folds(groups: np.ndarray, n_splits: int, random_state) -> np.ndarray:
@@ -490,7 +482,7 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
         self._choose(pairs)
         name, est = pairs[self.best_index_]
         kind = _candidate_context(est)
-        fit_kw = {"groups": groups} if _accepts_groups(est) else {}
+        fit_kw = {"groups": groups} if requests_groups(est) else {}
         start = time.perf_counter()
         self.best_estimator_ = est.fit(self._columns(X, kind), y, **fit_kw)
         self.refit_time_ = time.perf_counter() - start
@@ -537,7 +529,7 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
                 kind = _candidate_context(template)
                 X_train, X_test, X_test_perturbed = table(kind)
                 est = clone(template)
-                fit_kw = {"groups": image_of_row[train]} if _accepts_groups(est) else {}
+                fit_kw = {"groups": image_of_row[train]} if requests_groups(est) else {}
                 start = time.perf_counter()
                 try:
                     with warnings.catch_warnings():

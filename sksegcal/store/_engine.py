@@ -25,6 +25,7 @@ import numpy as np
 from .._files import atomic_write_json
 from .._kernels import argmax_rows
 from .._safety import bounded_jobs, check_input_type
+from .._validation import requests_groups
 from ..context import estimator_context
 from ..features import softmax
 from ..pixels import _check_context_calibrator
@@ -646,7 +647,7 @@ def fit_store(
         max_per_image=max_per_image,
         random_state=random_state,
     )
-    if "groups" not in fit_params and _requests_groups(estimator):
+    if "groups" not in fit_params and requests_groups(estimator):
         # image ids let the estimator hold out whole images (pixels of one image correlate);
         # they reach it through scikit-learn's metadata routing, wrapped or not
         fit_params["groups"] = groups
@@ -656,16 +657,6 @@ def fit_store(
             with sklearn.config_context(enable_metadata_routing=True):
                 return estimator.fit(X, y, **fit_params)
     return estimator.fit(X, y, **fit_params)
-
-
-def _requests_groups(estimator) -> bool:
-    """Whether ``fit`` of the estimator, or of an estimator it routes to, requests ``groups``."""
-    from sklearn.utils.metadata_routing import get_routing_for_object
-
-    try:
-        return bool(get_routing_for_object(estimator).consumes("fit", ["groups"]))
-    except Exception:  # noqa: BLE001 - an object outside scikit-learn's routing requests none
-        return False
 
 
 def _routes_metadata(estimator) -> bool:
