@@ -20,6 +20,7 @@ import json
 import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -359,3 +360,23 @@ def extract(
         out_labels = np.stack(out_labels)
     has_groups = any(g is not None for g in out_groups)
     return ExtractedLogits(out_logits, out_labels, out_names, out_groups if has_groups else None)
+
+
+@contextmanager
+def eval_mode(model):
+    """The model in eval mode while it runs (dropout off, BatchNorm statistics fixed).
+
+    Its training flag is restored afterwards, also on an error; a callable that is not
+    an ``nn.Module`` is left alone.
+    """
+    import torch
+
+    module = model if isinstance(model, torch.nn.Module) else None
+    training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        if module is not None:
+            module.train(training)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._extract import IMAGE_KEYS, ExtractedLogits, _first, extract, image_groups
+from ._extract import IMAGE_KEYS, ExtractedLogits, _first, eval_mode, extract, image_groups
 
 __all__ = [
     "ExtractedLogits",
@@ -137,22 +137,6 @@ def _to_device(x, device):
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x).to(device)
     return x
-
-
-class _EvalMode:
-    """The model in eval mode while extracting (dropout off, BatchNorm statistics fixed)."""
-
-    def __init__(self, model):
-        self.model = model if isinstance(model, torch.nn.Module) else None
-
-    def __enter__(self):
-        if self.model is not None:
-            self.training = self.model.training
-            self.model.eval()
-
-    def __exit__(self, *exc):
-        if self.model is not None:
-            self.model.train(self.training)
 
 
 def _image_batches(images):
@@ -285,7 +269,7 @@ def extract_logits(
         "ignore_index": ignore_index,
         **user_source,
     }
-    with _EvalMode(model):
+    with eval_mode(model):
         return extract(
             data,
             forward,
@@ -337,7 +321,7 @@ def predict_proba(
     device_ = _device_of(model, device)
     images = torch.as_tensor(images)
     size = tuple(images.shape[2:]) if size is None else tuple(size)
-    with _EvalMode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         logits = logits_of(model(images.to(device_)), output_key)
         logits = resize_logits(logits, size, resize)
     return predict_proba_maps(calibrator, logits.cpu().numpy())

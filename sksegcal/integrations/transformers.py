@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._extract import ExtractedLogits, extract, image_groups, keep_argmax
+from ._extract import ExtractedLogits, eval_mode, extract, image_groups, keep_argmax
 
 __all__ = [
     "ExtractedLogits",
@@ -230,9 +230,7 @@ def extract_logits(
         "ignore_index": ignore_index,
         **user_source,
     }
-    training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return extract(
             data,
             lambda inputs, shapes: _forward(model, processor, inputs, shapes, device_, kwargs),
@@ -246,8 +244,6 @@ def extract_logits(
             progress=progress,
             image_keys=_IMAGE_KEYS,
         )
-    finally:
-        model.train(training)
 
 
 def _image_size(image) -> tuple[int, int]:
@@ -299,14 +295,10 @@ def predict_proba(
             raise ValueError("Pass target_sizes with prepared pixel_values.")
         target_sizes = [_image_size(im) for im in images]
     device_ = _device_of(model, device)
-    training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logits = _forward(
             model, processor, images, target_sizes, device_, dict(processor_kwargs or {})
         )
-    finally:
-        model.train(training)
     maps = [predict_proba_maps(calibrator, z[None].cpu().numpy())[0] for z in logits]
     if len({m.shape for m in maps}) == 1:
         return np.stack(maps)
