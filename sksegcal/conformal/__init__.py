@@ -59,9 +59,8 @@ __all__ = [
     "lac_scores",
 ]
 
-# public names say they live here, the one import path users see (pickles name it too)
-for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type) or callable(_obj):
-        _obj.__module__ = __name__
-del _name, _obj
+# Pickles and skops files name the module that defines a class or function: its
+# ``__module__``, left as Python sets it so that ``inspect.getsource`` finds the code
+# (scikit-learn's pickles name its private modules too). Files that name this
+# package (sksegcal.conformal.ConformalPixelSets, written when ``__module__`` said so) load
+# through the names imported above. A name that moves stays importable where it was.

@@ -59,13 +59,15 @@ from ._functions import (
 )
 from ._inputs import NLL_EPS
 from ._scorers import (
-    _SegmentationScorer,
     brier_scorer,
     ece_scorer,
     get_scorer,
     get_scorer_names,
     nll_scorer,
 )
+
+# pickled scorers written when ``__module__`` said so name sksegcal.metrics._SegmentationScorer
+from ._scorers import _SegmentationScorer  # noqa: F401  # isort: skip
 
 __all__ = [
     "BOUNDARY_REGIONS",
@@ -93,12 +95,8 @@ __all__ = [
     "static_calibration_error",
 ]
 
-# Public classes and functions say they live here, the one import path users see:
-# pickles name sksegcal.metrics.CalibrationAccumulator (as the releases with a
-# single metrics.py module did) and scorers pickle their functions by this path.
-for _name in __all__:
-    _obj = globals()[_name]
-    if callable(_obj) and hasattr(_obj, "__module__") and hasattr(_obj, "__qualname__"):
-        _obj.__module__ = __name__
-_SegmentationScorer.__module__ = __name__  # the class of the pickled scorers
-del _name, _obj
+# Pickles and skops files name the module that defines a class or function: its
+# ``__module__``, left as Python sets it so that ``inspect.getsource`` finds the code
+# (scikit-learn's pickles name its private modules too). Files that name this
+# package (sksegcal.metrics.CalibrationAccumulator, written when ``__module__`` said so) load
+# through the names imported above. A name that moves stays importable where it was.

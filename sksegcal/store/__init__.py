@@ -63,14 +63,8 @@ __all__ = [
     "predict_store",
 ]
 
-# pickles name the public path (sksegcal.store.LogitStore), whichever module defines it
-for _obj in (
-    LogitStore,
-    StoredImage,
-    evaluate_store,
-    fit_store,
-    predict_store,
-    calibrator_fingerprint,
-):
-    _obj.__module__ = __name__
-del _obj
+# Pickles and skops files name the module that defines a class or function: its
+# ``__module__``, left as Python sets it so that ``inspect.getsource`` finds the code
+# (scikit-learn's pickles name its private modules too). Files that name this
+# package (sksegcal.store.LogitStore, written when ``__module__`` said so) load
+# through the names imported above. A name that moves stays importable where it was.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -146,22 +147,22 @@ def _feed(h, obj, active: set) -> None:
         elif _is_torch(obj, "Tensor"):
             _feed(h, obj.detach().cpu().numpy(), active)
         elif _is_torch(obj, "nn.Module"):
-            h.update(f"module:{cls.__module__}.{cls.__qualname__};".encode())
+            h.update(f"module:{_hashed_module(cls)}.{cls.__qualname__};".encode())
             _feed(h, dict(obj.state_dict()), active)
         elif hasattr(obj, "get_params") and not isinstance(obj, type):
             # an estimator: its parameters and its public fitted attributes (ending
             # in "_"), not private caches that a first predict may fill
-            h.update(f"estimator:{cls.__module__}.{cls.__qualname__};".encode())
+            h.update(f"estimator:{_hashed_module(cls)}.{cls.__qualname__};".encode())
             fitted = {
                 k: v for k, v in vars(obj).items() if k.endswith("_") and not k.startswith("_")
             }
             _feed(h, {"params": obj.get_params(deep=False), "fitted": fitted}, active)
         elif hasattr(obj, "__dict__") and not callable(obj):
-            h.update(f"object:{cls.__module__}.{cls.__qualname__};".encode())
+            h.update(f"object:{_hashed_module(cls)}.{cls.__qualname__};".encode())
             _feed(h, dict(vars(obj)), active)
         elif callable(obj):
             h.update(
-                f"callable:{getattr(obj, '__module__', '')}."
+                f"callable:{_hashed_module(obj)}."
                 f"{getattr(obj, '__qualname__', repr(obj))};".encode()
             )
         else:
@@ -173,8 +174,33 @@ def _feed(h, obj, active: set) -> None:
         active.discard(id(obj))
 
 
+# Output stores record the fingerprint and a resume compares it, so the name hashed for a
+# class or function must not move with the code. Everything these packages export (the
+# classes and functions users import from them) is hashed under the package's name, which
+# is what their ``__module__`` said when the first stores were written; every other name
+# under its ``__module__``. Frozen: a package added here or removed would change the
+# fingerprint of calibrators that hold its names.
+_HASHED_UNDER_PACKAGE = (
+    "sksegcal.store",
+    "sksegcal.metrics",
+    "sksegcal.conformal",
+    "sksegcal.integrations.mmseg",
+)
+
+
+def _hashed_module(obj) -> Any:
+    """The module name the fingerprint hashes for a class, a function or a callable object."""
+    module = getattr(obj, "__module__", "")
+    for package in _HASHED_UNDER_PACKAGE:
+        if isinstance(module, str) and module.startswith(package + "._"):
+            named = obj if hasattr(obj, "__qualname__") else type(obj)
+            exported = getattr(sys.modules.get(package), named.__name__, None)
+            return package if exported is named else module
+    return module
+
+
 def _is_torch(obj, what: str) -> bool:
-    torch = __import__("sys").modules.get("torch")
+    torch = sys.modules.get("torch")
     if torch is None:
         return False
     cls = torch.Tensor if what == "Tensor" else torch.nn.Module

@@ -63,6 +63,12 @@ __all__ = [
     "uncalibrate_model",
 ]
 
+# Pickles and skops files name the module that defines a class or function: its
+# ``__module__``, left as Python sets it so that ``inspect.getsource`` finds the code
+# (scikit-learn's pickles name its private modules too). Files that name this
+# package (sksegcal.integrations.mmseg.CalibrationMetric, written when ``__module__`` said so) load
+# through the names imported above. A name that moves stays importable where it was.
+
 # The one registration, when this package is first imported (configs name the package in
 # custom_imports). force=True lets importlib.reload re-register the reloaded class.
 METRICS.register_module(name="CalibrationMetric", module=CalibrationMetric, force=True)

@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         f"mmcv-lite==2.1.0, ftfy, regex). The import failed with: {exc}"
     ) from exc
 
-__all__ = ["CHUNK_PIXELS", "IGNORE_INDEX", "PROBA_FLAG", "PUBLIC_MODULE", "log"]
+__all__ = ["CHUNK_PIXELS", "IGNORE_INDEX", "PROBA_FLAG", "log"]
 
 #: Label of unlabelled pixels in mmsegmentation (``reduce_zero_label`` maps 0 to it).
 IGNORE_INDEX = 255
@@ -36,8 +36,6 @@ IGNORE_INDEX = 255
 CHUNK_PIXELS = 262_144
 # metainfo key set on the data samples of a calibrated model
 PROBA_FLAG = "seg_logits_are_probabilities"
-# where the public names live for users (docs, pickles, reprs)
-PUBLIC_MODULE = "sksegcal.integrations.mmseg"
 
 
 def log(message: str, level: int | None = None) -> None:

@@ -23,7 +23,7 @@ from mmengine.evaluator import BaseMetric
 
 from ...context import iter_image_rows
 from ._calibrators import calibrator_context, check_calibrator_classes, load_calibrator
-from ._common import CHUNK_PIXELS, IGNORE_INDEX, PROBA_FLAG, PUBLIC_MODULE, log
+from ._common import CHUNK_PIXELS, IGNORE_INDEX, PROBA_FLAG, log
 
 __all__ = ["CalibrationMetric"]
 
@@ -352,6 +352,3 @@ def _n_kept(counts: Sequence[int], rank: int, size: int) -> int:
             break
         kept += 1
     return kept
-
-
-CalibrationMetric.__module__ = PUBLIC_MODULE

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..._progress import progress as progress_bar
-from ._common import IGNORE_INDEX, PUBLIC_MODULE, log
+from ._common import IGNORE_INDEX, log
 from ._inference import is_calibrated
 from ._loading import n_classes as n_classes_of
 from ._loading import prepare_model
@@ -479,6 +479,3 @@ def _add_image(store, name, logits, label, size, ignore_index, rzl) -> None:
         label = F.interpolate(lab, size=size, mode="nearest-exact")[0, 0].numpy()
         label = label.astype(np.int64)
     store.add_image(name, logits.cpu().numpy(), label)
-
-
-extract_logits.__module__ = PUBLIC_MODULE

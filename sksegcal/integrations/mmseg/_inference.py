@@ -17,7 +17,7 @@ import torch
 
 from ...context import iter_image_rows
 from ._calibrators import check_calibrator_classes, load_calibrator
-from ._common import CHUNK_PIXELS, PROBA_FLAG, PUBLIC_MODULE
+from ._common import CHUNK_PIXELS, PROBA_FLAG
 from ._loading import n_classes
 
 if TYPE_CHECKING:
@@ -173,6 +173,3 @@ def is_calibrated(model) -> bool:
     return isinstance(
         getattr(model, "__dict__", {}).get("postprocess_result"), _CalibratedPostprocess
     )
-
-
-calibrate_model.__module__ = uncalibrate_model.__module__ = PUBLIC_MODULE

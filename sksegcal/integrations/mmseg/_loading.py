@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Any
 import mmseg
 import torch
 
-from ._common import PUBLIC_MODULE
-
 if TYPE_CHECKING:
     from mmengine.config import Config
     from mmseg.models import BaseSegmentor
@@ -198,6 +196,3 @@ def prepare_model(model_or_config, checkpoint, device, cfg_options):
         )
     model.eval()
     return model
-
-
-shipped_config.__module__ = load_model.__module__ = PUBLIC_MODULE
