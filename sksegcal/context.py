@@ -47,6 +47,7 @@ from . import _kernels
 
 # whether numba was found at import; each call reads _kernels.HAVE_NUMBA (which can be switched)
 from ._kernels import HAVE_NUMBA  # noqa: F401
+from ._uncertainty import entropy_from_sums, margin_from_sums
 from ._validation import check_finite
 
 __all__ = ["CONTEXT_FEATURES", "image_context", "n_context_features", "spatial_context"]
@@ -127,10 +128,9 @@ def _pixel_stats(z: np.ndarray, *, compiled: bool | None = None):
         e *= z - t1
         weighted = e.sum(axis=0)
     del e
-    # H = -sum p log p = log S - sum(e d) / S with e = exp(d), d = z - max, S = sum e
-    entropy = np.log(total) - weighted / total
-    # p1 - p2 = (1 - exp(t2 - t1)) / S; one class: exp(-inf) = 0, the margin is 1
-    margin = (1.0 - np.exp(t2 - t1)) / total
+    entropy = entropy_from_sums(total, weighted)
+    # one class: t2 = -inf, exp(-inf) = 0, the margin is 1
+    margin = margin_from_sums(total, np.exp(t2 - t1))
     return pred, entropy.astype(np.float32), margin.astype(np.float32)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._kernels import agnostic_parts
+from ._uncertainty import entropy, entropy_from_sums, margin_from_sums, top2_margin
 
 __all__ = [
     "FEATURE_SETS",
@@ -116,14 +117,12 @@ def features_from_logits(z: np.ndarray, kind: str = "log_softmax", *, top_k: int
         parts = agnostic_parts(np.ascontiguousarray(z), k)
         if parts is not None:
             top, total, weighted = parts
-            log_total = np.log(total)
             out = np.empty((z.shape[0], k + 2), dtype=z.dtype)
-            out[:, :k] = top - log_total[:, None].astype(z.dtype)
-            # H = -sum p log p = log S - sum(e d) / S with e = exp(d), S = sum e
-            out[:, k] = log_total - weighted / total
-            # p1 - p2 = (1 - e2) / S (the top d is 0); with one column, p1 alone
+            out[:, :k] = top - np.log(total)[:, None].astype(z.dtype)
+            out[:, k] = entropy_from_sums(total, weighted)
+            # the top d is 0; with one column kept, p1 alone (as make_features)
             second = np.exp(top[:, 1].astype(np.float64)) if k >= 2 else 0.0
-            out[:, k + 1] = (1.0 - second) / total
+            out[:, k + 1] = margin_from_sums(total, second)
             return out
     return make_features(log_softmax(z), kind, top_k=top_k)
 
@@ -159,8 +158,6 @@ def make_features(log_proba: np.ndarray, kind: str = "log_softmax", *, top_k: in
     # partition then sort only the k kept columns: O(n C) rather than O(n C log C)
     top = -np.partition(-lp, k - 1, axis=1)[:, :k]
     top = -np.sort(-top, axis=1)
-    p = np.exp(lp)
-    entropy = -(p * lp).sum(axis=1)
-    p_top = np.exp(top[:, :2]) if k >= 2 else np.c_[np.exp(top[:, 0]), np.zeros(len(lp))]
-    margin = p_top[:, 0] - p_top[:, 1]
-    return np.column_stack([top, entropy, margin]).astype(lp.dtype, copy=False)
+    # the margin of the k kept columns: p1 - p2, or p1 alone when only one is kept
+    columns = [top, entropy(lp, axis=1), top2_margin(top, axis=1)]
+    return np.column_stack(columns).astype(lp.dtype, copy=False)

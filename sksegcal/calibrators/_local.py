@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 
+from .._uncertainty import entropy
 from ..context import CONTEXT_FEATURES, n_context_features
 from ..features import log_softmax
 from ._base import BaseLogitCalibrator, check_temperature_bounds
@@ -27,8 +28,7 @@ _CONFIDENCE_NAMES = ("max_log_proba", "entropy")
 def _confidence_stats(z: np.ndarray) -> np.ndarray:
     """Max log-probability and entropy of softmax(z), (n, 2) float64."""
     lp = log_softmax(np.asarray(z, dtype=np.float64))
-    entropy = -(np.exp(lp) * lp).sum(axis=1)
-    return np.column_stack([lp.max(axis=1), entropy])
+    return np.column_stack([lp.max(axis=1), entropy(lp, axis=1)])
 
 
 class LocalTemperatureScaling(BaseLogitCalibrator):

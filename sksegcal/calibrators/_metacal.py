@@ -8,8 +8,9 @@ import warnings
 import numpy as np
 from sklearn.utils._param_validation import Interval, StrOptions
 
+from .._uncertainty import entropy
 from ..features import log_softmax
-from ._base import LOG_PROBA_FLOOR, BaseLogitCalibrator, check_temperature_bounds
+from ._base import BaseLogitCalibrator, check_temperature_bounds
 from ._models import TwoTemperatures
 from ._solver import iter_chunks, warn_fit
 
@@ -110,10 +111,9 @@ class MetaCalScaling(BaseLogitCalibrator):
 
     @staticmethod
     def _entropy(z):
-        # log-probabilities floored where exp underflows to 0 anyway: 0 * log 0 is 0, not NaN
         with np.errstate(over="ignore"):  # float32 logit gaps beyond 3e38 become -inf
-            lp = np.maximum(log_softmax(z), LOG_PROBA_FLOOR)
-        return -(np.exp(lp) * lp).sum(axis=1)
+            lp = log_softmax(z)
+        return entropy(lp, axis=1)  # 0 log 0 = 0 there, not NaN
 
     def _model(self) -> TwoTemperatures:
         # the split is "entropy <= threshold": the score is the negative entropy
