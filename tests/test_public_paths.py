@@ -6,12 +6,14 @@ that module. Files that name the package a name is imported from
 (``sksegcal.conformal.ConformalPixelSets``, ``sksegcal.metrics.CalibrationAccumulator``, ...)
 still load, and the store's calibrator fingerprint hashes the package name as it always did.
 
-The files tests/data/legacy_conformal_{sets,risk,pixel}.skops and
-legacy_public_paths.{joblib,npz} were written by the code whose public names had
-``__module__`` set to their package: ``skops.io.dump`` of three fitted conformal estimators
-(480 pixels of 3 classes in 12 images), ``joblib.dump`` of those with a
-``CalibrationAccumulator``, two scorers, a ``StoredImage`` and four public functions, and
-the inputs with what they predicted then (``.npz``).
+Two generations of files hold the same objects: ``skops.io.dump`` of three fitted conformal
+estimators (480 pixels of 3 classes in 12 images) and ``joblib.dump`` of those with a
+``CalibrationAccumulator``, two scorers, a ``StoredImage`` and four public functions.
+tests/data/legacy_conformal_*.skops and legacy_public_paths.joblib were written by the code
+whose public names had ``__module__`` set to their package; defining_paths_conformal_*.skops
+and defining_paths.joblib by this code, naming the defining modules (a name that moves
+without staying importable where it was fails here). legacy_public_paths.npz holds the
+inputs and what both predicted.
 """
 
 from __future__ import annotations
@@ -89,7 +91,33 @@ def test_every_public_class_and_function_has_its_source_and_pickles_by_both_path
         assert pickle.loads(f"c{namespace}\n{name}\n.".encode()) is obj, name
 
 
-def test_pickles_that_name_the_package_paths_load(legacy):
+# what each generation of files names: the package, or the module that defines the name
+NAMED = {
+    "legacy_public_paths": {
+        ("sksegcal.conformal", "ConformalPixelSets"),
+        ("sksegcal.conformal", "ConformalRiskControl"),
+        ("sksegcal.conformal", "ScoreHistogram"),
+        ("sksegcal.metrics", "CalibrationAccumulator"),
+        ("sksegcal.metrics", "_SegmentationScorer"),
+        ("sksegcal.metrics", "negative_log_likelihood"),
+        ("sksegcal.store", "StoredImage"),
+        ("sksegcal.store", "fit_store"),
+    },
+    "defining_paths": {
+        ("sksegcal.conformal._sets", "ConformalPixelSets"),
+        ("sksegcal.conformal._risk_control", "ConformalRiskControl"),
+        ("sksegcal.conformal._histogram", "ScoreHistogram"),
+        ("sksegcal.metrics._accumulator", "CalibrationAccumulator"),
+        ("sksegcal.metrics._scorers", "_SegmentationScorer"),
+        ("sksegcal.metrics._functions", "negative_log_likelihood"),
+        ("sksegcal.store._logit_store", "StoredImage"),
+        ("sksegcal.store._engine", "fit_store"),
+    },
+}
+
+
+@pytest.mark.parametrize("stem", sorted(NAMED))
+def test_pickles_of_either_generation_load(stem, legacy):
     asked = set()
 
     class Recording(joblib.numpy_pickle.NumpyUnpickler):
@@ -102,21 +130,10 @@ def test_pickles_that_name_the_package_paths_load(legacy):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the recorded library versions
-            saved = joblib.load(DATA / "legacy_public_paths.joblib")
+            saved = joblib.load(DATA / f"{stem}.joblib")
     finally:
         joblib.numpy_pickle.NumpyUnpickler = original
-    # the file names the package paths, not the modules that define the names
-    for path in [
-        ("sksegcal.conformal", "ConformalPixelSets"),
-        ("sksegcal.conformal", "ConformalRiskControl"),
-        ("sksegcal.conformal", "ScoreHistogram"),
-        ("sksegcal.metrics", "CalibrationAccumulator"),
-        ("sksegcal.metrics", "_SegmentationScorer"),
-        ("sksegcal.metrics", "negative_log_likelihood"),
-        ("sksegcal.store", "StoredImage"),
-        ("sksegcal.store", "fit_store"),
-    ]:
-        assert path in asked, path
+    assert NAMED[stem] <= asked, NAMED[stem] - asked  # the paths this generation names
 
     X, y = legacy["X"], legacy["y"]
     for name in ("sets", "risk", "pixel"):
@@ -143,12 +160,15 @@ def test_pickles_that_name_the_package_paths_load(legacy):
     ]
 
 
+@pytest.mark.parametrize(
+    "stem, named", [("legacy", r"conformal"), ("defining_paths", r"conformal\._\w+")]
+)
 @pytest.mark.parametrize("name", ["sets", "risk", "pixel"])
-def test_skops_files_that_name_the_package_paths_load_without_trust(name, legacy):
+def test_skops_files_of_either_generation_load_without_trust(name, stem, named, legacy):
     sio = pytest.importorskip("skops.io")
-    path = DATA / f"legacy_conformal_{name}.skops"
+    path = DATA / f"{stem}_conformal_{name}.skops"
     recorded = sio.get_untrusted_types(file=path)
-    assert any(re.fullmatch(r"sksegcal\.conformal\.[A-Z]\w+", t) for t in recorded), recorded
+    assert any(re.fullmatch(rf"sksegcal\.{named}\.[A-Z]\w+", t) for t in recorded), recorded
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the recorded library versions
         est = load(path)  # no trusted=: the package's own types, under either path
