@@ -35,8 +35,8 @@ def entropy(log_proba: np.ndarray, axis: int = -1) -> np.ndarray:
     --------
     >>> import numpy as np
     >>> from sksegcal._uncertainty import entropy
-    >>> entropy(np.log([[0.5, 0.5], [1.0, 0.0]])).round(6).tolist()
-    [0.693147, 0.0]
+    >>> entropy(np.log([[0.5, 0.5], [0.9, 0.1]])).round(6).tolist()
+    [0.693147, 0.325083]
     """
     lp = np.maximum(log_proba, _LOG_ZERO)
     p = np.exp(lp)
@@ -54,8 +54,8 @@ def top2_margin(log_proba: np.ndarray, axis: int = -1) -> np.ndarray:
     --------
     >>> import numpy as np
     >>> from sksegcal._uncertainty import top2_margin
-    >>> top2_margin(np.log([[0.2, 0.7, 0.1], [0.5, 0.5, 0.0]])).round(6).tolist()
-    [0.5, 0.0]
+    >>> top2_margin(np.log([[0.2, 0.7, 0.1], [0.5, 0.4, 0.1]])).round(6).tolist()
+    [0.5, 0.1]
     """
     lp = np.asarray(log_proba)
     n = lp.shape[axis]
