@@ -14,6 +14,9 @@ per-pixel statistics.
   :mod:`sksegcal.context`) accumulate without a log-softmax table: with ``d = z - max(z)``,
   ``S = sum exp(d)`` and ``W = sum exp(d) d``, ``H = log S - W / S`` and
   ``p1 - p2 = (1 - exp(d2)) / S``. They agree with the first pair to float rounding (tested).
+
+The exported torch modules compute the same two numbers with tensor operations
+(``sksegcal.deployment._functional``), since a TorchScript or ONNX graph cannot call NumPy.
 """
 
 from __future__ import annotations

@@ -129,3 +129,16 @@ def test_metacal_and_lts_read_the_definition(dtype):
     np.testing.assert_allclose(
         stats[:, 0], scipy_log_softmax(z.astype(np.float64), axis=1).max(axis=1), atol=1e-13
     )
+
+
+def test_the_torch_twins_equal_the_definition():
+    torch = pytest.importorskip("torch")
+    from sksegcal.deployment._functional import agnostic_features
+
+    z = _logits(7, np.float32, seed=5)
+    h_ref, m_ref = _reference(z)
+    # (N, C, H, W) maps: the 300 pixels as one 15 x 20 image
+    maps = torch.from_numpy(z.T.reshape(1, 7, 15, 20).copy())
+    out = agnostic_features(maps, top_k=5).numpy().reshape(7, -1)
+    np.testing.assert_allclose(out[5], h_ref, **TOL[np.float32])
+    np.testing.assert_allclose(out[6], m_ref, **TOL[np.float32])
