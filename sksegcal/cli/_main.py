@@ -71,7 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the whole job on the embedded brain-MRI default (no GPU, no internet)",
         description="Load the small U-Net shipped for the MNI152 slices (or train one with "
         "--retrain), calibrate it with "
-        "temperature scaling and selective scaling, evaluate in-domain and under "
+        "temperature scaling, selective scaling and the calibrator search "
+        "(CalibratorSearchCV), evaluate in-domain and under "
         "an acquisition shift, print a table and write a report folder.",
     )
     p.add_argument(
