@@ -121,7 +121,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--classifier",
         choices=CLASSIFIERS,
         default="default",
-        help="correctness classifier of selective scaling: the calibrator's "
+        help="correctness classifier of selective scaling (the calibrator "
+        "search's candidates keep their own): the calibrator's "
         "default (logistic regression on class-agnostic features), the paper's "
         "MLP with 40 epochs, gradient boosting or logistic regression "
         "(default: default)",
@@ -132,7 +133,8 @@ def _build_parser() -> argparse.ArgumentParser:
         default="none",
         help="what selective scaling's detector reads beside each pixel's "
         "probabilities: nothing, or the spatial context of its neighbourhood "
-        "(docs/spatial.md) (default: none)",
+        "(docs/spatial.md); with spatial, local temperature scaling on that "
+        "context also joins the calibrator search's candidates (default: none)",
     )
     p.add_argument(
         "--keep-stores",
@@ -222,8 +224,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "train and -validation images (a split by image is made and recorded in "
         "the store if it has none) and save it: a skops file (safe to share and "
         "to load without --trusted) unless --output ends in .joblib or .pkl. "
-        "Each option below sets the estimator parameter of its name; an option "
-        "left out keeps the estimator's default.",
+        "An option marked selective or search sets the estimator parameter of "
+        "its name; one left out keeps the estimator's default.",
     )
     p.add_argument("store", help="LogitStore folder")
     p.add_argument(
@@ -233,7 +235,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="selective scaling (SelectiveScalingCalibrator), the calibrator search "
         "(CalibratorSearchCV: temperature, soft and generalised selective, and "
         "local temperature scaling, compared image by image; it prints what it "
-        "chose and the evidence), temperature scaling, or local temperature "
+        "chose and the evidence; its shift_check needs perturbed copies of the "
+        "images run through your model, which a store of logits does not hold, "
+        "so it is for Python: CalibratorSearchCV(shift_check=...)), temperature "
+        "scaling, or local temperature "
         "scaling (a temperature per pixel from its spatial context; "
         "docs/spatial.md) (default: selective)",
     )
@@ -265,9 +270,7 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_count(2),
         default=None,
         help="search (parameter cv): folds by image of the cross-validation "
-        "(default: the search's, 3). The search's shift check needs perturbed "
-        "copies of the images run through your model, which a store of logits "
-        "does not hold: use CalibratorSearchCV(shift_check=...) in Python for it",
+        "(default: the search's, 3)",
     )
     p.add_argument(
         "--max-cv-pixels",
