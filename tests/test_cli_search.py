@@ -193,3 +193,23 @@ def test_a_spatial_search_whose_winner_reads_no_context_evaluates(tmp_path, caps
         LogitStore.open(store), {"winner": search.best_estimator_}, images="test"
     )["winner"].summary()
     assert metrics["spatial"]["nll"] == pytest.approx(ref["nll"], rel=1e-6)
+
+
+def test_a_saved_search_gives_the_conformal_sets_of_its_winner(store, fitted, capsys):
+    from sksegcal.persistence import save
+
+    path, _ = fitted
+    winner = store.parent / "winner.skops"
+    save(load(path).best_estimator_, winner)
+    out = store.parent / "conformal"
+    args = ["conformal", str(store), "-c", str(path), "-c", str(winner), "--images", "all"]
+    assert main(args + ["--alpha", "0.3", "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    rows = json.loads((out / "conformal.json").read_text())["results"]
+    by_method = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(
+            {k: v for k, v in row.items() if k != "method"}
+        )
+    assert np.isfinite(by_method["s"][0]["threshold"])
+    assert by_method["s"] == by_method["winner"]
