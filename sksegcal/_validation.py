@@ -58,11 +58,19 @@ def check_calibrator_classes(calibrator, n_classes: int, *, what: str, where: st
     calibrators without ``n_features_in_`` (foreign estimators) pass.
     """
     n_features = getattr(calibrator, "n_features_in_", None)
-    if n_features is not None and n_features != n_classes:
-        raise ValueError(
-            f"{what} was fitted on {n_features} classes but {where} has {n_classes}; fit it "
-            "on logits of the same model."
-        )
+    if n_features is None or n_features == n_classes:
+        return
+    # a CalibratorSearchCV fitted with context columns whose winner reads none also takes
+    # the logit columns alone: its n_classes_ is then the count to compare
+    if (
+        getattr(calibrator, "n_classes_", None) == n_classes
+        and getattr(calibrator, "reads_context", "") is None
+    ):
+        return
+    raise ValueError(
+        f"{what} was fitted on {n_features} classes but {where} has {n_classes}; fit it "
+        "on logits of the same model."
+    )
 
 
 def check_ignore_index(ignore_index) -> int | None:

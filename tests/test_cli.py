@@ -831,6 +831,8 @@ def test_demo_quick(tmp_path, capsys):
         "uncalibrated",
         "temperature scaling",
         "selective scaling",
+        "calibrator search",
+        "CalibratorSearchCV",
         "ECE",
         "MCE",
         "NLL",
@@ -844,6 +846,7 @@ def test_demo_quick(tmp_path, capsys):
         "metrics.json",
         "metrics.csv",
         "calibrator.joblib",
+        "search.joblib",
         "report.md",
         "reliability_test.png",
         "reliability_shifted-test.png",
@@ -855,7 +858,7 @@ def test_demo_quick(tmp_path, capsys):
     for split in metrics["results"].values():
         # every method is scored with the network's own prediction: temperatures (t2 = 1e10
         # included, whose rows are uniform) never change accuracy or mIoU
-        for method in ("temperature scaling", "selective scaling"):
+        for method in ("temperature scaling", "selective scaling", "calibrator search"):
             for key in ("accuracy", "miou"):
                 assert split[method][key] == pytest.approx(split["uncalibrated"][key])
     assert metrics["network"]["shipped"] and not metrics["network"]["cached"]

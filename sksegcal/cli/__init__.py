@@ -3,15 +3,17 @@
 ``sksegcal demo`` is the whole job on the embedded default (see
 :mod:`sksegcal.datasets`): a small U-Net (trained once, cached), its logits on
 held-out and shifted slices, a :class:`~sksegcal.store.LogitStore`, an
-image-level split, temperature scaling and selective scaling (t1 and t2 chosen
-by a grid search on the calibrator-validation images), evaluation on the test
-images in and out of domain, and a report folder.
+image-level split, temperature scaling, selective scaling (its defaults: t1 and
+t2 fitted on held-out images, the guard against losing to TS) and
+:class:`~sksegcal.CalibratorSearchCV` (the family's best by per-image NLL),
+evaluation on the test images in and out of domain, and a report folder.
 
 The other subcommands are the same steps for your own data::
 
     sksegcal extract --logits logits.npy --labels labels.npy --store my-store
     sksegcal fit my-store --method selective --output selective.skops
     sksegcal fit my-store --method temperature --output ts.skops
+    sksegcal fit my-store --method search --output search.skops
     sksegcal evaluate my-store --calibrator ts.skops --calibrator selective.skops \\
         --output results
     sksegcal report results

@@ -119,6 +119,36 @@ def local_temperature_info(lts) -> dict:
     }
 
 
+def search_info(search) -> dict:
+    """What to print and record about a fitted CalibratorSearchCV: the choice and its evidence.
+
+    ``evidence`` is one line: the winner's mean held-out NLL per image against TS's,
+    with the paired t statistic (``summary()`` has every candidate's).
+    """
+    r = search.cv_results_
+    best, n_images = search.best_index_, int(np.sum(~np.isnan(search.image_nll_[0])))
+    where = f"{n_images} held-out images in {search.n_splits_} folds"
+    if best == 0:  # TS: say which candidate came closest and why it was not kept
+        others = [i for i in range(1, len(r["name"])) if r["error"][i] is None]
+        closest = max(others, key=lambda i: r["t_statistic"][i], default=None)
+        evidence = f"no candidate beat TS with support over {where}" + (
+            f" (closest: {r['name'][closest]}, gain {r['mean_improvement'][closest]:+.5f} "
+            f"nats per image, t = {r['t_statistic'][closest]:.2f})"
+            if closest is not None
+            else ""
+        )
+    else:
+        evidence = (
+            f"NLL per image {r['mean_image_nll'][best]:.5f} against TS's "
+            f"{r['mean_image_nll'][0]:.5f} over {where} (gain {r['mean_improvement'][best]:+.5f}, "
+            f"paired t = {r['t_statistic'][best]:.2f}, p = {r['p_value'][best]:.2g})"
+        )
+    return {
+        "chosen": f"{search.best_name_} ({type(search.best_estimator_).__name__})",
+        "evidence": evidence,
+    }
+
+
 def selective_info(selective, search) -> dict:
     """What to print and record about a fitted selective-scaling calibrator."""
     info = {}

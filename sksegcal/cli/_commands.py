@@ -16,6 +16,7 @@ from ._calibrate import (
     output_format,
     parse_temperature,
     save_calibrator,
+    search_info,
     selective_info,
 )
 from ._common import (
@@ -149,16 +150,72 @@ def _extract_mmseg(args) -> int:
 
 
 # --------------------------------------------------------------------------- fit
-# options of `fit` that set a parameter of SelectiveScalingCalibrator (left out: its default)
-_SELECTIVE_OPTIONS = ("t1", "t2", "classifier", "features", "context", "mode")
+# what each --method fits, and the options of `fit` that set one of its parameters (of the
+# same name, through set_params; an option left out sets nothing, so the estimator keeps
+# its own default: `sksegcal fit STORE` fits SelectiveScalingCalibrator(random_state=seed))
+METHOD_OPTIONS = {
+    "selective": ("t1", "t2", "classifier", "features", "context", "mode"),
+    "search": ("context", "cv", "max_cv_pixels"),
+    "temperature": (),
+    "lts": (),
+}
+_METHOD_NAMES = {
+    "selective": "selective scaling",
+    "search": "the calibrator search",
+    "temperature": "temperature scaling",
+    "lts": "local temperature scaling",
+}
 
 
-def selective_options(args) -> tuple[dict, dict]:
-    """The parameters the options set, and the grid of those given several values.
+def make_estimator(method: str, seed: int):
+    """The estimator ``--method`` fits, every parameter at its default but the seed."""
+    from ..calibrators._search import CalibratorSearchCV
+    from ..local_scaling import LocalTemperatureScaling
+    from ..scaling import TemperatureScaling
+    from ..selective import SelectiveScalingCalibrator
 
-    An option left out sets nothing, so the calibrator keeps its own default:
-    ``sksegcal fit`` alone fits ``SelectiveScalingCalibrator(random_state=seed)``.
+    if method == "selective":
+        return SelectiveScalingCalibrator(random_state=seed)
+    if method == "search":
+        return CalibratorSearchCV(random_state=seed)
+    if method == "lts":
+        return LocalTemperatureScaling()
+    return TemperatureScaling()
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def method_options(args) -> tuple[dict, dict]:
+    """The parameters the options set on ``--method``'s estimator, and the grid of t1/t2.
+
+    An option that sets no parameter of that estimator is an error that names the
+    methods it belongs to. ``--t1`` / ``--t2`` given several values form a grid
+    searched on the validation images (selective scaling only).
     """
+    method = args.method
+    foreign = {}
+    for other, names in METHOD_OPTIONS.items():
+        for name in names:
+            if name not in METHOD_OPTIONS[method] and getattr(args, name, None) is not None:
+                foreign.setdefault(name, []).append(other)
+    if foreign:
+        problems = [
+            f"{_option(name)} sets a parameter of "
+            + " or of ".join(f"{_METHOD_NAMES[m]} (--method {m})" for m in owners)
+            for name, owners in foreign.items()
+        ]
+        raise CommandError(
+            "; ".join(problems)
+            + f"; --method {method} has none of them"
+            + (
+                " (--method lts always reads the spatial context, --method temperature never)"
+                if "context" in foreign and method in ("lts", "temperature")
+                else ""
+            )
+            + "."
+        )
     params, grid = {}, {}
     for name in ("t1", "t2"):
         values = getattr(args, name, None)
@@ -170,33 +227,21 @@ def selective_options(args) -> tuple[dict, dict]:
                 grid[name] = values
     if getattr(args, "classifier", None) is not None:
         params["classifier"] = make_classifier(args.classifier, args.seed, quick=False)
-    if getattr(args, "features", None) is not None:
-        params["features"] = args.features
     if getattr(args, "context", None) is not None:
         params["context"] = None if args.context == "none" else args.context
-    if getattr(args, "mode", None) is not None:
-        params["mode"] = args.mode
+    for name in ("features", "mode", "cv", "max_cv_pixels"):
+        if getattr(args, name, None) is not None:
+            params[name] = getattr(args, name)
     return params, grid
 
 
 def fit(args) -> int:
-    """``fit``: temperature, selective or local temperature scaling on train + validation."""
-    from ..local_scaling import LocalTemperatureScaling
-    from ..scaling import TemperatureScaling
-    from ..selective import SelectiveScalingCalibrator
+    """``fit``: the estimator of ``--method`` on the train + validation images."""
     from ..store import fit_store
 
     # check the arguments and the output before anything is fitted or written into the store
-    if args.method != "selective":
-        given = [f"--{n}" for n in _SELECTIVE_OPTIONS if getattr(args, n, None) is not None]
-        if given:
-            raise CommandError(
-                f"{', '.join(given)} "
-                f"{'sets a parameter' if len(given) == 1 else 'set parameters'} of selective "
-                f"scaling (--method selective); --method {args.method} has none of them "
-                "(--method lts always reads the spatial context, --method temperature never)."
-            )
-    params, grid = selective_options(args)
+    params, grid = method_options(args)
+    estimator = make_estimator(args.method, args.seed).set_params(**params)
     output = check_output_file(args.output)
     fmt = output_format(output)
     store = open_store(args.store, n_classes=args.n_classes)
@@ -216,18 +261,20 @@ def fit(args) -> int:
     fit_ids = np.concatenate([split.train, split.validation])
     sample = {"images": fit_ids, "max_pixels": args.max_pixels, "random_state": args.seed}
     t0 = time.perf_counter()
-    if args.method == "temperature":
-        est = fit_store(TemperatureScaling(), store, **sample)
-        info = {"temperature": round(float(est.temperature_), 4)}
-    elif args.method == "lts":
-        est = fit_store(LocalTemperatureScaling(), store, **sample)
-        info = local_temperature_info(est)
-    else:
-        selective = SelectiveScalingCalibrator(random_state=args.seed).set_params(**params)
+    summary = None
+    if args.method == "selective":
         est, search = fit_selective(
-            selective, store, split, grid=grid, max_pixels=args.max_pixels, seed=args.seed
+            estimator, store, split, grid=grid, max_pixels=args.max_pixels, seed=args.seed
         )
         info = selective_info(est, search)
+    else:
+        est = fit_store(estimator, store, **sample)
+        if args.method == "temperature":
+            info = {"temperature": round(float(est.temperature_), 4)}
+        elif args.method == "lts":
+            info = local_temperature_info(est)
+        else:
+            info, summary = search_info(est), est.summary()
     output.parent.mkdir(parents=True, exist_ok=True)
     save_calibrator(est, output, fmt)
     print(
@@ -235,6 +282,8 @@ def fit(args) -> int:
         + ", ".join(f"{k} = {fmt_value(v)}" for k, v in info.items())
         + f" ({time.perf_counter() - t0:.1f} s); saved to {output} ({fmt})"
     )
+    if summary is not None:  # what the search chose, and every candidate's evidence
+        print(summary)
     return 0
 
 

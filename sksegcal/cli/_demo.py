@@ -5,8 +5,10 @@ Data (:mod:`sksegcal.datasets`) -> the demo's segmentation network
 ``--retrain``) -> its logits on held-out and shifted slices in two
 :class:`~sksegcal.store.LogitStore` -> a split by slice -> temperature scaling
 and selective scaling (its default: both temperatures fitted on held-out
-images, the cross-fitted guard against losing to TS) -> evaluation on the test
-images in and out of domain -> a report folder (:mod:`._report`). With
+images, the cross-fitted guard against losing to TS) and the calibrator search
+(:class:`~sksegcal.CalibratorSearchCV` with its defaults: the family's best by
+per-image NLL) -> evaluation on the test images in and out of domain -> a
+report folder (:mod:`._report`). With
 ``--context spatial`` the detector of selective scaling also reads each pixel's
 spatial context, computed per image by the store engine; by default nothing of
 it is computed and the demo prints what the README shows.
@@ -23,12 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from .._progress import progress
-from ._calibrate import make_classifier, save_calibrator, selective_info
+from ._calibrate import make_classifier, save_calibrator, search_info, selective_info
 from ._common import UNCALIBRATED, CommandError, check_output_dir, fmt_value, say, threads
 from ._report import format_table, summaries, write_metrics, write_report
 
 TS = "temperature scaling"
 SELECTIVE = "selective scaling"
+SEARCH = "calibrator search"
+# the search's fit sample in the demo (CalibratorSearchCV's own max_cv_pixels default)
+SEARCH_PIXELS = 100_000
+QUICK_CV_PIXELS = 20_000
 _SUBSETS = ("calibration", "shifted")
 # the report's boundary band: pixels within 2 px of another label (the paper's ablation)
 BOUNDARY_WIDTH = 2
@@ -217,6 +223,7 @@ def _ids_of(store, part, slices) -> np.ndarray:
 
 def _run_demo(args, output: Path, store_root: Path) -> int:
     from .. import __version__
+    from ..calibrators._search import CalibratorSearchCV
     from ..pixels import ImageSplit, split_images
     from ..scaling import TemperatureScaling
     from ..selective import SelectiveScalingCalibrator
@@ -266,7 +273,7 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     shifted_test = _ids_of(shifted_store, shifted_part, slice_split.test)
     fit_ids = np.concatenate([split.train, split.validation])
 
-    say(args, "[5/6] fitting temperature scaling and selective scaling")
+    say(args, "[5/6] fitting temperature scaling, selective scaling and the calibrator search")
     t0 = time.perf_counter()
     max_pixels = 60_000 if args.quick else 400_000
     ts = fit_store(
@@ -288,10 +295,27 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
         selective, cal_store, images=fit_ids, max_pixels=max_pixels, random_state=args.seed
     )
     timings["calibrators"] = time.perf_counter() - t0
+    # what the docs recommend for a model of your own: the family's best by per-image NLL,
+    # with its defaults (its candidates' detectors are their own, not --classifier's). On a
+    # sample of SEARCH_PIXELS pixels of the same images: the rows its cross-validation uses
+    # by default, so that the search costs the demo seconds, not a refit on 400,000 pixels
+    # (--quick, a smoke test, also cross-validates on fewer)
+    t0 = time.perf_counter()
+    search = CalibratorSearchCV(context=_context(args), random_state=args.seed)
+    if args.quick:
+        search.set_params(max_cv_pixels=QUICK_CV_PIXELS)
+    search = fit_store(
+        search,
+        cal_store,
+        images=fit_ids,
+        max_pixels=min(max_pixels, SEARCH_PIXELS),
+        random_state=args.seed,
+    )
+    timings["search"] = time.perf_counter() - t0
 
     say(args, "[6/6] evaluating on the test slices, in-domain and shifted")
     t0 = time.perf_counter()
-    calibrators = {UNCALIBRATED: None, TS: ts, SELECTIVE: selective}
+    calibrators = {UNCALIBRATED: None, TS: ts, SELECTIVE: selective, SEARCH: search}
     accumulators = {
         "test": evaluate_store(
             cal_store, calibrators, images=split.test, boundary_width=BOUNDARY_WIDTH
@@ -306,6 +330,7 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     output.mkdir(parents=True, exist_ok=True)
     save_calibrator(selective, output / "calibrator.joblib", "joblib")
     save_calibrator(ts, output / "temperature_scaling.joblib", "joblib")
+    save_calibrator(search, output / "search.joblib", "joblib")
     # three test slices with the most tissue, one acquisition each: the interesting ones
     test_rows = np.flatnonzero(np.isin(cal_part.slice_index, slice_split.test))
     _, first = np.unique(cal_part.slice_index[test_rows], return_index=True)
@@ -316,6 +341,7 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
     calibrator_info = {
         TS: {"temperature": round(float(ts.temperature_), 4)},
         SELECTIVE: selective_info(selective, None),
+        SEARCH: search_info(search),
     }
     counts = {
         "test": f"{len(split.test)} images of {len(slice_split.test)} slices",
@@ -350,7 +376,12 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
             "test_slices": slice_split.test.tolist(),
         },
         "calibrators": calibrator_info,
-        "roles": {UNCALIBRATED: "uncalibrated", TS: "temperature", SELECTIVE: "selective"},
+        "roles": {
+            UNCALIBRATED: "uncalibrated",
+            TS: "temperature",
+            SELECTIVE: "selective",
+            SEARCH: "search",
+        },
         "boundary_width": BOUNDARY_WIDTH,
         "timings": timings,
     }
@@ -367,20 +398,34 @@ def _run_demo(args, output: Path, store_root: Path) -> int:
         + (", quick" if args.quick else "")
     )
     print(f"temperature scaling: T = {ts.temperature_:.3f}")
-    print("selective scaling:")
-    for key, value in calibrator_info[SELECTIVE].items():
-        if isinstance(value, dict):
-            print(f"  {key}: " + ", ".join(f"{k} {v}" for k, v in value.items()))
-        else:
-            print(f"  {key}: {fmt_value(value)}")
+    for name, title in ((SELECTIVE, "selective scaling"), (SEARCH, "calibrator search")):
+        print(f"{title}:")
+        for key, value in calibrator_info[name].items():
+            if isinstance(value, dict):
+                print(f"  {key}: " + ", ".join(f"{k} {v}" for k, v in value.items()))
+            else:
+                print(f"  {key}: {fmt_value(value)}")
     print()
     print(format_table(results, extra=counts))
     print()
     print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     print(
-        f"report: {output}/ ({', '.join(written)}, calibrator.joblib, temperature_scaling.joblib)"
+        f"report: {output}/ ({', '.join(written)}, calibrator.joblib, "
+        "temperature_scaling.joblib, search.joblib)"
     )
+    print()
+    print(RECOMMENDATION)
     return 0
+
+
+# the demo's closing lines: what to use on a model of your own
+RECOMMENDATION = (
+    "On your own model: CalibratorSearchCV chooses among temperature, selective and local\n"
+    "temperature scaling by per-image NLL on your calibration images, and keeps temperature\n"
+    "scaling unless another is better with support:\n"
+    "  sksegcal fit STORE --method search -o calibrator.skops\n"
+    "  CalibratorSearchCV(random_state=0).fit(X, y, groups=groups)   # in Python"
+)
 
 
 def _rewrite_timings(path: Path, timings: dict) -> None:

@@ -71,7 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the whole job on the embedded brain-MRI default (no GPU, no internet)",
         description="Load the small U-Net shipped for the MNI152 slices (or train one with "
         "--retrain), calibrate it with "
-        "temperature scaling and selective scaling, evaluate in-domain and under "
+        "temperature scaling, selective scaling and the calibrator search "
+        "(CalibratorSearchCV), evaluate in-domain and under "
         "an acquisition shift, print a table and write a report folder.",
     )
     p.add_argument(
@@ -120,7 +121,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--classifier",
         choices=CLASSIFIERS,
         default="default",
-        help="correctness classifier of selective scaling: the calibrator's "
+        help="correctness classifier of selective scaling (the calibrator "
+        "search's candidates keep their own): the calibrator's "
         "default (logistic regression on class-agnostic features), the paper's "
         "MLP with 40 epochs, gradient boosting or logistic regression "
         "(default: default)",
@@ -131,7 +133,8 @@ def _build_parser() -> argparse.ArgumentParser:
         default="none",
         help="what selective scaling's detector reads beside each pixel's "
         "probabilities: nothing, or the spatial context of its neighbourhood "
-        "(docs/spatial.md) (default: none)",
+        "(docs/spatial.md); with spatial, local temperature scaling on that "
+        "context also joins the calibrator search's candidates (default: none)",
     )
     p.add_argument(
         "--keep-stores",
@@ -214,20 +217,30 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "fit",
         help="fit a calibrator on a store's train/validation images",
-        description="Fit temperature, selective or local temperature scaling on the store's "
-        "calibrator-"
+        description="Fit selective scaling, temperature scaling, local temperature scaling or "
+        "the calibrator search (CalibratorSearchCV: the best of them by "
+        "cross-validated per-image NLL, never worse than temperature scaling on "
+        "its folds) on the store's calibrator-"
         "train and -validation images (a split by image is made and recorded in "
         "the store if it has none) and save it: a skops file (safe to share and "
-        "to load without --trusted) unless --output ends in .joblib or .pkl.",
+        "to load without --trusted) unless --output ends in .joblib or .pkl. "
+        "An option marked selective or search sets the estimator parameter of "
+        "its name; one left out keeps the estimator's default.",
     )
     p.add_argument("store", help="LogitStore folder")
     p.add_argument(
         "--method",
-        choices=("selective", "temperature", "lts"),
+        choices=("selective", "search", "temperature", "lts"),
         default="selective",
-        help="selective scaling, temperature scaling, or local temperature scaling "
-        "(a temperature per pixel from its spatial context; docs/spatial.md) "
-        "(default: selective)",
+        help="selective scaling (SelectiveScalingCalibrator), the calibrator search "
+        "(CalibratorSearchCV: temperature, soft and generalised selective, and "
+        "local temperature scaling, compared image by image; it prints what it "
+        "chose and the evidence; its shift_check needs perturbed copies of the "
+        "images run through your model, which a store of logits does not hold, "
+        "so it is for Python: CalibratorSearchCV(shift_check=...)), temperature "
+        "scaling, or local temperature "
+        "scaling (a temperature per pixel from its spatial context; "
+        "docs/spatial.md) (default: selective)",
     )
     p.add_argument(
         "--output",
@@ -242,10 +255,30 @@ def _build_parser() -> argparse.ArgumentParser:
         "--context",
         choices=("none", "spatial"),
         default=None,
-        help="selective (parameter context): what the correctness detector reads "
-        "beside each pixel's probabilities: nothing, or the spatial context of "
-        "its neighbourhood, computed per image from the store (default: the "
-        "calibrator's, none)",
+        help="selective and search (parameter context): what the correctness "
+        "detector reads beside each pixel's probabilities (selective), or whether "
+        "local temperature scaling on the spatial context joins the candidates "
+        "(search): nothing, or the spatial context of each pixel's "
+        "neighbourhood, computed per image from the store (default: the "
+        "estimator's, none)",
+    )
+    # the search's parameters; shift_check needs perturbed copies of the images run through
+    # the model, which a store of logits cannot supply, and allow_label_change only matters
+    # with candidates of the user's own: both are for the Python API
+    p.add_argument(
+        "--cv",
+        type=_count(2),
+        default=None,
+        help="search (parameter cv): folds by image of the cross-validation "
+        "(default: the search's, 3)",
+    )
+    p.add_argument(
+        "--max-cv-pixels",
+        type=_count(2),
+        default=None,
+        help="search (parameter max_cv_pixels): pixels of the sample the "
+        "cross-validation uses, which bounds its cost; the winner is refitted on "
+        "the whole sample (default: the search's, 100000)",
     )
     p.add_argument(
         "--t2",
