@@ -35,11 +35,12 @@ kernels cut the window by their loop bounds; the clipped distance searches
 only ``max_distance`` rows and columns); the NumPy fallback gives the same
 bits (the exponentials are NumPy's on both paths, the sums add in one order).
 
-Every value lies in a known range (:data:`CONTEXT_RANGES`: shares and margins
-in [0, 1], distances >= 0, entropies in [0, log C] with C the logit columns,
-the window mean of the entropy at most its maximum, all up to float32
-rounding). :func:`check_context_block` tests the columns after the logits of
-a pixel table against them; every calibrator that reads the context calls it
+Every value lies in a known range and every row keeps known relations
+(:data:`CONTEXT_RANGES`: shares and margins in [0, 1], distances >= 0,
+entropies in [0, log C] with C the logit columns, all up to float32 rounding;
+the window mean of the entropy at most its maximum, a distance of 0 exactly
+where ``disagree_3x3 > 0``). :func:`check_context_block` tests the columns
+after the logits of a pixel table against them; every calibrator that reads the context calls it
 at fit and predict, so a table with another number of context columns (a
 context column read as a logit, or a logit as a context column) is refused
 with the column named instead of fitting the wrong number of classes.
