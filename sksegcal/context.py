@@ -34,6 +34,16 @@ the pass over the classes and the window operations are compiled (the window
 kernels cut the window by their loop bounds; the clipped distance searches
 only ``max_distance`` rows and columns); the NumPy fallback gives the same
 bits (the exponentials are NumPy's on both paths, the sums add in one order).
+
+Every value lies in a known range and every row keeps known relations
+(:data:`CONTEXT_RANGES`: shares and margins in [0, 1], distances >= 0,
+entropies in [0, log C] with C the logit columns, all up to float32 rounding;
+the window mean of the entropy at most its maximum, a distance of 0 exactly
+where ``disagree_3x3 > 0``). :func:`check_context_block` tests the columns
+after the logits of a pixel table against them; every calibrator that reads the context calls it
+at fit and predict, so a table with another number of context columns (a
+context column read as a logit, or a logit as a context column) is refused
+with the column named instead of fitting the wrong number of classes.
 """
 
 from __future__ import annotations
@@ -50,7 +60,14 @@ from ._kernels import HAVE_NUMBA  # noqa: F401
 from ._uncertainty import entropy_from_sums, margin_from_sums
 from ._validation import check_finite
 
-__all__ = ["CONTEXT_FEATURES", "image_context", "n_context_features", "spatial_context"]
+__all__ = [
+    "CONTEXT_FEATURES",
+    "CONTEXT_RANGES",
+    "check_context_block",
+    "image_context",
+    "n_context_features",
+    "spatial_context",
+]
 
 #: Names of the spatial context features, in column order.
 CONTEXT_FEATURES: tuple[str, ...] = (
@@ -63,6 +80,71 @@ CONTEXT_FEATURES: tuple[str, ...] = (
 )
 
 _DEFAULT_MAX_DISTANCE = 16.0
+
+
+def _max_entropy(n_classes: int) -> float:
+    """The largest softmax entropy over ``n_classes`` classes (nats): log C."""
+    return float(np.log(n_classes))
+
+
+#: The valid range ``(low, high)`` of each spatial context column; a callable bound
+#: takes C, the number of logit columns. The shares are counts over counts and the
+#: margin ``(1 - exp(t2 - t1)) / S`` with ``S >= 1``: both in [0, 1]. The distance is
+#: clipped at ``max_distance``, a parameter of :func:`spatial_context`, so only its floor
+#: is fixed. The entropy ``log S - sum(e d) / S`` of a softmax lies in [0, log C].
+SPATIAL_RANGES: dict[str, tuple] = {
+    "disagree_3x3": (0.0, 1.0),
+    "disagree_7x7": (0.0, 1.0),
+    "boundary_distance": (0.0, np.inf),
+    "entropy_mean_5x5": (0.0, _max_entropy),
+    "entropy_max_5x5": (0.0, _max_entropy),
+    "margin_mean_5x5": (0.0, 1.0),
+}
+
+
+def _mean_above_max(mean: np.ndarray, maximum: np.ndarray, slack: float) -> np.ndarray:
+    return mean - maximum > slack
+
+
+def _boundary_mismatch(share: np.ndarray, distance: np.ndarray, slack: float) -> np.ndarray:
+    return (share > 0) != (distance == 0)
+
+
+def _share_not_nested(small: np.ndarray, large: np.ndarray, slack: float) -> np.ndarray:
+    return (small > 0) & ~(large > 0)
+
+
+#: Relations between two spatial columns that hold in every row: ``(a, b, violated, what
+#: holds)``, ``violated(a, b, slack)`` marking the rows that break it. The mean and the
+#: maximum are over the same window; a boundary pixel is one with another predicted class
+#: among its 8 neighbours (``disagree_3x3 > 0``), the only pixels at distance 0 (all others
+#: are at least 1 away, or at the clip); the 3x3 neighbours are among the 7x7 ones.
+SPATIAL_RULES: tuple[tuple, ...] = (
+    (
+        "entropy_mean_5x5",
+        "entropy_max_5x5",
+        _mean_above_max,
+        "a window's mean entropy never exceeds its maximum",
+    ),
+    (
+        "disagree_3x3",
+        "boundary_distance",
+        _boundary_mismatch,
+        "boundary_distance is 0 exactly where disagree_3x3 > 0 (the predicted boundary)",
+    ),
+    (
+        "disagree_3x3",
+        "disagree_7x7",
+        _share_not_nested,
+        "disagree_7x7 > 0 wherever disagree_3x3 > 0 (the 3x3 neighbours are among the 7x7)",
+    ),
+)
+
+#: Per context kind: its column names, the range of each (:data:`SPATIAL_RANGES`) and the
+#: relations every row keeps (:data:`SPATIAL_RULES`); :func:`check_context_block` reads it.
+CONTEXT_RANGES: dict[str, tuple] = {
+    "spatial": (CONTEXT_FEATURES, SPATIAL_RANGES, SPATIAL_RULES),
+}
 
 
 def n_context_features() -> int:
@@ -425,6 +507,138 @@ def spatial_context(logits, *, max_distance: float = _DEFAULT_MAX_DISTANCE) -> n
 # --------------------------------------------------------------------------
 #: The context kinds the package computes per image: a calibrator's ``reads_context``.
 CONTEXT_KINDS: tuple[str, ...] = ("spatial",)
+
+
+# Float rounding allowed beyond each bound. Absolute: the 3-D window means are float64
+# running sums (scipy's uniform filter), whose cancellation leaves ~1e-16 around 0 and 1.
+# Relative to log C, for the entropies: a float32 sum of C exponentials and of C products
+# errs by at most ~(C + 4) units of 2**-24 relative to each sum, and the entropy by that times
+# (1 + log C) (the weighted term is at most log C); twice that bound is allowed (measured:
+# 7e-7 relative at C = 1000, 1.3e-7 at C = 3, against 4e-4 and 2e-6 allowed).
+_ABSOLUTE_SLACK = 1e-6
+_BIG = float(np.finfo(np.float64).max)
+
+
+def _entropy_slack(n_classes: int) -> float:
+    return (n_classes + 8) * 2.0**-23 * (1.0 + np.log(n_classes))
+
+
+# rows per block of the check: bounded temporaries (a few MB) on tables of any length
+_CHECK_BLOCK_ROWS = 1 << 16
+
+
+def check_context_block(
+    X: np.ndarray, n_logit_columns: int, kind: str, *, where: str = "X"
+) -> None:
+    """Check that the columns of ``X`` after its logit columns are context of ``kind``.
+
+    ``X`` is a validated pixel table: ``n_logit_columns`` logit columns, then
+    the ``context_width(kind)`` columns that
+    ``flatten_segmentation(..., context=kind)`` (:func:`image_rows`) builds.
+    Each context column is tested against its range in
+    :data:`CONTEXT_RANGES` and each row against the relations declared there,
+    with float32 rounding allowed; a NaN or infinite context value is out of
+    range. One pass over blocks of rows (per-column minima and maxima, one
+    comparison per relation), no copy of the table.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_pixels, n_logit_columns + K)
+    n_logit_columns : int
+        C, the logit (or probability) columns before the context.
+    kind : str
+        One of :data:`CONTEXT_KINDS`.
+    where : str, default="X"
+        Who reads the table, named in the error.
+
+    Raises
+    ------
+    ValueError
+        Naming the first column out of its range (or the first relation
+        broken), how many rows are, and the likely cause: the table was not
+        built by ``flatten_segmentation(..., context=kind)`` of this package
+        version, e.g. with another number of context columns, so a context
+        column is read as a logit or a logit as a context column.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksegcal.context import check_context_block, image_rows
+    >>> z = np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.float32)
+    >>> X = image_rows(z, "spatial")                       # 3 logit + 6 context columns
+    >>> check_context_block(X, 3, "spatial")               # passes
+    >>> seven = np.hstack([X, X[:, 3:4]])                  # a seventh context column
+    >>> check_context_block(seven, 4, "spatial")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: The context columns 'entropy_mean_5x5' and 'entropy_max_5x5' of X ...
+    """
+    _check_kind(kind, "kind")
+    names, ranges, rules = CONTEXT_RANGES[kind]
+    k = len(names)
+    c = int(n_logit_columns)
+    if X.ndim != 2 or X.shape[1] != c + k:
+        raise ValueError(
+            f"{where} has shape {X.shape}; {c} logit columns and the {k} {kind!r} context "
+            f"columns make {c + k}."
+        )
+    bounds = np.array(
+        [[lo, hi(c) if callable(hi) else hi] for lo, hi in (ranges[m] for m in names)],
+        dtype=np.float64,
+    )
+    slack = _ABSOLUTE_SLACK + np.array(
+        [_entropy_slack(c) if callable(ranges[m][1]) else 0.0 for m in names]
+    )
+    # an infinite bound becomes the largest double, so an infinite value is out of range
+    low = np.maximum(bounds[:, 0] - slack, -_BIG)
+    high = np.minimum(bounds[:, 1] + slack, _BIG)
+    pairs = [(names.index(a), names.index(b), test) for a, b, test, _ in rules]
+    n = X.shape[0]
+    lo_seen, hi_seen = np.full(k, np.inf), np.full(k, -np.inf)
+    broken = np.zeros(len(rules), dtype=np.int64)
+    nan_seen = False
+    for r0 in range(0, n, _CHECK_BLOCK_ROWS):
+        block = X[r0 : r0 + _CHECK_BLOCK_ROWS, c:]
+        lo_b, hi_b = block.min(axis=0), block.max(axis=0)  # NaN propagates into both
+        nan_seen = nan_seen or bool(np.isnan(lo_b).any())
+        np.fmin(lo_seen, lo_b, out=lo_seen)
+        np.fmax(hi_seen, hi_b, out=hi_seen)
+        for p, (i, j, test) in enumerate(pairs):
+            broken[p] += np.count_nonzero(test(block[:, i], block[:, j], max(slack[i], slack[j])))
+    if not nan_seen and ((lo_seen >= low) & (hi_seen <= high)).all() and not broken.any():
+        return
+    cause = (
+        f"The columns after the {c} logit columns are not the {k} {kind!r} context columns "
+        f"{list(names)}: the table was likely not built by flatten_segmentation(..., "
+        f"context={kind!r}) (or sksegcal.context.image_rows) of this package version, e.g. "
+        "with another number of context columns, so that a context column is read as a logit "
+        "or a logit as a context column. Rebuild the table with flatten_segmentation(logits, "
+        f"labels, context={kind!r}), or give the calibrator the context the table holds."
+    )
+    out_of_range = []
+    for m in range(k):
+        count = 0
+        for r0 in range(0, n, _CHECK_BLOCK_ROWS):
+            part = X[r0 : r0 + _CHECK_BLOCK_ROWS, c + m]
+            count += int(np.count_nonzero(~((part >= low[m]) & (part <= high[m]))))
+        if count:
+            out_of_range.append((m, count))
+    if out_of_range:
+        m, count = out_of_range[0]
+        more = len(out_of_range) - 1
+        others = f" ({more} more context column(s) out of range too)" if more else ""
+        raise ValueError(
+            f"The context column {names[m]!r} of {where} (column {c + m} of {c + k}) has "
+            f"{count} of {n} rows outside its range [{bounds[m, 0]:.6g}, {bounds[m, 1]:.6g}] "
+            f"(values from {lo_seen[m]:.6g} to {hi_seen[m]:.6g}){others}. {cause}"
+        )
+    p = int(np.flatnonzero(broken)[0])
+    a, b, _, holds = rules[p]
+    raise ValueError(
+        f"The context columns {a!r} and {b!r} of {where} (columns {c + names.index(a)} and "
+        f"{c + names.index(b)} of {c + k}) break a relation of real context in {broken[p]} "
+        f"of {n} rows: {holds}. {cause}"
+    )
 
 
 def context_width(context: str | None) -> int:

@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,58 @@ def make_logits(n=4000, n_classes=4, *, scale=4.0, noise=1.0, seed=0, dtype=np.f
     y = rng.integers(0, n_classes, size=n)
     X = scale * (np.eye(n_classes)[y] + noise * rng.normal(size=(n, n_classes)))
     return X.astype(dtype), y
+
+
+@functools.lru_cache(maxsize=8)
+def _context_pool(n_classes: int) -> np.ndarray:
+    """The spatial context rows of four random 64x64 maps of 16x16 regions (read-only)."""
+    from sksegcal.context import image_rows
+
+    rng = np.random.default_rng(12345)
+    rows = []
+    for _ in range(4):
+        regions = rng.integers(0, n_classes, size=(4, 4)).repeat(16, 0).repeat(16, 1)
+        onehot = np.moveaxis(np.eye(n_classes)[regions], -1, 0)
+        z = 3.0 * (onehot + 0.4 * rng.normal(size=(n_classes, 64, 64)))
+        rows.append(image_rows(z.astype(np.float32), "spatial")[:, n_classes:])
+    pool = np.concatenate(rows)
+    pool.flags.writeable = False
+    return pool
+
+
+def real_context_rows(n, n_classes, *, seed=0):
+    """n rows of real spatial context (float32), drawn at random from the pixels of maps.
+
+    Real rows, so in range and consistent (the calibrators check both), but drawn
+    independently of any table's logits and labels: context that carries no signal.
+    ``n_classes`` bounds the entropies (log C): give the C of the table they join.
+    """
+    pool = _context_pool(int(n_classes))
+    return pool[np.random.default_rng(seed).integers(0, len(pool), size=n)]
+
+
+def uniform_context(n, n_classes, *, seed=0):
+    """n rows of spatial context columns, each independent uniform noise in its range.
+
+    The relations real context keeps (the calibrators check them) hold: ``disagree_3x3``
+    is 0 in every row (interior pixels, so ``boundary_distance`` may be anything from 1 to
+    the clip and ``disagree_7x7`` anything in [0, 1]), and the window mean of the entropy
+    is drawn below log(C) / 2, its maximum above. Independent columns: no column carries
+    a signal, and none stands in for another.
+    """
+    from sksegcal.context import CONTEXT_FEATURES
+
+    rng = np.random.default_rng(seed)
+    half = np.log(n_classes) / 2
+    columns = {
+        "disagree_3x3": np.zeros(n),
+        "disagree_7x7": rng.random(n),
+        "boundary_distance": rng.uniform(1.0, 16.0, n),
+        "entropy_mean_5x5": rng.uniform(0.0, half, n),
+        "entropy_max_5x5": rng.uniform(half, 2 * half, n),
+        "margin_mean_5x5": rng.random(n),
+    }
+    return np.column_stack([columns[name] for name in CONTEXT_FEATURES]).astype(np.float32)
 
 
 @pytest.fixture

@@ -11,14 +11,13 @@ from scipy.stats import ttest_1samp
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 
-from conftest import make_logits
+from conftest import make_logits, real_context_rows
 from sksegcal import (
     LocalTemperatureScaling,
     MetaCalScaling,
     SelectiveScalingCalibrator,
     TemperatureScaling,
 )
-from sksegcal.context import n_context_features
 
 
 class Memoriser(ClassifierMixin, BaseEstimator):
@@ -135,8 +134,7 @@ def test_metacal_old_names_warn_and_work():
 
 def test_lts_old_names_warn_and_work():
     X, y = make_logits(n=3000, n_classes=3, seed=1)
-    rng = np.random.default_rng(0)
-    A = np.hstack([X, rng.normal(size=(len(y), n_context_features())).astype(np.float32)])
+    A = np.hstack([X, real_context_rows(len(y), 3, seed=0)])
     new = LocalTemperatureScaling(temperature_bounds=(0.01, 50.0)).fit(A, y)
     assert new.reads_context == "spatial"
     with pytest.warns(FutureWarning, match="n_context"):

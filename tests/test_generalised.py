@@ -16,7 +16,7 @@ from scipy.special import log_softmax, softmax
 from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 
-from conftest import make_logits
+from conftest import make_logits, uniform_context
 from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
 from sksegcal.calibrators._selective import _GENERALISED_L2
 from sksegcal.calibrators._solver import (
@@ -263,17 +263,23 @@ def test_guard_falls_back_to_ts_where_the_generalised_form_can_only_overfit():
 
 
 def test_affine_change_of_a_context_input_leaves_the_temperatures_unchanged():
-    """Standardisation: an input in other units (x 1e4, + 1e4) gives the same beta(x)."""
-    from sksegcal.context import n_context_features
+    """Standardisation: an input in other units (x 1e4, + 1e4) gives the same beta(x).
+
+    The input is the distance column, whose range ([0, inf)) holds both units; the other
+    context columns are uniform noise in their ranges.
+    """
+    from sksegcal.context import CONTEXT_FEATURES, n_context_features
 
     k = n_context_features()
     X, y = make_logits(6000, 4, seed=2)
     rng = np.random.default_rng(3)
     signal = rng.random(len(y))
     X = X * (1.0 + 2.0 * signal[:, None]).astype(np.float32)
-    ctx = np.column_stack([signal, rng.normal(size=(len(y), k - 1))]).astype(np.float64)
+    ctx = uniform_context(len(y), 4, seed=4).astype(np.float64)
+    distance = CONTEXT_FEATURES.index("boundary_distance")
+    ctx[:, distance] = 1.0 + 15.0 * signal  # interior pixels (disagree_3x3 = 0): from 1 to 16
     moved = ctx.copy()
-    moved[:, 0] = 1e4 * moved[:, 0] + 1e4
+    moved[:, distance] = 1e4 * moved[:, distance] + 1e4
 
     def fitted(context):
         A = np.hstack([X.astype(np.float64), context])

@@ -12,29 +12,39 @@ from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from test_estimator_checks import _COMMON, _LOGITS
 
-from conftest import make_logits
+from conftest import make_logits, real_context_rows, uniform_context
 from sksegcal import TemperatureScaling
 from sksegcal.calibrators._solver import softplus_nll
-from sksegcal.context import n_context_features
+from sksegcal.context import CONTEXT_FEATURES, n_context_features
 from sksegcal.local_scaling import LocalTemperatureScaling
 from sksegcal.pixels import flatten_segmentation
 
 K = n_context_features()
 
 
+# the informative column of _context_signal; the others are real context drawn at random
+SIGNAL = CONTEXT_FEATURES.index("margin_mean_5x5")
+
+
 def _context_signal(n=16000, seed=0):
-    """Logits whose over-confidence grows with context column 0; columns 1.. are noise."""
+    """Logits whose over-confidence grows with the margin column; the others carry nothing.
+
+    The rows are real context rows drawn at random (in range and consistent, as the
+    calibrator checks), with the margin column, which no relation ties to the others,
+    replaced by a uniform draw in its range [0, 1] that scales the logits.
+    """
     X, y = make_logits(n, 4, seed=seed)
     rng = np.random.default_rng(seed + 100)
     c = rng.random(n)
     Z = X * (1.0 + 3.0 * c[:, None]).astype(np.float32)
-    ctx = np.column_stack([c, rng.normal(size=(n, K - 1))]).astype(np.float32)
+    ctx = real_context_rows(n, 4, seed=seed + 200).copy()
+    ctx[:, SIGNAL] = c
     return np.hstack([Z, ctx]), y
 
 
 def test_constant_context_reduces_to_ts():
     X, y = make_logits(8000, 4)
-    A = np.hstack([X, np.full((len(y), K), 0.5, dtype=np.float32)])
+    A = np.hstack([X, np.repeat(real_context_rows(1, 4), len(y), axis=0)])
     lts = LocalTemperatureScaling(confidence_features=False).fit(A, y)
     ts = TemperatureScaling().fit(X, y)
     np.testing.assert_allclose(lts.temperatures(A), ts.temperature_, rtol=1e-4)
@@ -44,8 +54,7 @@ def test_constant_context_reduces_to_ts():
 
 def test_noise_context_stays_near_ts():
     X, y = make_logits(20000, 4, seed=3)
-    rng = np.random.default_rng(0)
-    A = np.hstack([X, rng.normal(size=(len(y), K)).astype(np.float32)])
+    A = np.hstack([X, uniform_context(len(y), 4, seed=0)])
     lts = LocalTemperatureScaling(confidence_features=False).fit(A, y)
     ts = TemperatureScaling().fit(X, y)
     t = lts.temperatures(A)
@@ -63,7 +72,7 @@ def test_beats_ts_when_overconfidence_depends_on_context():
     assert lts.score(A[test], y[test]) > ts.score(A[test, :C], y[test]) + 0.01
     # the learned beta falls with the informative column (larger scale -> larger temperature)
     coef = lts.temperature_coef_
-    assert coef[0] < 0 and abs(coef[0]) > 5 * np.abs(coef[1:K]).max()
+    assert coef[SIGNAL] < 0 and abs(coef[SIGNAL]) > 5 * np.abs(np.delete(coef[:K], SIGNAL)).max()
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")

@@ -10,6 +10,7 @@ from sklearn.base import clone
 from sklearn.metrics import log_loss
 from sklearn.pipeline import Pipeline
 
+from conftest import real_context_rows
 from sksegcal import (
     CalibratorSearchCV,
     EnsembleTemperatureScaling,
@@ -238,7 +239,7 @@ def test_context_columns_reach_only_the_candidates_that_read_them():
 
     X, y, groups = _data(n_images=6, per_image=300, c=3)
     k = n_context_features()
-    Xc = np.hstack([X, np.random.default_rng(0).random((len(y), k), dtype=np.float32)])
+    Xc = np.hstack([X, real_context_rows(len(y), 3, seed=0)])  # drawn apart from X, y
     _ShapeSpy.seen = []
     search = CalibratorSearchCV(
         [

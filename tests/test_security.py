@@ -28,6 +28,7 @@ from sksegcal.conformal import (
     ScoreHistogram,
     fit_conformal_store,
 )
+from sksegcal.context import CONTEXT_FEATURES
 from sksegcal.metrics import boundary_mask
 from sksegcal.persistence import load, save
 from sksegcal.store import LogitStore, evaluate_store, fit_store, predict_store
@@ -570,3 +571,110 @@ def test_context_of_huge_finite_logits_is_an_error_not_nan():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(ValueError, match="overflows float32"):
             flatten_segmentation(z, np.zeros((1, 5, 5), int), context="spatial")
+
+
+# ------------------------------------------------------------------ context column count
+def _context_table(c=C, n_images=4, seed=0):
+    """Real rows: 32x32 maps of 8x8 regions, flattened with the spatial context."""
+    from sksegcal.pixels import flatten_segmentation
+
+    rng = np.random.default_rng(seed)
+    regions = rng.integers(0, c, size=(n_images, 4, 4)).repeat(8, 1).repeat(8, 2)
+    onehot = np.moveaxis(np.eye(c)[regions], -1, 1)
+    logits = 3.0 * (onehot + 0.4 * rng.normal(size=(n_images, c, 32, 32)))
+    return flatten_segmentation(logits.astype(np.float32), regions, context="spatial")
+
+
+def _context_readers():
+    from sksegcal import CalibratorSearchCV, SelectiveScalingCalibrator
+
+    return [
+        SelectiveScalingCalibrator(context="spatial", random_state=0),
+        LocalTemperatureScaling(),
+        CalibratorSearchCV(context="spatial", random_state=0),
+    ]
+
+
+@pytest.mark.parametrize("calibrator", _context_readers(), ids=lambda e: type(e).__name__)
+def test_a_table_with_seven_context_columns_is_refused_with_the_column_named(calibrator):
+    X, y, groups = _context_table()
+    # 3 logit columns and 7 context columns: read as 4 classes, the real disagree_7x7 would be
+    # read as disagree_3x3 and boundary_distance (up to 4 px here) as disagree_7x7
+    seven = np.hstack([X, X[:, C + 5 : C + 6]])
+    assert seven.shape[1] == 4 + 6
+    kw = {"groups": groups} if "Search" in type(calibrator).__name__ else {}
+    with pytest.raises(ValueError, match=r"context column 'disagree_7x7' .* rows outside") as e:
+        calibrator.fit(seven, y, **kw)
+    assert "another number of context columns" in str(e.value)
+    assert "flatten_segmentation(..., context='spatial')" in str(e.value)
+    # five context columns: a context column read as a logit, the other way round
+    with pytest.raises(ValueError, match="another number of context columns"):
+        calibrator.fit(X[:, :-1], y, **kw)
+
+
+def test_context_columns_are_checked_at_predict_too():
+    X4, y4, _ = _context_table(c=4, n_images=2)
+    lts = LocalTemperatureScaling().fit(X4, y4)
+    X, _, _ = _context_table(n_images=1)
+    seven = np.hstack([X, X[:, C + 5 : C + 6]])  # the fitted width, 3 logits + 7 context
+    assert seven.shape[1] == lts.n_features_in_
+    with pytest.raises(ValueError, match=r"'disagree_7x7' of the X given to .*predict"):
+        lts.predict_proba(seven)
+    assert lts.predict_proba(X4).shape == (len(y4), 4)
+
+
+def test_a_real_table_passes_and_each_relation_names_its_columns():
+    from sksegcal.context import check_context_block
+
+    X, y, _ = _context_table()
+    check_context_block(X, C, "spatial")
+    LocalTemperatureScaling().fit(X, y)
+    col = {name: C + i for i, name in enumerate(CONTEXT_FEATURES)}
+    # a row whose window mean of the entropy exceeds its maximum, both in [0, log C]
+    row = int(np.argmin(X[:, col["entropy_max_5x5"]]))
+    bad = X.copy()
+    bad[row, col["entropy_mean_5x5"]] = bad[row, col["entropy_max_5x5"]] + 0.01
+    assert bad[row, col["entropy_mean_5x5"]] < np.log(C)
+    with pytest.raises(ValueError, match=r"'entropy_mean_5x5' and 'entropy_max_5x5' .* 1 of"):
+        LocalTemperatureScaling().fit(bad, y)
+    # an interior pixel (distance > 0) with a disagreeing neighbour
+    row = int(np.argmax(X[:, col["boundary_distance"]]))
+    bad = X.copy()
+    bad[row, col["disagree_3x3"]] = 0.125
+    with pytest.raises(ValueError, match=r"'disagree_3x3' and 'boundary_distance' .* 1 of"):
+        check_context_block(bad, C, "spatial")
+    # a non-finite context value is out of range (the calibrators refuse it before)
+    bad = X.copy()
+    bad[row, col["boundary_distance"]] = np.inf
+    with pytest.raises(ValueError, match=r"'boundary_distance' .* 1 of \d+ rows outside"):
+        check_context_block(bad, C, "spatial")
+
+
+@pytest.mark.parametrize(
+    "case", ["huge", "uniform", "one class predicted", "one logit column", "float64", "overflow"]
+)
+def test_rows_of_extreme_logits_pass_the_check_as_documented(case):
+    from sksegcal.context import check_context_block, image_rows
+
+    rng = np.random.default_rng(3)
+    regions = rng.integers(0, C, size=(4, 4)).repeat(4, 0).repeat(4, 1)
+    z = np.where(np.moveaxis(np.eye(C)[regions], -1, 0) > 0, 1e30, -1e30).astype(np.float32)
+    if case == "uniform":  # every entropy log C exactly, the bound, up to float32 rounding
+        z = np.zeros((C, 16, 16), np.float32)
+    elif case == "one class predicted":  # no boundary: the distance is the clip everywhere
+        z = rng.normal(size=(C, 16, 16)).astype(np.float32)
+        z[0] += 100.0
+    elif case == "one logit column":  # entropy 0, margin 1
+        z = z[:1]
+    elif case == "float64":  # features from float64 logits, rounded to float32
+        z = np.log(rng.dirichlet(np.full(C, 0.3), size=(16, 16))).transpose(2, 0, 1)
+    elif case == "overflow":  # finite, but the softmax statistics overflow float32
+        z[0, 0, 0], z[1, 0, 0] = 3e38, -3e38
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with pytest.raises(ValueError, match="overflows float32"):
+                image_rows(z, "spatial")
+        return
+    X = image_rows(z, "spatial")
+    assert X.dtype == np.float32 and np.isfinite(X).all()
+    check_context_block(X, len(z), "spatial")

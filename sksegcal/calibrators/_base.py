@@ -26,6 +26,7 @@ from .._validation import (
     warn_float_labels,
     warn_probabilities_as_logits,
 )
+from ..context import CONTEXT_RANGES, check_context_block
 from ..features import log_softmax, softmax
 from ._solver import iter_chunks
 
@@ -170,6 +171,7 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
                 "flatten_segmentation(..., context=...) builds it; set the calibrator's context "
                 "to match X."
             )
+        self._check_context(X, "fit")
         y = check_labels(y, n_classes, self.ignore_index)
         warn_probabilities_as_logits(X, n_classes, self.input_type, owner=type(self).__name__)
         if sample_weight is not None:
@@ -205,7 +207,22 @@ class BaseLogitCalibrator(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         check_pixel_table(X, owner=type(self).__name__)
         with np.errstate(over="ignore", invalid="ignore"):  # as in _validate_fit_data
             X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        self._check_context(X, "predict")
         return X
+
+    def _check_context(self, X: np.ndarray, stage: str) -> None:
+        """Refuse a validated X whose context columns are not the context this calibrator reads.
+
+        The calibrators' one test of the split of X into logit and context columns: a table
+        built with another number of context columns would otherwise be read with a context
+        column as a logit (or a logit as context), and fit that many classes.
+        """
+        kind = self.reads_context
+        if kind in CONTEXT_RANGES:
+            k = self._n_extra_columns()
+            check_context_block(
+                X, X.shape[1] - k, kind, where=f"the X given to {type(self).__name__}.{stage}"
+            )
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y, sample_weight=None):

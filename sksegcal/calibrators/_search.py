@@ -22,6 +22,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from .._validation import check_finite, check_labels, check_random_state_int, requests_groups
+from ..context import check_context_block
 
 __all__ = ["CalibratorSearchCV"]
 
@@ -431,6 +432,10 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
                 f"X has {X.shape[1]} columns, {self._n_context()} of them context "
                 f"(context={self.context!r}): fewer than 2 logit columns are left."
             )
+        if self.context is not None:
+            check_context_block(
+                X, n_classes, self.context, where="the X given to CalibratorSearchCV.fit"
+            )
         y = check_labels(y, n_classes, self.ignore_index)
         groups = np.asarray(groups).reshape(-1)
         if len(y) != X.shape[0] or len(groups) != X.shape[0]:
@@ -446,6 +451,13 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
                 raise ValueError(
                     f"X_perturbed has shape {X_perturbed.shape} but X has {X.shape}: it must "
                     "hold the same pixels, row for row, of perturbed copies of the images."
+                )
+            if self.context is not None:
+                check_context_block(
+                    X_perturbed,
+                    n_classes,
+                    self.context,
+                    where="the X_perturbed given to CalibratorSearchCV.fit",
                 )
         elif self.shift_check is not None:
             raise ValueError(
@@ -676,6 +688,10 @@ class CalibratorSearchCV(ClassifierMixin, BaseEstimator):
                     else ""
                 )
                 + "."
+            )
+        if X.shape[1] == self.n_features_in_ > self.n_classes_ and self.context is not None:
+            check_context_block(
+                X, self.n_classes_, self.context, where="the X given to CalibratorSearchCV"
             )
         return self._columns(X, self._best_context_)
 
