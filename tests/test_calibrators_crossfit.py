@@ -235,28 +235,26 @@ def test_shrinkage_is_the_least_nll_blend(case):
         assert 0.1 < lam < 0.9
 
 
-def test_one_standard_error_rule():
-    from sksegcal.calibrators._selective import _one_standard_error
+def test_a_blend_is_kept_only_with_a_gain_beyond_one_standard_error():
+    from scipy.stats import ttest_1samp
 
-    gains = np.array([0.3, 0.1, 0.2, 0.0, 0.4])  # mean 0.2, SE 0.0707
-    se = gains.std(ddof=1) / np.sqrt(len(gains))
-    # an exact parabola f(lam) = f* + h (lam - 0.8)^2 / 2 around an interior best
-    h = 4.0
-    lam = _one_standard_error(0.8, 0.0, h, gains)
-    assert h * (0.8 - lam) ** 2 / 2 == pytest.approx(se, rel=1e-12)
-    # at lambda = 1 with a slope: the rise -g d + h d^2 / 2 equals the SE
-    lam = _one_standard_error(1.0, -0.05, h, gains)
-    d = 1.0 - lam
-    assert 0.05 * d + h * d**2 / 2 == pytest.approx(se, rel=1e-12)
-    # a mean gain within one SE of nothing is no gain; nor is a best blend at TS
-    assert _one_standard_error(0.8, 0.0, h, np.array([0.3, -0.2, 0.1, -0.1])) == 0.0
-    assert _one_standard_error(0.0, 0.0, h, gains) == 0.0
-    assert _one_standard_error(0.8, 0.0, 1e-6, gains) == 0.0  # a flat path: all the way
+    from sksegcal.calibrators._selective import _gain_supported
+
+    rng = np.random.default_rng(0)
+    for size in (3, 10, 40):
+        for _ in range(30):
+            gains = rng.normal(0.0005, 0.002, size=size)
+            t = ttest_1samp(gains, 0.0).statistic
+            assert _gain_supported(gains) == (t > 1.0)
+    assert not _gain_supported(np.array([1e-3]))  # one image: no spread, no evidence
+    # every image gains the same: no spread, a supported gain; the same loss is not
+    assert _gain_supported(np.full(4, 1e-4)) and not _gain_supported(np.full(4, -1e-4))
 
 
 def test_shrink_guard_refuses_an_overfit_and_keeps_a_gain():
-    # TS is the true model (12 seeds): the default guard keeps at most a trace of
-    # selective scaling, never at a cost on new images from the same world
+    # TS is the true model (12 seeds of 20 images): a blend passes the one-standard-error
+    # screen by chance about once in six; when it does, what it costs on new images from
+    # the same world is bounded by the out-of-fold choice of lambda
     kept, worst = 0, 0.0
     for seed in range(12):
         X, y, groups = _ts_world(20, 100, seed)
@@ -264,9 +262,9 @@ def test_shrink_guard_refuses_an_overfit_and_keeps_a_gain():
         cal = SelectiveScalingCalibrator(random_state=seed).fit(X, y, groups=groups)
         kept += cal.guard_choice_ != "ts"
         ts = TemperatureScaling().fit(X, y)
-        # score is minus the mean NLL: the calibrator's NLL above TS's
-        worst = max(worst, ts.score(Xt, yt) - cal.score(Xt, yt))
-    assert kept <= 2 and worst < 1e-3
+        # score is minus the mean NLL: the calibrator's NLL above TS's, relative
+        worst = max(worst, (ts.score(Xt, yt) - cal.score(Xt, yt)) / -ts.score(Xt, yt))
+    assert kept <= 2 and worst < 5e-3
     # a visible population of confident errors: the gain is kept
     X, y, groups = _two_populations()
     cal = SelectiveScalingCalibrator(random_state=0).fit(X, y, groups=groups)

@@ -115,28 +115,17 @@ def _shrinkage(Z, y, unit_weight, beta_selective, beta_ts, chunk_size) -> tuple[
     return float(lam), float(f), float(g), float(h)
 
 
-def _one_standard_error(lam: float, g: float, h: float, gains: np.ndarray) -> float:
-    """The most shrunk blend whose out-of-fold NLL is within one standard error of the best.
+def _gain_supported(gains: np.ndarray) -> bool:
+    """Whether per-image NLL gains over TS exceed one standard error of their mean (t > 1).
 
-    Breiman's one-standard-error rule on the shrinkage path: ``gains`` are the per-image
-    NLL gains over TS of the best blend ``lam`` (``g``, ``h``: the mean NLL's slope and
-    curvature in lambda there). Along the path the mean NLL is, to second order,
-    ``f(lam - d) = f(lam) - g d + h d**2 / 2``; the returned lambda is ``lam - d`` with
-    that rise equal to the standard error of the mean gain, and 0 (TS) where the mean
-    gain itself is within one standard error of nothing.
+    The screen a blend must pass to be kept: a mean gain within one standard error of
+    nothing is what the spread of the images alone gives about one time in six.
     """
     n = len(gains)
-    if n < 2 or not lam > 0.0:
-        return 0.0
+    if n < 2:
+        return False
     mean, se = float(gains.mean()), float(gains.std(ddof=1)) / np.sqrt(n)
-    if not (np.isfinite(mean) and np.isfinite(se)) or mean <= se:
-        return 0.0
-    slope = max(-g, 0.0)  # g <= 0 where the best blend rests on lambda = 1
-    if h > 0.0:
-        d = (np.sqrt(slope**2 + 2.0 * h * se) - slope) / h
-    else:
-        d = se / slope if slope > 0.0 else lam
-    return float(max(lam - d, 0.0))
+    return bool(np.isfinite(mean) and np.isfinite(se) and mean > se)
 
 
 def _guard_keeps(improvement: np.ndarray) -> bool:
@@ -321,11 +310,13 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         - ``"shrink"``: the inverse temperatures become
           ``beta_TS + lambda (beta_selective - beta_TS)`` with ``lambda`` in
           [0, 1] minimising that out-of-fold NLL (every image weighing the
-          same): 1 keeps selective scaling, 0 is TS, and a partial gain keeps
-          its part. A blend of TS and a two-temperature model is a
-          two-temperature model, so ``t1_`` and ``t2_`` are the blended
-          temperatures and prediction is unchanged. In generalised mode (a
-          softplus model, not closed under the blend) it acts as ``"ts"``.
+          same), kept if the blend's mean per-image gain over TS exceeds one
+          standard error of it (t > 1), else ``lambda = 0`` (TS). 1 keeps
+          selective scaling and a partial gain keeps its part. A blend of
+          TS and a two-temperature model is a two-temperature model, so
+          ``t1_`` and ``t2_`` are the blended temperatures and prediction is
+          unchanged. In generalised mode (a softplus model, not closed
+          under the blend) it acts as ``"ts"``.
         - ``"ts"``: all or nothing. Selective scaling is kept only when the
           mean improvement is positive and a one-sided paired t-test over
           the images rejects "no better than TS" at the 5% level (with 20
@@ -416,8 +407,10 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         selective scaling is better), the paired t statistic, the pixels per
         unit (``"unit_sizes"``), the TS temperature of the fallback
         (``"ts_temperature"``) and the selective temperatures it replaced, if
-        it did; with ``guard="shrink"`` also ``"shrinkage"`` (``lambda``) and
-        the blend's per-image NLL (``"nll_shrunk"``).
+        it did; with ``guard="shrink"`` also ``"shrinkage"`` (the ``lambda``
+        used), ``"shrinkage_least_nll"`` (the least-NLL ``lambda``) and that
+        blend's per-image NLL (``"nll_shrunk"``) and mean gain
+        (``"mean_improvement_shrunk"``).
 
     See Also
     --------
@@ -900,18 +893,13 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             # every image weighs the same, as in the comparison above
             unit_weight = weights / mass[units]
             with np.errstate(over="ignore", invalid="ignore"):
-                best, _, g, h = _shrinkage(Z, y, unit_weight, betas[0], betas[1], self.chunk_size)
-                best_gains = unit_ts - per_unit(
+                best = _shrinkage(Z, y, unit_weight, betas[0], betas[1], self.chunk_size)[0]
+                unit_blend = per_unit(
                     row_nll(
                         Z, y, betas[1] + best * (betas[0] - betas[1]), chunk_size=self.chunk_size
                     )
                 )
-                lam = _one_standard_error(best, g, h, best_gains)
-                unit_blend = per_unit(
-                    row_nll(
-                        Z, y, betas[1] + lam * (betas[0] - betas[1]), chunk_size=self.chunk_size
-                    )
-                )
+                lam = best if _gain_supported(unit_ts - unit_blend) else 0.0
         self.guard_scores_ = {
             "nll_selective": unit_sel,
             "nll_ts": unit_ts,
@@ -938,9 +926,9 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                     "nll_shrunk": unit_blend,
                     "mean_improvement_shrunk": float((unit_ts - unit_blend).mean()),
                     "rule": "blend the selective inverse temperatures with TS's, beta_TS + "
-                    "lambda (beta_selective - beta_TS), lambda in [0, 1]: the most shrunk "
-                    "blend whose mean out-of-fold NLL per image is within one standard "
-                    "error of the least",
+                    "lambda (beta_selective - beta_TS), lambda in [0, 1] of least mean "
+                    "out-of-fold NLL per image, kept if its mean gain per image over TS "
+                    "exceeds one standard error (else TS)",
                 }
             )
             if lam >= 1.0:
@@ -1081,8 +1069,8 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             if "shrinkage" in g:
                 lines.append(
                     f"  shrinkage toward TS: lambda = {g['shrinkage']:.3g} (1: selective, 0: "
-                    f"TS), out-of-fold NLL improvement {g['mean_improvement_shrunk']:+.5f} "
-                    "nats/pixel"
+                    f"TS); the least-NLL blend lambda = {g['shrinkage_least_nll']:.3g} improves "
+                    f"the out-of-fold NLL by {g['mean_improvement_shrunk']:+.5f} nats/pixel"
                 )
             if self.guard_choice_ == "ts":
                 r = g["replaced"]
