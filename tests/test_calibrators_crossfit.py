@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy.special import softmax
+from scipy.special import log_softmax, softmax
 from scipy.stats import ttest_1samp
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
@@ -81,7 +81,7 @@ def _two_populations(n_images=30, pixels=400, seed=0):
 
 def test_guard_keeps_a_real_gain_by_image():
     X, y, groups = _two_populations()
-    cal = SelectiveScalingCalibrator(random_state=0).fit(X, y, groups=groups)
+    cal = SelectiveScalingCalibrator(guard="ts", random_state=0).fit(X, y, groups=groups)
     scores = cal.guard_scores_
     assert cal.guard_choice_ == "selective"
     assert scores["by"] == "image" and scores["n_units"] == 30
@@ -191,3 +191,81 @@ def test_every_calibrator_says_what_context_it_reads():
 def test_groups_are_requested_through_metadata_routing():
     routing = SelectiveScalingCalibrator().get_metadata_routing()
     assert routing.fit.requests["groups"] is True
+
+
+# ------------------------------------------------------------- shrinkage toward TS
+def _blend_nll(Z, y, weight, beta_sel, beta_ts, lam):
+    """Weighted mean NLL of softmax((beta_ts + lam (beta_sel - beta_ts)) z), by scipy."""
+    beta = beta_ts + lam * (beta_sel - beta_ts)
+    logp = log_softmax(beta[:, None] * Z.astype(np.float64), axis=1)
+    return float(np.average(-logp[np.arange(len(y)), y], weights=weight))
+
+
+@pytest.mark.parametrize("case", ["interior", "at one", "at zero"])
+def test_shrinkage_is_the_least_nll_blend(case):
+    from scipy.optimize import minimize_scalar
+
+    from sksegcal.calibrators._selective import _shrinkage
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    Z = 3.0 * rng.normal(size=(n, 4))
+    p = softmax(Z / 2.0, axis=1)  # labels from T = 2 for every row
+    y = (p.cumsum(1) > rng.random((n, 1))).argmax(1)
+    weight = rng.uniform(0.5, 2.0, n)
+    beta_ts = {"interior": 1.0, "at one": 1.0, "at zero": 0.55}[case] * np.ones(n)
+    beta_sel = {"interior": 0.2, "at one": 0.6, "at zero": 1.0}[case] * np.ones(n)
+    beta_sel = beta_sel + 0.05 * rng.normal(size=n)
+    lam, f, _, _ = _shrinkage(Z, y, weight, beta_sel, beta_ts, 512)
+    ref = minimize_scalar(
+        lambda t: _blend_nll(Z, y, weight, beta_sel, beta_ts, t),
+        bounds=(0.0, 1.0),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    assert lam == pytest.approx(ref.x, abs=2e-3)
+    assert f == pytest.approx(_blend_nll(Z, y, weight, beta_sel, beta_ts, lam), rel=1e-9)
+    if case == "at one":
+        assert lam == 1.0
+    elif case == "at zero":
+        assert lam == 0.0
+    else:
+        assert 0.1 < lam < 0.9
+
+
+def test_a_blend_is_kept_only_with_a_gain_beyond_one_standard_error():
+    from scipy.stats import ttest_1samp
+
+    from sksegcal.calibrators._selective import _gain_supported
+
+    rng = np.random.default_rng(0)
+    for size in (3, 10, 40):
+        for _ in range(30):
+            gains = rng.normal(0.0005, 0.002, size=size)
+            t = ttest_1samp(gains, 0.0).statistic
+            assert _gain_supported(gains) == (t > 1.0)
+    assert not _gain_supported(np.array([1e-3]))  # one image: no spread, no evidence
+    # every image gains the same: no spread, a supported gain; the same loss is not
+    assert _gain_supported(np.full(4, 1e-4)) and not _gain_supported(np.full(4, -1e-4))
+
+
+def test_shrink_guard_refuses_an_overfit_and_keeps_a_gain():
+    # TS is the true model (12 seeds of 20 images): a blend passes the one-standard-error
+    # screen by chance about once in six; when it does, what it costs on new images from
+    # the same world is bounded by the out-of-fold choice of lambda
+    kept, worst = 0, 0.0
+    for seed in range(12):
+        X, y, groups = _ts_world(20, 100, seed)
+        Xt, yt, _ = _ts_world(10, 400, seed + 100)
+        cal = SelectiveScalingCalibrator(random_state=seed).fit(X, y, groups=groups)
+        kept += cal.guard_choice_ != "ts"
+        ts = TemperatureScaling().fit(X, y)
+        # score is minus the mean NLL: the calibrator's NLL above TS's, relative
+        worst = max(worst, (ts.score(Xt, yt) - cal.score(Xt, yt)) / -ts.score(Xt, yt))
+    assert kept <= 2 and worst < 5e-3
+    # a visible population of confident errors: the gain is kept
+    X, y, groups = _two_populations()
+    cal = SelectiveScalingCalibrator(random_state=0).fit(X, y, groups=groups)
+    assert cal.guard_scores_["shrinkage"] > 0.8
+    Xt, yt, _ = _two_populations(seed=1)
+    assert cal.score(Xt, yt) > TemperatureScaling().fit(X, y).score(Xt, yt) + 0.05

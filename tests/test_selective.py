@@ -436,7 +436,8 @@ def _two_populations(n=12_000, seed=0):
 def test_guard_falls_back_to_ts_for_a_detector_without_skill():
     X, y = make_logits(n=12_000, seed=2)
     groups = np.repeat(np.arange(30), 400)
-    cal = SelectiveScalingCalibrator(_NoSkill(), random_state=0).fit(X, y, groups=groups)
+    cal = SelectiveScalingCalibrator(_NoSkill(), guard="ts", random_state=0)
+    cal.fit(X, y, groups=groups)
     assert cal.guard_choice_ == "ts"
     scores = cal.guard_scores_
     assert scores["by"] == "image" and scores["n_folds"] == 5 and scores["n_units"] == 30
@@ -453,16 +454,35 @@ def test_guard_falls_back_to_ts_for_a_detector_without_skill():
     assert "guard: did not run (guard=None)" in raw.summary()
 
 
-@pytest.mark.parametrize("mode", ["soft", "hard"])
-def test_guard_keeps_selective_scaling_where_it_wins(mode):
-    X, y, groups = _two_populations()
-    cal = _cal(mode=mode).fit(X, y, groups=groups)
-    assert cal.guard_choice_ == "selective"
+def test_shrink_guard_keeps_ts_for_a_detector_without_skill():
+    X, y = make_logits(n=12_000, seed=2)
+    groups = np.repeat(np.arange(30), 400)
+    cal = SelectiveScalingCalibrator(_NoSkill(), random_state=0).fit(X, y, groups=groups)
     scores = cal.guard_scores_
+    # the least-NLL blend keeps some of the noise; within one standard error of it, none
+    assert scores["shrinkage_least_nll"] > 0.0 and scores["shrinkage"] == 0.0
+    assert cal.guard_choice_ == "ts" and cal.t1_ == cal.t2_ == scores["ts_temperature"]
+    np.testing.assert_allclose(cal.predict_proba(X), softmax(X / cal.t1_, axis=1),
+                               rtol=1e-5, atol=1e-7)
+    assert "lambda = 0 " in cal.summary()
+
+
+@pytest.mark.parametrize("guard", ["shrink", "ts"])
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_guard_keeps_selective_scaling_where_it_wins(mode, guard):
+    X, y, groups = _two_populations()
+    cal = _cal(mode=mode, guard=guard).fit(X, y, groups=groups)
+    scores = cal.guard_scores_
+    if guard == "ts":
+        assert cal.guard_choice_ == "selective"
+        assert "kept selective scaling" in cal.summary()
+    else:
+        # most of the gain survives the one-standard-error shrinkage
+        assert cal.guard_choice_ in ("selective", "shrunk") and scores["shrinkage"] > 0.5
+        assert scores["mean_improvement_shrunk"] > 0.5 * scores["mean_improvement"]
     # selective scaling is better on (nearly) every calibration image, out of fold
     assert scores["n_units"] == 30 and scores["wins"] >= 28
     assert cal.t2_ > 2 * cal.t1_
-    assert "kept selective scaling" in cal.summary()
     # and it is better than TS on new images
     Xt, yt, _ = _two_populations(seed=1)
     assert cal.score(Xt, yt) > TemperatureScaling().fit(X, y).score(Xt, yt) + 0.01
@@ -471,7 +491,7 @@ def test_guard_keeps_selective_scaling_where_it_wins(mode):
 def test_guard_by_rows_without_groups_and_not_with_fixed_temperatures():
     X, y, _ = _two_populations(n=6000)
     cal = _cal().fit(X, y)
-    assert cal.guard_scores_["by"] == "rows" and cal.guard_choice_ == "selective"
+    assert cal.guard_scores_["by"] == "rows" and cal.guard_choice_ in ("selective", "shrunk")
     fixed = _cal(t2=4.0).fit(X, y)
     assert fixed.guard_choice_ is None and fixed.t2_ == 4.0
 
@@ -519,7 +539,7 @@ def test_guard_fallback_is_the_temperature_scaling_of_all_fit_rows():
     X, y = make_logits(n=6000, n_classes=4, seed=5)
     groups = np.repeat(np.arange(30), 200)
     noise = SelectiveScalingCalibrator(
-        _NoSkill(), random_state=0, max_fit_pixels=10**6
+        _NoSkill(), guard="ts", random_state=0, max_fit_pixels=10**6
     ).fit(X, y, groups=groups)
     assert noise.guard_choice_ == "ts"
     ts = TemperatureScaling().fit(X, y)

@@ -21,6 +21,7 @@ from ._solver import (
     fold_derivatives,
     iter_chunks,
     newton_step,
+    nll_derivatives,
     row_nll,
     softplus_inverse,
     standardisation,
@@ -42,6 +43,10 @@ _GENERALISED_GTOL = 1e-9
 # the guard keeps selective scaling only where a one-sided paired t-test over the calibration
 # images rejects "no better than TS" at this level
 _GUARD_LEVEL = 0.05
+# the shrinkage's Newton on lambda in [0, 1]: a change below this moves no probability that
+# matters, and a convex 1-D problem needs a handful of steps
+_SHRINK_TOL = 1e-3
+_SHRINK_MAX_ITER = 20
 
 
 def _guard_t_statistic(improvement: np.ndarray) -> float:
@@ -58,6 +63,69 @@ def _guard_t_statistic(improvement: np.ndarray) -> float:
     if sd == 0.0:
         return np.inf if mean > 0 else (-np.inf if mean < 0 else 0.0)
     return mean / (sd / np.sqrt(k))
+
+
+def _shrinkage(Z, y, unit_weight, beta_selective, beta_ts, chunk_size) -> tuple[float, ...]:
+    """(lambda, and the mean NLL with its first two derivatives there): the blend
+    ``beta_ts + lambda (beta_sel - beta_ts)``, lambda in [0, 1], of least out-of-fold
+    NLL, every image weighing the same.
+
+    Both per-row inverse temperatures come from fits without the row's fold, so the
+    criterion estimates the NLL on new images of each blend. The NLL is convex in
+    lambda (convex in beta, beta affine in lambda): a projected Newton with Armijo
+    backtracking from lambda = 1 (where selective scaling is clearly better, one pass).
+    """
+    direction = np.asarray(beta_selective - beta_ts, dtype=np.float64)
+    if not np.any(direction):
+        return 1.0, float("nan"), 0.0, 0.0
+    basis, offset = direction[:, None], np.asarray(beta_ts, dtype=np.float64)
+
+    def evaluate(lam):
+        f, g, h = nll_derivatives(
+            Z,
+            y,
+            np.array([lam]),
+            basis=basis,
+            offset=offset,
+            sample_weight=unit_weight,
+            chunk_size=chunk_size,
+        )
+        return f, float(g[0]), float(h[0, 0])
+
+    lam = 1.0
+    f, g, h = evaluate(lam)
+    for _ in range(_SHRINK_MAX_ITER):
+        if not (np.isfinite(f) and np.isfinite(g)):
+            return 0.0, float("nan"), 0.0, 0.0
+        # at a bound with the gradient pointing out of [0, 1]: the minimum
+        if (lam >= 1.0 and g <= 0.0) or (lam <= 0.0 and g >= 0.0):
+            break
+        step = -g / h if h > 0 else -np.sign(g)
+        target = float(np.clip(lam + step, 0.0, 1.0))
+        while True:
+            f_new, g_new, h_new = evaluate(target)
+            # Armijo on the projected step; halve towards lam otherwise
+            if f_new <= f + 1e-4 * g * (target - lam) or abs(target - lam) < _SHRINK_TOL:
+                break
+            target = lam + 0.5 * (target - lam)
+        moved = abs(target - lam)
+        lam, f, g, h = target, f_new, g_new, h_new
+        if moved < _SHRINK_TOL:
+            break
+    return float(lam), float(f), float(g), float(h)
+
+
+def _gain_supported(gains: np.ndarray) -> bool:
+    """Whether per-image NLL gains over TS exceed one standard error of their mean (t > 1).
+
+    The screen a blend must pass to be kept: a mean gain within one standard error of
+    nothing is what the spread of the images alone gives about one time in six.
+    """
+    n = len(gains)
+    if n < 2:
+        return False
+    mean, se = float(gains.mean()), float(gains.std(ddof=1)) / np.sqrt(n)
+    return bool(np.isfinite(mean) and np.isfinite(se) and mean > se)
 
 
 def _guard_keeps(improvement: np.ndarray) -> bool:
@@ -231,20 +299,34 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         At most this many pixels train the detectors and fit the
         temperatures; sampled with the seed, stratified by correctness so
         that rare mispredictions keep their share.
-    guard : {"ts"} or None, default="ts"
+    guard : {"shrink", "ts"} or None, default="shrink"
         Never do worse than temperature scaling. With both temperatures
         "auto" (or in generalised mode), every fold's selective temperatures
         and a TS temperature are fitted on the other folds and scored by NLL
         on the fold's pixels (out-of-fold detector scores throughout), so
         every calibration image gets a paired improvement: its mean NLL
-        under TS minus under selective scaling. Selective scaling is kept
-        only when the mean improvement is positive and a one-sided paired
-        t-test over the images rejects "no better than TS" at the 5% level
-        (with 20 images: t >= 1.73); otherwise ``t1_ = t2_ =`` the TS
-        temperature of every fit pixel (the detector stays fitted, but no
-        longer changes any probability). Without ``groups`` the units are
-        ``4 * cv`` contiguous blocks of rows. ``None`` switches the guard
-        off. The evidence is in ``guard_scores_`` and :meth:`summary`.
+        under TS minus under selective scaling.
+
+        - ``"shrink"``: the inverse temperatures become
+          ``beta_TS + lambda (beta_selective - beta_TS)`` with ``lambda`` in
+          [0, 1] minimising that out-of-fold NLL (every image weighing the
+          same), kept if the blend's mean per-image gain over TS exceeds one
+          standard error of it (t > 1), else ``lambda = 0`` (TS). 1 keeps
+          selective scaling and a partial gain keeps its part. A blend of
+          TS and a two-temperature model is a two-temperature model, so
+          ``t1_`` and ``t2_`` are the blended temperatures and prediction is
+          unchanged. In generalised mode (a softplus model, not closed
+          under the blend) it acts as ``"ts"``.
+        - ``"ts"``: all or nothing. Selective scaling is kept only when the
+          mean improvement is positive and a one-sided paired t-test over
+          the images rejects "no better than TS" at the 5% level (with 20
+          images: t >= 1.73).
+
+        Falling back gives ``t1_ = t2_ =`` the TS temperature of every fit
+        pixel (the detector stays fitted, but no longer changes any
+        probability). Without ``groups`` the units are ``4 * cv``
+        contiguous blocks of rows. ``None`` switches the guard off. The
+        evidence is in ``guard_scores_`` and :meth:`summary`.
     context : {"spatial"} or None, default=None
         ``"spatial"``: X is the output of
         ``flatten_segmentation(..., context="spatial")``, the C logit columns
@@ -314,9 +396,10 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         generalised mode: trust-region iterations).
     converged_ : bool
         Whether the temperature fit met its tolerance.
-    guard_choice_ : {"selective", "ts"} or None
-        What the guard kept; None when it did not run (``guard=None``, a
-        fixed temperature).
+    guard_choice_ : {"selective", "shrunk", "ts"} or None
+        What the guard kept (``"shrunk"``: a blend, ``guard_scores_["shrinkage"]``
+        is its ``lambda``); None when it did not run (``guard=None``, a fixed
+        temperature).
     guard_scores_ : dict or None
         The guard's evidence: per image (or block of rows), the mean
         out-of-fold NLL of selective scaling (``"nll_selective"``) and of TS
@@ -324,7 +407,10 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         selective scaling is better), the paired t statistic, the pixels per
         unit (``"unit_sizes"``), the TS temperature of the fallback
         (``"ts_temperature"``) and the selective temperatures it replaced, if
-        it did.
+        it did; with ``guard="shrink"`` also ``"shrinkage"`` (the ``lambda``
+        used), ``"shrinkage_least_nll"`` (the least-NLL ``lambda``) and that
+        blend's per-image NLL (``"nll_shrunk"``) and mean gain
+        (``"mean_improvement_shrunk"``).
 
     See Also
     --------
@@ -370,7 +456,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         "mode": [StrOptions({"hard", "soft", "generalised"})],
         "cv": [Interval(numbers.Integral, 2, None, closed="left")],
         "max_fit_pixels": [Interval(numbers.Integral, 2, None, closed="left")],
-        "guard": [StrOptions({"ts"}), None],
+        "guard": [StrOptions({"shrink", "ts"}), None],
         "temperature_bounds": [tuple, list],
         "on_single_class": [StrOptions({"raise", "constant"})],
         "memory": [None, str, HasMethods(["cache"])],
@@ -396,7 +482,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         mode: str = "soft",
         cv: int = 5,
         max_fit_pixels: int = 500_000,
-        guard: str | None = "ts",
+        guard: str | None = "shrink",
         context: str | None = None,
         temperature_bounds: tuple[float, float] = (0.01, UNIFORM_TEMPERATURE),
         on_single_class: str = "raise",
@@ -623,7 +709,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                     stacklevel=4,
                 )
             self.held_out_flagged_fraction_ = n_flagged / max(len(p), 1)
-        if self.guard == "ts" and (
+        if self.guard is not None and (
             self.mode == "generalised" or (self.t1 == "auto" and self.t2 == "auto")
         ):
             self._apply_guard(
@@ -801,6 +887,19 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         improvement = unit_ts - unit_sel
         keep = _guard_keeps(improvement)
         t_ts = float(ts_all.temperature)
+        shrink = self.guard == "shrink" and self.mode != "generalised"
+        lam, unit_blend = None, None
+        if shrink:
+            # every image weighs the same, as in the comparison above
+            unit_weight = weights / mass[units]
+            with np.errstate(over="ignore", invalid="ignore"):
+                best = _shrinkage(Z, y, unit_weight, betas[0], betas[1], self.chunk_size)[0]
+                unit_blend = per_unit(
+                    row_nll(
+                        Z, y, betas[1] + best * (betas[0] - betas[1]), chunk_size=self.chunk_size
+                    )
+                )
+                lam = best if _gain_supported(unit_ts - unit_blend) else 0.0
         self.guard_scores_ = {
             "nll_selective": unit_sel,
             "nll_ts": unit_ts,
@@ -819,7 +918,31 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             "one-sided paired t-test over them rejects 'no better than TS' at the "
             f"{_GUARD_LEVEL:.0%} level",
         }
-        if keep:
+        if shrink:
+            self.guard_scores_.update(
+                {
+                    "shrinkage": lam,
+                    "shrinkage_least_nll": best,
+                    "nll_shrunk": unit_blend,
+                    "mean_improvement_shrunk": float((unit_ts - unit_blend).mean()),
+                    "rule": "blend the selective inverse temperatures with TS's, beta_TS + "
+                    "lambda (beta_selective - beta_TS), lambda in [0, 1] of least mean "
+                    "out-of-fold NLL per image, kept if its mean gain per image over TS "
+                    "exceeds one standard error (else TS)",
+                }
+            )
+            if lam >= 1.0:
+                self.guard_choice_ = "selective"
+                return
+            self.guard_scores_["replaced"] = {"t1": self.t1_, "t2": self.t2_}
+            if lam > 0.0:
+                # the blend of two models linear in their inverse temperatures is one of them
+                self.guard_choice_ = "shrunk"
+                self.t1_ = 1.0 / ((1.0 - lam) / t_ts + lam / self.t1_)
+                self.t2_ = 1.0 / ((1.0 - lam) / t_ts + lam / self.t2_)
+                return
+            keep = False
+        elif keep:
             self.guard_choice_ = "selective"
             return
         self.guard_choice_ = "ts"
@@ -927,7 +1050,10 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
             lines.append("  guard: did not run" + (" (guard=None)" if self.guard is None else ""))
         else:
             g = self.guard_scores_
-            kept = "selective" if self.guard_choice_ == "selective" else "temperature"
+            kept = {
+                "selective": "selective",
+                "shrunk": "a blend of selective and temperature",
+            }.get(self.guard_choice_, "temperature")
             # calibrators saved before the per-image guard compared folds
             units = g.get("n_units", g["n_folds"])
             what = {"image": "images", "rows": "row blocks"}.get(g["by"], g["by"])
@@ -940,9 +1066,18 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                 f"T={g['ts_temperature']:.4g}"
                 + (f", paired t = {g['t_statistic']:.2f})" if "t_statistic" in g else ")")
             )
+            if "shrinkage" in g:
+                lines.append(
+                    f"  shrinkage toward TS: lambda = {g['shrinkage']:.3g} (1: selective, 0: "
+                    f"TS); the least-NLL blend lambda = {g['shrinkage_least_nll']:.3g} improves "
+                    f"the out-of-fold NLL by {g['mean_improvement_shrunk']:+.5f} nats/pixel"
+                )
             if self.guard_choice_ == "ts":
                 r = g["replaced"]
                 lines.append(f"  replaced t1={r['t1']:.4g}, t2={r['t2']:.4g} by TS's T")
+            elif self.guard_choice_ == "shrunk":
+                r = g["replaced"]
+                lines.append(f"  blended from t1={r['t1']:.4g}, t2={r['t2']:.4g}")
         return "\n".join(lines)
 
     def _fixed_threshold(self) -> float:
