@@ -181,8 +181,13 @@ def selective_info(selective, search) -> dict:
         what = {"image": "images", "rows": "row blocks"}.get(scores["by"], scores["by"])
         if "n_units" not in scores:
             what = f"folds by {scores['by']}"
+        kept = {
+            "selective": "selective scaling",
+            "shrunk": "a blend of selective scaling and TS "
+            f"(lambda = {scores.get('shrinkage', 0.0):.2f})",
+        }.get(choice, "TS")
         info["guard"] = (
-            f"kept {'selective scaling' if choice == 'selective' else 'TS'}: "
+            f"kept {kept}: "
             f"out-of-fold NLL better than TS on {scores['wins']} of {units} {what}, mean "
             f"{scores['mean_improvement']:+.5f}"
             + (f", t = {scores['t_statistic']:.2f}" if "t_statistic" in scores else "")
