@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,40 @@ def segmentation_data():
     logits = 4.0 * (np.moveaxis(np.eye(c)[labels], -1, 1) + rng.normal(size=(n, c, h, w)))
     labels[:, :2, :] = 255
     return logits.astype(np.float32), labels.astype(np.uint8)
+
+
+def overconfident_maps(n, c, h, w, *, scale, noise=1.0, seed=0):
+    """Logit maps ``scale * (one-hot + noise * N(0, 1))`` (N, C, H, W) and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, size=(n, h, w))
+    logits = scale * (
+        np.moveaxis(np.eye(c)[labels], -1, 1) + noise * rng.normal(size=(n, c, h, w))
+    )
+    return logits.astype(np.float32), labels.astype(np.uint8)
+
+
+def save_maps(folder, logits, labels):
+    """``folder/logits.npy`` (float32) and ``folder/labels.npy`` (uint8): what extract reads."""
+    np.save(Path(folder) / "logits.npy", np.asarray(logits).astype(np.float32))
+    np.save(Path(folder) / "labels.npy", np.asarray(labels).astype(np.uint8))
+    return Path(folder)
+
+
+def extract_store(folder, store="store"):
+    """``sksegcal extract`` of ``folder``'s logits.npy and labels.npy into ``folder/store``."""
+    from sksegcal.cli import main
+
+    folder = Path(folder)
+    path = folder / store
+    args = ["--logits", str(folder / "logits.npy"), "--labels", str(folder / "labels.npy")]
+    assert main(["extract", *args, "--store", str(path), "-q"]) == 0
+    return path
+
+
+@pytest.fixture
+def arrays(tmp_path):
+    """Over-confident (N, C, H, W) logits and labels of 12 small images as .npy files."""
+    return save_maps(tmp_path, *overconfident_maps(12, 3, 16, 16, scale=5.0, noise=0.8))
 
 
 # ---------------------------------------------------------------------------
