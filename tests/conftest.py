@@ -21,6 +21,39 @@ def make_logits(n=4000, n_classes=4, *, scale=4.0, noise=1.0, seed=0, dtype=np.f
     return X.astype(dtype), y
 
 
+def two_populations(n=12_000, seed=0):
+    """Clean confident pixels, a visible population of confident-looking errors, image ids.
+
+    30 % of the pixels are wrong with a confident-looking logit row of another shape;
+    the image ids are blocks of 400 consecutive rows.
+    """
+    rng = np.random.default_rng(seed)
+    c = 5
+    y = rng.integers(0, c, n)
+    bad = rng.random(n) < 0.3
+    X = 8.0 * np.eye(c)[y] + rng.normal(size=(n, c))
+    shown = np.where(bad, rng.integers(0, c, n), y)  # bad pixels point at a random class
+    X[bad] = 3.0 * np.eye(c)[shown[bad]] + 0.3 * rng.normal(size=(bad.sum(), c))
+    groups = np.repeat(np.arange(n // 400), 400)
+    return X.astype(np.float32), y, groups
+
+
+@pytest.fixture
+def out_of_fold_scores(monkeypatch):
+    """A dict whose "p" is the last out-of-fold P(correct) a selective fit computed."""
+    from sksegcal import SelectiveScalingCalibrator
+
+    seen = {}
+    original = SelectiveScalingCalibrator._out_of_fold_p_correct
+
+    def record(self, *args, **kwargs):
+        seen["p"] = original(self, *args, **kwargs)
+        return seen["p"]
+
+    monkeypatch.setattr(SelectiveScalingCalibrator, "_out_of_fold_p_correct", record)
+    return seen
+
+
 @pytest.fixture
 def logits_data():
     return make_logits()

@@ -50,16 +50,9 @@ def _images_with_one_logit_row_each(n_images=20, pixels=30, c=4, seed=0):
     return X[order], y[order], groups[order]
 
 
-def test_out_of_fold_scores_never_come_from_a_detector_that_saw_the_image(monkeypatch):
+def test_out_of_fold_scores_never_come_from_a_detector_that_saw_the_image(out_of_fold_scores):
     X, y, groups = _images_with_one_logit_row_each()
-    seen = {}
-    original = SelectiveScalingCalibrator._out_of_fold_p_correct
-
-    def record(self, *args, **kwargs):
-        seen["p"] = original(self, *args, **kwargs)
-        return seen["p"]
-
-    monkeypatch.setattr(SelectiveScalingCalibrator, "_out_of_fold_p_correct", record)
+    seen = out_of_fold_scores
     cal = SelectiveScalingCalibrator(Memoriser(), guard=None, random_state=0)
     cal.fit(X, y, groups=groups)
     assert len(seen["p"]) == len(y)  # every calibration pixel got a score
