@@ -1,7 +1,17 @@
 import functools
+import os
+from pathlib import Path
 
-import numpy as np
-import pytest
+# One BLAS thread for the tests and the processes they start. The tests fit small
+# problems (L-BFGS on a few thousand rows); there OpenBLAS's worker threads cost more than
+# they give, and on a busy 2-core machine they made a logistic-regression fit about 25
+# times slower (2 s against 0.08 s). Set before numpy loads its BLAS; an explicit
+# setting in the environment wins.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 def make_logits(n=4000, n_classes=4, *, scale=4.0, noise=1.0, seed=0, dtype=np.float32):
@@ -64,6 +74,39 @@ def uniform_context(n, n_classes, *, seed=0):
     return np.column_stack([columns[name] for name in CONTEXT_FEATURES]).astype(np.float32)
 
 
+def two_populations(n=12_000, seed=0):
+    """Clean confident pixels, a visible population of confident-looking errors, image ids.
+
+    30 % of the pixels are wrong with a confident-looking logit row of another shape;
+    the image ids are blocks of 400 consecutive rows.
+    """
+    rng = np.random.default_rng(seed)
+    c = 5
+    y = rng.integers(0, c, n)
+    bad = rng.random(n) < 0.3
+    X = 8.0 * np.eye(c)[y] + rng.normal(size=(n, c))
+    shown = np.where(bad, rng.integers(0, c, n), y)  # bad pixels point at a random class
+    X[bad] = 3.0 * np.eye(c)[shown[bad]] + 0.3 * rng.normal(size=(bad.sum(), c))
+    groups = np.repeat(np.arange(n // 400), 400)
+    return X.astype(np.float32), y, groups
+
+
+@pytest.fixture
+def out_of_fold_scores(monkeypatch):
+    """A dict whose "p" is the last out-of-fold P(correct) a selective fit computed."""
+    from sksegcal import SelectiveScalingCalibrator
+
+    seen = {}
+    original = SelectiveScalingCalibrator._out_of_fold_p_correct
+
+    def record(self, *args, **kwargs):
+        seen["p"] = original(self, *args, **kwargs)
+        return seen["p"]
+
+    monkeypatch.setattr(SelectiveScalingCalibrator, "_out_of_fold_p_correct", record)
+    return seen
+
+
 @pytest.fixture
 def logits_data():
     return make_logits()
@@ -80,6 +123,40 @@ def segmentation_data():
     return logits.astype(np.float32), labels.astype(np.uint8)
 
 
+def overconfident_maps(n, c, h, w, *, scale, noise=1.0, seed=0):
+    """Logit maps ``scale * (one-hot + noise * N(0, 1))`` (N, C, H, W) and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, size=(n, h, w))
+    logits = scale * (
+        np.moveaxis(np.eye(c)[labels], -1, 1) + noise * rng.normal(size=(n, c, h, w))
+    )
+    return logits.astype(np.float32), labels.astype(np.uint8)
+
+
+def save_maps(folder, logits, labels):
+    """``folder/logits.npy`` (float32) and ``folder/labels.npy`` (uint8): what extract reads."""
+    np.save(Path(folder) / "logits.npy", np.asarray(logits).astype(np.float32))
+    np.save(Path(folder) / "labels.npy", np.asarray(labels).astype(np.uint8))
+    return Path(folder)
+
+
+def extract_store(folder, store="store"):
+    """``sksegcal extract`` of ``folder``'s logits.npy and labels.npy into ``folder/store``."""
+    from sksegcal.cli import main
+
+    folder = Path(folder)
+    path = folder / store
+    args = ["--logits", str(folder / "logits.npy"), "--labels", str(folder / "labels.npy")]
+    assert main(["extract", *args, "--store", str(path), "-q"]) == 0
+    return path
+
+
+@pytest.fixture
+def arrays(tmp_path):
+    """Over-confident (N, C, H, W) logits and labels of 12 small images as .npy files."""
+    return save_maps(tmp_path, *overconfident_maps(12, 3, 16, 16, scale=5.0, noise=0.8))
+
+
 # ---------------------------------------------------------------------------
 # both counting paths: the compiled (numba) one and the NumPy one
 # ---------------------------------------------------------------------------
@@ -91,6 +168,10 @@ def segmentation_data():
 # binding switches them all. ``one_counting_path`` exempts a test of such a module (it
 # switches the path itself, or never counts).
 def pytest_configure(config):
+    # and for a BLAS loaded before this file (by a plugin); one loaded later reads the variable
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
     config.addinivalue_line(
         "markers",
         "counting_paths: run the test once per counting path (numba and NumPy)",

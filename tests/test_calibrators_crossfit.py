@@ -11,7 +11,7 @@ from scipy.stats import ttest_1samp
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 
-from conftest import make_logits, real_context_rows
+from conftest import make_logits, real_context_rows, two_populations
 from sksegcal import (
     LocalTemperatureScaling,
     MetaCalScaling,
@@ -49,16 +49,9 @@ def _images_with_one_logit_row_each(n_images=20, pixels=30, c=4, seed=0):
     return X[order], y[order], groups[order]
 
 
-def test_out_of_fold_scores_never_come_from_a_detector_that_saw_the_image(monkeypatch):
+def test_out_of_fold_scores_never_come_from_a_detector_that_saw_the_image(out_of_fold_scores):
     X, y, groups = _images_with_one_logit_row_each()
-    seen = {}
-    original = SelectiveScalingCalibrator._out_of_fold_p_correct
-
-    def record(self, *args, **kwargs):
-        seen["p"] = original(self, *args, **kwargs)
-        return seen["p"]
-
-    monkeypatch.setattr(SelectiveScalingCalibrator, "_out_of_fold_p_correct", record)
+    seen = out_of_fold_scores
     cal = SelectiveScalingCalibrator(Memoriser(), guard=None, random_state=0)
     cal.fit(X, y, groups=groups)
     assert len(seen["p"]) == len(y)  # every calibration pixel got a score
@@ -67,20 +60,8 @@ def test_out_of_fold_scores_never_come_from_a_detector_that_saw_the_image(monkey
     np.testing.assert_array_equal(cal.predict_correctness(X), np.float32(0.9))
 
 
-def _two_populations(n_images=30, pixels=400, seed=0):
-    """Clean confident pixels, and a population of confident-looking errors a detector sees."""
-    rng = np.random.default_rng(seed)
-    n, c = n_images * pixels, 5
-    y = rng.integers(0, c, n)
-    bad = rng.random(n) < 0.3
-    X = 8.0 * np.eye(c)[y] + rng.normal(size=(n, c))
-    shown = np.where(bad, rng.integers(0, c, n), y)
-    X[bad] = 3.0 * np.eye(c)[shown[bad]] + 0.3 * rng.normal(size=(bad.sum(), c))
-    return X.astype(np.float32), y, np.repeat(np.arange(n_images), pixels)
-
-
 def test_guard_keeps_a_real_gain_by_image():
-    X, y, groups = _two_populations()
+    X, y, groups = two_populations()
     cal = SelectiveScalingCalibrator(guard="ts", random_state=0).fit(X, y, groups=groups)
     scores = cal.guard_scores_
     assert cal.guard_choice_ == "selective"
@@ -90,7 +71,7 @@ def test_guard_keeps_a_real_gain_by_image():
     assert scores["t_statistic"] == pytest.approx(ref.statistic, rel=1e-9)
     assert ref.pvalue < 0.05
     assert cal.t2_ > 3 * cal.t1_
-    Xt, yt, _ = _two_populations(seed=1)
+    Xt, yt, _ = two_populations(seed=1)
     assert cal.score(Xt, yt) > TemperatureScaling().fit(X, y).score(Xt, yt) + 0.05
 
 
@@ -264,8 +245,8 @@ def test_shrink_guard_refuses_an_overfit_and_keeps_a_gain():
         worst = max(worst, (ts.score(Xt, yt) - cal.score(Xt, yt)) / -ts.score(Xt, yt))
     assert kept <= 2 and worst < 5e-3
     # a visible population of confident errors: the gain is kept
-    X, y, groups = _two_populations()
+    X, y, groups = two_populations()
     cal = SelectiveScalingCalibrator(random_state=0).fit(X, y, groups=groups)
     assert cal.guard_scores_["shrinkage"] > 0.8
-    Xt, yt, _ = _two_populations(seed=1)
+    Xt, yt, _ = two_populations(seed=1)
     assert cal.score(Xt, yt) > TemperatureScaling().fit(X, y).score(Xt, yt) + 0.05

@@ -11,22 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import extract_store
 from sksegcal.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["demo", "extract", "fit", "evaluate", "report"]
-
-
-@pytest.fixture
-def arrays(tmp_path):
-    """Over-confident (N, C, H, W) logits and labels of 12 small images as .npy files."""
-    rng = np.random.default_rng(0)
-    n, c, h, w = 12, 3, 16, 16
-    labels = rng.integers(0, c, size=(n, h, w))
-    logits = 5.0 * (np.moveaxis(np.eye(c)[labels], -1, 1) + 0.8 * rng.normal(size=(n, c, h, w)))
-    np.save(tmp_path / "logits.npy", logits.astype(np.float32))
-    np.save(tmp_path / "labels.npy", labels.astype(np.uint8))
-    return tmp_path
 
 
 def _error_line(capsys):
@@ -56,39 +45,10 @@ def test_top_level_help_and_version(capsys):
 
 
 def test_extract_fit_evaluate_report(arrays, capsys):
-    store = arrays / "store"
-    assert (
-        main(
-            [
-                "extract",
-                "--logits",
-                str(arrays / "logits.npy"),
-                "--labels",
-                str(arrays / "labels.npy"),
-                "--store",
-                str(store),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    store = extract_store(arrays)
     assert "12 images, 3 classes" in capsys.readouterr().out
     # resumable: a second run writes nothing new
-    assert (
-        main(
-            [
-                "extract",
-                "--logits",
-                str(arrays / "logits.npy"),
-                "--labels",
-                str(arrays / "labels.npy"),
-                "--store",
-                str(store),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert extract_store(arrays) == store
     assert "0 written now" in capsys.readouterr().out
 
     ts = arrays / "ts.joblib"
@@ -171,19 +131,7 @@ def test_fit_without_options_is_the_python_default(arrays, capsys):
     from sksegcal.persistence import load
     from sksegcal.store import LogitStore
 
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     assert main(["fit", str(store), "-o", str(arrays / "cal.skops"), "-q"]) == 0
     cal = load(arrays / "cal.skops")
     opened = LogitStore.open(store)
@@ -200,19 +148,7 @@ def test_fit_without_options_is_the_python_default(arrays, capsys):
 
 
 def test_the_old_classifier_name_warns(arrays):
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     with pytest.warns(FutureWarning, match="--classifier logistic is --classifier default"):
         assert (
             main(
@@ -236,19 +172,7 @@ def test_a_library_error_keeps_its_traceback(arrays, monkeypatch, capsys):
     """Only the command's own usage errors become one line; a bug elsewhere shows itself."""
     import sksegcal.store
 
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     assert (
         main(["fit", str(store), "--method", "temperature", "-o", str(arrays / "t.skops"), "-q"])
         == 0
@@ -268,19 +192,7 @@ def test_skops_calibrators_need_no_trust(arrays, capsys):
     pytest.importorskip("skops")
     from sksegcal.persistence import detect_format
 
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     ts = arrays / "ts.skops"
     sel = arrays / "sel.skops"
     assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
@@ -312,19 +224,7 @@ def _malicious_pickle(path, marker):
 
 
 def test_malicious_calibrator_is_not_loaded(arrays, capsys):
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     capsys.readouterr()
     marker = arrays / "PWNED"
     evil = _malicious_pickle(arrays / "ts.joblib", marker)
@@ -394,19 +294,7 @@ def test_corrupt_results(arrays, capsys):
 
 
 def test_same_calibrator_stem_twice(arrays, capsys):
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     for folder in ("a", "b"):
         assert (
             main(
@@ -490,19 +378,7 @@ def test_outputs_are_checked_before_the_work(arrays, monkeypatch, capsys):
     line = _error_line(capsys)
     assert str(taken) in line and "not a folder" in line and "--output" in line
 
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     ts = arrays / "ts.joblib"
     assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
     capsys.readouterr()
@@ -539,19 +415,7 @@ def test_messages_name_the_file_and_the_problem(arrays, capsys):
     assert str(notes) in line and ".npy" in line and "(N, C, H, W)" in line
     assert "allow_pickle" not in line
 
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     capsys.readouterr()
     garbage = arrays / "garbage"
     garbage.write_text("not a calibrator\n")  # joblib.load said KeyError(110)
@@ -590,19 +454,7 @@ def test_missing_input_files(tmp_path, capsys):
 
 
 def test_missing_calibrator(arrays, capsys):
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     capsys.readouterr()
     assert (
         main(["evaluate", str(store), "--images", "all", "-c", str(arrays / "nope.joblib")]) == 1
@@ -611,19 +463,7 @@ def test_missing_calibrator(arrays, capsys):
 
 
 def test_corrupt_store(arrays, capsys):
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     capsys.readouterr()
     (store / "manifest.json").write_text("{not json")
     assert main(["fit", str(store), "-q"]) == 1
@@ -633,19 +473,7 @@ def test_corrupt_store(arrays, capsys):
 
 
 def test_corrupt_calibrator(arrays, capsys):
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     capsys.readouterr()
     bad = arrays / "bad.joblib"
     bad.write_bytes(b"this is not a pickle")
@@ -659,19 +487,7 @@ def test_corrupt_calibrator(arrays, capsys):
 
 
 def test_wrong_class_count(arrays, capsys):
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     ts = arrays / "ts.joblib"
     assert main(["fit", str(store), "--method", "temperature", "-o", str(ts), "-q"]) == 0
     # a store of 5 classes, evaluated with a 3-class calibrator
@@ -741,19 +557,7 @@ def test_bad_arguments(arrays, capsys):
         == 1
     )
     assert "(N, C, H, W)" in _error_line(capsys)
-    store = arrays / "store"
-    main(
-        [
-            "extract",
-            "--logits",
-            str(arrays / "logits.npy"),
-            "--labels",
-            str(arrays / "labels.npy"),
-            "--store",
-            str(store),
-            "-q",
-        ]
-    )
+    store = extract_store(arrays)
     capsys.readouterr()
     assert main(["fit", str(store), "--t2", "hot", "-q"]) == 1
     assert "--t2" in _error_line(capsys)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import extract_store, save_maps
 from sksegcal.cli import main
 from sksegcal.metrics import boundary_mask, expected_calibration_error
 from sksegcal.store import LogitStore
@@ -18,25 +19,8 @@ def store(tmp_path):
     blocks = rng.integers(0, c, size=(n, 4, 4))
     labels = np.kron(blocks, np.ones((4, 4), dtype=int))
     logits = 4.0 * (np.moveaxis(np.eye(c)[labels], -1, 1) + 0.9 * rng.normal(size=(n, c, h, w)))
-    np.save(tmp_path / "logits.npy", logits.astype(np.float32))
-    np.save(tmp_path / "labels.npy", labels.astype(np.uint8))
-    path = tmp_path / "store"
-    assert (
-        main(
-            [
-                "extract",
-                "--logits",
-                str(tmp_path / "logits.npy"),
-                "--labels",
-                str(tmp_path / "labels.npy"),
-                "--store",
-                str(path),
-                "-q",
-            ]
-        )
-        == 0
-    )
-    return path
+    save_maps(tmp_path, logits, labels)
+    return extract_store(tmp_path)
 
 
 def _softmax(z):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
+from conftest import extract_store, overconfident_maps, save_maps
 from sksegcal.cli import main
 
 pytest.importorskip("skops")
@@ -15,29 +15,8 @@ pytest.importorskip("skops")
 @pytest.fixture
 def store(tmp_path):
     """A store of 12 small over-confident images, extracted by the command."""
-    rng = np.random.default_rng(0)
-    n, c, h, w = 12, 3, 12, 12
-    labels = rng.integers(0, c, size=(n, h, w))
-    logits = 5.0 * (np.moveaxis(np.eye(c)[labels], -1, 1) + 0.8 * rng.normal(size=(n, c, h, w)))
-    np.save(tmp_path / "logits.npy", logits.astype(np.float32))
-    np.save(tmp_path / "labels.npy", labels.astype(np.uint8))
-    path = tmp_path / "store"
-    assert (
-        main(
-            [
-                "extract",
-                "--logits",
-                str(tmp_path / "logits.npy"),
-                "--labels",
-                str(tmp_path / "labels.npy"),
-                "--store",
-                str(path),
-                "-q",
-            ]
-        )
-        == 0
-    )
-    return path
+    save_maps(tmp_path, *overconfident_maps(12, 3, 12, 12, scale=5.0, noise=0.8))
+    return extract_store(tmp_path)
 
 
 def test_fit_then_evaluate_and_report_without_trusted(store, tmp_path, monkeypatch, capsys):

@@ -295,12 +295,15 @@ def test_fnr_mask_is_the_class_column_of_the_sets():
     assert np.array_equal(est.predict_mask(X), est.predict_set(X)[:, 2])
 
 
-# ------------------------------------------------- coverage over many splits
+# ------------------------------------------------- coverage over random splits
+# A few dozen splits at sizes where a wrong rank moves the coverage by several standard
+# errors (10 calibration pixels: rank 10 of 11 covers 0.909, rank 9 covers 0.818). The
+# 200-split runs: benchmarks/conformal_synthetic_coverage.py, figures in docs/conformal.md.
 @pytest.mark.parametrize("score", ["lac", "aps"])
 def test_pixel_coverage_holds_over_random_splits_of_exchangeable_pixels(score):
     # exchangeable pixels: split conformal's guarantee, 1 - alpha <= E[coverage] <= + 1/(n+1)
     X, y = _logits(n=4000, c=4, scale=2.0, seed=5)
-    alpha, n_cal, n_splits = 0.1, 200, 200
+    alpha, n_cal, n_splits = 0.1, 10, 100
     p = softmax(X)
     s_all = lac_scores(p) if score == "lac" else aps_scores(p)
     s = s_all[np.arange(len(y)), y]
@@ -319,7 +322,7 @@ def test_pixel_coverage_holds_over_random_splits_of_exchangeable_pixels(score):
 @pytest.mark.filterwarnings("ignore:.*cannot support:UserWarning")
 def test_image_risk_holds_over_random_splits_of_correlated_images():
     X, y, g = _images(n_images=60, pixels=50, seed=2)
-    alpha, n_splits = 0.1, 100
+    alpha, n_splits = 0.1, 40
     per_image = [
         ConformalRiskControl(alpha=alpha).fit(X[g == i], y[g == i], g[g == i]).state_
         for i in range(60)
@@ -611,7 +614,7 @@ def test_randomized_aps_coverage_over_random_splits():
     X, y = _logits(n=1500, c=4, scale=1.5, seed=7)
     alpha, n_cal, cover = 0.1, 300, []
     rng = np.random.default_rng(1)
-    for seed in range(64):
+    for seed in range(32):
         perm = rng.permutation(len(y))
         cal, test = perm[:n_cal], perm[n_cal:]
         est = ConformalPixelSets(
@@ -622,5 +625,5 @@ def test_randomized_aps_coverage_over_random_splits():
             random_state=seed,
         ).fit(X[cal], y[cal])
         cover.append(est.predict_set(X[test])[np.arange(len(test)), y[test]].mean())
-    mean, se = np.mean(cover), np.std(cover) / 8
+    mean, se = np.mean(cover), np.std(cover) / np.sqrt(len(cover))
     assert 1 - alpha - 3 * se <= mean <= 1 - alpha + 1 / (n_cal + 1) + 3 * se

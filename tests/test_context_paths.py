@@ -22,6 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, GroupKFold
 from sklearn.pipeline import Pipeline
 
+from conftest import extract_store, overconfident_maps, save_maps
 from sksegcal import LocalTemperatureScaling, SelectiveScalingCalibrator, TemperatureScaling
 from sksegcal.calibrators import BaseLogitCalibrator
 from sksegcal.context import estimator_context, n_context_features
@@ -481,28 +482,9 @@ def test_cli_fit_evaluate_with_spatial_context(tmp_path, capsys):
     from sksegcal.cli import main
     from sksegcal.persistence import load
 
-    rng = np.random.default_rng(0)
-    n, c, h, w = 12, 3, 16, 16
-    labels = rng.integers(0, c, size=(n, h, w))
-    logits = 5.0 * (np.moveaxis(np.eye(c)[labels], -1, 1) + 0.8 * rng.normal(size=(n, c, h, w)))
-    np.save(tmp_path / "logits.npy", logits.astype(np.float32))
-    np.save(tmp_path / "labels.npy", labels.astype(np.uint8))
-    store = tmp_path / "store"
-    assert (
-        main(
-            [
-                "extract",
-                "--logits",
-                str(tmp_path / "logits.npy"),
-                "--labels",
-                str(tmp_path / "labels.npy"),
-                "--store",
-                str(store),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    c = 3
+    save_maps(tmp_path, *overconfident_maps(12, c, 16, 16, scale=5.0, noise=0.8))
+    store = extract_store(tmp_path)
     sel, lts = tmp_path / "sel.skops", tmp_path / "lts.skops"
     assert (
         main(

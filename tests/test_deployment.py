@@ -396,16 +396,28 @@ class _Every(torch.nn.Module):
         return torch.cat([part(x) for part in self.parts], dim=1)
 
 
+# Calibrators whose module another one in CALIBRATORS already exports through the same
+# forward code (the same module class and branches, other fitted values): the dynamo
+# exporter's cost grows with the graph, so its export leaves them out.
+_SAME_GRAPH_AS_ANOTHER = {
+    "metacal_auto": "metacal",
+    "selective_guarded": "selective_soft (or ts where the guard falls back)",
+    "selective_generalised_context": "selective_generalised + selective_context",
+}
+
+
 @pytest.mark.parametrize(
     "dynamo", [False, pytest.param(True, marks=pytest.mark.slow, id="dynamo")]
 )
 def test_onnx_graph_equals_the_module_on_other_sizes(fitted, tmp_path, dynamo):
     """Exported on one map size, run by onnxruntime on another; every calibrator at once.
 
-    torch's dynamo exporter takes minutes for this graph on 2 shared cores: slow-marked.
+    torch's dynamo exporter takes ~20 s for the whole graph on 2 shared cores: it exports
+    one calibrator per forward path (every module class, every selective branch).
     """
     logits, calibrators = fitted
-    every = _Every([calibrators[name][0].to_torch() for name in sorted(CALIBRATORS)]).eval()
+    names = sorted(set(CALIBRATORS) - set(_SAME_GRAPH_AS_ANOTHER) if dynamo else CALIBRATORS)
+    every = _Every([calibrators[name][0].to_torch() for name in names]).eval()
     other, _ = _maps(seed=5, n=2, spatial=(9, 12))
     _check_onnx(every, logits[:1], other, tmp_path, dynamo)
 

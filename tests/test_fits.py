@@ -152,16 +152,9 @@ def test_soft_fit_with_one_fixed_temperature(which):
         assert 1 / solved["t1"] == pytest.approx(ref, abs=1e-7)
 
 
-def test_end_to_end_soft_fit_solves_the_out_of_fold_problem(monkeypatch):
+def test_end_to_end_soft_fit_solves_the_out_of_fold_problem(out_of_fold_scores):
     X, y = make_logits(n=8000, seed=8)
-    seen = {}
-    original = SelectiveScalingCalibrator._out_of_fold_p_correct
-
-    def record(self, *args, **kwargs):
-        seen["p"] = original(self, *args, **kwargs)
-        return seen["p"]
-
-    monkeypatch.setattr(SelectiveScalingCalibrator, "_out_of_fold_p_correct", record)
+    seen = out_of_fold_scores
     cal = _soft_calibrator(random_state=0, guard=None).fit(X, y)
     assert cal.converged_ and cal.n_iter_ >= 2
     # optimality (KKT) on every fit row with its out-of-fold score: the gradient of the NLL

@@ -16,7 +16,7 @@ from scipy.special import log_softmax, softmax
 from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
 
-from conftest import make_logits, uniform_context
+from conftest import make_logits, two_populations, uniform_context
 from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
 from sksegcal.calibrators._selective import _GENERALISED_L2
 from sksegcal.calibrators._solver import (
@@ -198,20 +198,8 @@ def test_estimator_fit_is_the_minimum_of_the_out_of_fold_nll(monkeypatch):
     assert cal.converged_ and cal.n_iter_ > 0
 
 
-def _two_populations(n=12_000, seed=0):
-    """Clean confident pixels, and a visible population of confident-looking errors."""
-    rng = np.random.default_rng(seed)
-    c = 5
-    y = rng.integers(0, c, n)
-    bad = rng.random(n) < 0.3
-    X = 8.0 * np.eye(c)[y] + rng.normal(size=(n, c))
-    shown = np.where(bad, rng.integers(0, c, n), y)
-    X[bad] = 3.0 * np.eye(c)[shown[bad]] + 0.3 * rng.normal(size=(bad.sum(), c))
-    return X.astype(np.float32), y, np.repeat(np.arange(n // 400), 400)
-
-
 def test_generalised_beats_ts_and_the_guard_keeps_it():
-    X, y, groups = _two_populations()
+    X, y, groups = two_populations()
     cal = SelectiveScalingCalibrator(LogisticRegression(), mode="generalised", random_state=0).fit(
         X, y, groups=groups
     )
@@ -220,7 +208,7 @@ def test_generalised_beats_ts_and_the_guard_keeps_it():
     assert scores["by"] == "image" and scores["n_units"] == 30 and scores["n_folds"] == 5
     assert scores["wins"] == 30  # every calibration image, out of fold
     assert cal.t2_ > 10 * cal.t1_  # flagged pixels get flatter probabilities
-    Xt, yt, _ = _two_populations(seed=1)
+    Xt, yt, _ = two_populations(seed=1)
     assert cal.score(Xt, yt) > TemperatureScaling().fit(X, y).score(Xt, yt) + 0.05
     assert "mode=generalised" in cal.summary() and "p_correct" in cal.summary()
 
@@ -321,7 +309,7 @@ def test_argmax_of_predict_proba_is_predict_in_float32(X, intercept):
 
 
 def test_the_paper_features_and_weights_work_too():
-    X, y, groups = _two_populations(n=6000)
+    X, y, groups = two_populations(n=6000)
     w = np.random.default_rng(0).uniform(0.5, 1.5, len(y))
     cal = SelectiveScalingCalibrator(
         LogisticRegression(), mode="generalised", features="log_softmax", random_state=0

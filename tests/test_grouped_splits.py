@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import extract_store, overconfident_maps, save_maps
 from sksegcal.cli import main
 from sksegcal.cli._groups import _groups_from_regex
 from sksegcal.pixels import flatten_segmentation, split_images
@@ -66,28 +67,8 @@ def test_store_make_split_keeps_groups_and_records_them(tmp_path):
 
 
 def test_cli_fit_groups_from_a_csv(tmp_path, capsys):
-    rng = np.random.default_rng(2)
-    n = 12
-    labels = rng.integers(0, 3, size=(n, 8, 8))
-    logits = 4.0 * (np.moveaxis(np.eye(3)[labels], -1, 1) + rng.normal(size=(n, 3, 8, 8)))
-    np.save(tmp_path / "logits.npy", logits.astype(np.float32))
-    np.save(tmp_path / "labels.npy", labels.astype(np.uint8))
-    store = tmp_path / "store"
-    assert (
-        main(
-            [
-                "extract",
-                "--logits",
-                str(tmp_path / "logits.npy"),
-                "--labels",
-                str(tmp_path / "labels.npy"),
-                "--store",
-                str(store),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    save_maps(tmp_path, *overconfident_maps(12, 3, 8, 8, scale=4.0, seed=2))
+    store = extract_store(tmp_path)
     names = [str(x) for x in LogitStore.open(store).image_names]
     group_of = {name: f"g{k // 3}" for k, name in enumerate(names)}
     (tmp_path / "groups.csv").write_text(

@@ -19,7 +19,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from conftest import make_logits
+from conftest import make_logits, two_populations
 from sksegcal import SelectiveScalingCalibrator, TemperatureScaling
 from sksegcal.features import log_softmax
 from sksegcal.pixels import flatten_segmentation, split_images
@@ -420,19 +420,6 @@ class _NoSkill(LogisticRegression):
         return np.column_stack([1 - p, p])
 
 
-def _two_populations(n=12_000, seed=0):
-    """Clean confident pixels, and a visible population of confident-looking errors."""
-    rng = np.random.default_rng(seed)
-    c = 5
-    y = rng.integers(0, c, n)
-    bad = rng.random(n) < 0.3
-    X = 8.0 * np.eye(c)[y] + rng.normal(size=(n, c))
-    shown = np.where(bad, rng.integers(0, c, n), y)  # bad pixels point at a random class
-    X[bad] = 3.0 * np.eye(c)[shown[bad]] + 0.3 * rng.normal(size=(bad.sum(), c))
-    groups = np.repeat(np.arange(n // 400), 400)
-    return X.astype(np.float32), y, groups
-
-
 def test_guard_falls_back_to_ts_for_a_detector_without_skill():
     X, y = make_logits(n=12_000, seed=2)
     groups = np.repeat(np.arange(30), 400)
@@ -470,7 +457,7 @@ def test_shrink_guard_keeps_ts_for_a_detector_without_skill():
 @pytest.mark.parametrize("guard", ["shrink", "ts"])
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_guard_keeps_selective_scaling_where_it_wins(mode, guard):
-    X, y, groups = _two_populations()
+    X, y, groups = two_populations()
     cal = _cal(mode=mode, guard=guard).fit(X, y, groups=groups)
     scores = cal.guard_scores_
     if guard == "ts":
@@ -484,12 +471,12 @@ def test_guard_keeps_selective_scaling_where_it_wins(mode, guard):
     assert scores["n_units"] == 30 and scores["wins"] >= 28
     assert cal.t2_ > 2 * cal.t1_
     # and it is better than TS on new images
-    Xt, yt, _ = _two_populations(seed=1)
+    Xt, yt, _ = two_populations(seed=1)
     assert cal.score(Xt, yt) > TemperatureScaling().fit(X, y).score(Xt, yt) + 0.01
 
 
 def test_guard_by_rows_without_groups_and_not_with_fixed_temperatures():
-    X, y, _ = _two_populations(n=6000)
+    X, y, _ = two_populations(n=6000)
     cal = _cal().fit(X, y)
     assert cal.guard_scores_["by"] == "rows" and cal.guard_choice_ in ("selective", "shrunk")
     fixed = _cal(t2=4.0).fit(X, y)
