@@ -891,7 +891,14 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         lam, unit_blend = None, None
         if shrink:
             # every image weighs the same, as in the comparison above
-            unit_weight = weights / mass[units]
+            # (a unit whose rows all weigh 0 takes no part, as in the comparison above)
+            unit_mass = mass[units]
+            unit_weight = np.divide(
+                weights,
+                unit_mass,
+                out=np.zeros_like(weights, dtype=np.float64),
+                where=unit_mass > 0,
+            )
             with np.errstate(over="ignore", invalid="ignore"):
                 best = _shrinkage(Z, y, unit_weight, betas[0], betas[1], self.chunk_size)[0]
                 unit_blend = per_unit(
