@@ -197,7 +197,7 @@ def test_shrinkage_is_the_least_nll_blend(case):
     beta_ts = {"interior": 1.0, "at one": 1.0, "at zero": 0.55}[case] * np.ones(n)
     beta_sel = {"interior": 0.2, "at one": 0.6, "at zero": 1.0}[case] * np.ones(n)
     beta_sel = beta_sel + 0.05 * rng.normal(size=n)
-    lam, f, _, _ = _shrinkage(Z, y, weight, beta_sel, beta_ts, 512)
+    lam, f = _shrinkage(Z, y, weight, beta_sel, beta_ts, 512)
     ref = minimize_scalar(
         lambda t: _blend_nll(Z, y, weight, beta_sel, beta_ts, t),
         bounds=(0.0, 1.0),

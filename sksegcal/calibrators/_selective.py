@@ -65,10 +65,9 @@ def _guard_t_statistic(improvement: np.ndarray) -> float:
     return mean / (sd / np.sqrt(k))
 
 
-def _shrinkage(Z, y, unit_weight, beta_selective, beta_ts, chunk_size) -> tuple[float, ...]:
-    """(lambda, and the mean NLL with its first two derivatives there): the blend
-    ``beta_ts + lambda (beta_sel - beta_ts)``, lambda in [0, 1], of least out-of-fold
-    NLL, every image weighing the same.
+def _shrinkage(Z, y, unit_weight, beta_selective, beta_ts, chunk_size) -> tuple[float, float]:
+    """(lambda, the mean NLL there): the blend ``beta_ts + lambda (beta_sel - beta_ts)``,
+    lambda in [0, 1], of least out-of-fold NLL, every image weighing the same.
 
     Both per-row inverse temperatures come from fits without the row's fold, so the
     criterion estimates the NLL on new images of each blend. The NLL is convex in
@@ -77,7 +76,7 @@ def _shrinkage(Z, y, unit_weight, beta_selective, beta_ts, chunk_size) -> tuple[
     """
     direction = np.asarray(beta_selective - beta_ts, dtype=np.float64)
     if not np.any(direction):
-        return 1.0, float("nan"), 0.0, 0.0
+        return 1.0, float("nan")
     basis, offset = direction[:, None], np.asarray(beta_ts, dtype=np.float64)
 
     def evaluate(lam):
@@ -96,7 +95,7 @@ def _shrinkage(Z, y, unit_weight, beta_selective, beta_ts, chunk_size) -> tuple[
     f, g, h = evaluate(lam)
     for _ in range(_SHRINK_MAX_ITER):
         if not (np.isfinite(f) and np.isfinite(g)):
-            return 0.0, float("nan"), 0.0, 0.0
+            return 0.0, float("nan")
         # at a bound with the gradient pointing out of [0, 1]: the minimum
         if (lam >= 1.0 and g <= 0.0) or (lam <= 0.0 and g >= 0.0):
             break
@@ -112,7 +111,7 @@ def _shrinkage(Z, y, unit_weight, beta_selective, beta_ts, chunk_size) -> tuple[
         lam, f, g, h = target, f_new, g_new, h_new
         if moved < _SHRINK_TOL:
             break
-    return float(lam), float(f), float(g), float(h)
+    return float(lam), float(f)
 
 
 def _gain_supported(gains: np.ndarray) -> bool:
@@ -885,13 +884,12 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
         with np.errstate(over="ignore", invalid="ignore"):
             unit_sel, unit_ts = per_unit(nll_sel), per_unit(nll_ts)
         improvement = unit_ts - unit_sel
-        keep = _guard_keeps(improvement)
         t_ts = float(ts_all.temperature)
         shrink = self.guard == "shrink" and self.mode != "generalised"
         lam, unit_blend = None, None
         if shrink:
-            # every image weighs the same, as in the comparison above
-            # (a unit whose rows all weigh 0 takes no part, as in the comparison above)
+            # every image weighs the same and one whose rows all weigh 0 takes no part, as in
+            # the comparison above
             unit_mass = mass[units]
             unit_weight = np.divide(
                 weights,
@@ -948,8 +946,7 @@ class SelectiveScalingCalibrator(BaseLogitCalibrator):
                 self.t1_ = 1.0 / ((1.0 - lam) / t_ts + lam / self.t1_)
                 self.t2_ = 1.0 / ((1.0 - lam) / t_ts + lam / self.t2_)
                 return
-            keep = False
-        elif keep:
+        elif _guard_keeps(improvement):
             self.guard_choice_ = "selective"
             return
         self.guard_choice_ = "ts"
